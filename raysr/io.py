@@ -1,0 +1,334 @@
+"""Read and write local paths and ``s3://bucket/key`` URIs.
+
+S3 goes through boto3 with its standard credential chain (environment, shared
+config, instance role), so ``AWS_ENDPOINT_URL`` points it at any S3-compatible
+store (MinIO, Ceph, moto). Transient failures (throttling, 5xx, dropped
+connections) are retried by botocore with backoff; a missing object or a denied
+request raises :class:`StorageError` naming the URI and what to check.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+S3_PREFIX = "s3://"
+# botocore "standard" mode retries throttling, 5xx and connection errors with
+# exponential backoff; 8 attempts ride out a few seconds of endpoint trouble.
+S3_MAX_ATTEMPTS = 8
+
+_clients: dict[tuple[int, int], object] = {}
+_clients_lock = threading.Lock()
+
+
+class StorageError(OSError):
+    """A URI that cannot be read or written: missing, denied, or malformed."""
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return isinstance(uri, str) and uri.startswith(S3_PREFIX)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    if not is_s3(uri):
+        raise StorageError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[len(S3_PREFIX):].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri!r} has no bucket name; expected s3://BUCKET/KEY")
+    return bucket, key
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or s3:// URI."""
+    if is_s3(base):
+        out = base.rstrip("/")
+        for p in parts:
+            out += "/" + p.strip("/")
+        return out
+    return str(Path(base, *parts))
+
+
+def s3_client():
+    """A boto3 S3 client for this process and thread (boto3 clients are not fork-safe)."""
+    key = (os.getpid(), threading.get_ident())
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
+            # boto3 reads AWS_ENDPOINT_URL itself; passing it explicitly also
+            # covers older botocore releases that predate that variable.
+            client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
+                                  config=config)
+            _clients[key] = client
+    return client
+
+
+def _explain(uri: str, err: Exception) -> StorageError:
+    """Turn a botocore error into one message a user can act on."""
+    code = ""
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+    if code in ("404", "NoSuchKey", "NotFound"):
+        return StorageError(f"{uri} does not exist (S3 said {code}); check the bucket and key")
+    if code == "NoSuchBucket":
+        return StorageError(f"bucket of {uri} does not exist; create it or fix the URI")
+    if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return StorageError(
+            f"access to {uri} denied (S3 said {code}); check AWS credentials "
+            "(AWS_ACCESS_KEY_ID/AWS_PROFILE or the instance role) and the bucket policy")
+    return StorageError(f"S3 request for {uri} failed: {err}")
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    """The whole content of a local file or S3 object."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as err:  # botocore raises several unrelated classes
+            raise _explain(uri, err) from err
+    try:
+        return Path(uri).read_bytes()
+    except FileNotFoundError as err:
+        raise StorageError(f"{uri} does not exist") from err
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` whole: S3 objects appear atomically; local files via rename,
+    so a crash never leaves a half-written file under the final name."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().upload_fileobj(io.BytesIO(data), bucket, key)
+        except Exception as err:
+            raise _explain(uri, err) from err
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def open_read(uri: str | os.PathLike) -> BinaryIO:
+    """A readable binary stream; S3 objects are streamed, not buffered whole."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+        except Exception as err:
+            raise _explain(uri, err) from err
+    try:
+        return open(uri, "rb")
+    except FileNotFoundError as err:
+        raise StorageError(f"{uri} does not exist") from err
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except Exception as err:
+            explained = _explain(uri, err)
+            if "does not exist" in str(explained):
+                return False
+            raise explained from err
+    return Path(uri).exists()
+
+
+def list_files(uri: str | os.PathLike) -> list[str]:
+    """Every file below a local directory or S3 prefix, as full paths/URIs, sorted."""
+    if is_s3(uri):
+        bucket, prefix = split_s3(uri)
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        out = []
+        try:
+            for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                out += [f"{S3_PREFIX}{bucket}/{obj['Key']}" for obj in page.get("Contents", [])]
+        except Exception as err:
+            raise _explain(uri, err) from err
+        return sorted(out)
+    root = Path(uri)
+    if not root.is_dir():
+        raise StorageError(f"{uri} is not a directory")
+    return sorted(str(p) for p in root.rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------- streaming reads, uploads
+
+# Backoff between attempts to resume a broken S3 body read: 0.2 s, 0.4 s, ... capped.
+STREAM_RETRY_BASE_S = 0.2
+STREAM_RETRY_MAX_S = 5.0
+STREAM_BUFFER_BYTES = 1 << 20
+# Above this size uploads go in parts (boto3 uploads the parts concurrently).
+MULTIPART_CHUNK_BYTES = 64 << 20
+
+
+def _transient_read_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the connection broke while reading a body": worth a resume."""
+    import botocore.exceptions
+    import urllib3.exceptions
+
+    return (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
+
+
+class _ResumableS3Reader(io.RawIOBase):
+    """Raw reader of one S3 object that survives dropped connections.
+
+    botocore retries a failed *request*, but not a connection that dies while the
+    body is being read (a reset halfway through a 256 MB shard). This reader keeps
+    its offset and, on such an error, re-requests the rest with ``Range`` and
+    ``If-Match`` (so a replaced object is never spliced onto the old one), with
+    exponential backoff, up to ``S3_MAX_ATTEMPTS`` tries without progress.
+    """
+
+    def __init__(self, uri: str):
+        super().__init__()
+        self.uri = uri
+        self._bucket, self._key = split_s3(uri)
+        self._pos = 0
+        self._size: int | None = None
+        self._etag: str | None = None
+        self._body = None
+        self._transient = _transient_read_errors()
+        self._open()
+
+    def _open(self) -> None:
+        kwargs = {"Bucket": self._bucket, "Key": self._key}
+        if self._etag is not None:
+            kwargs.update(Range=f"bytes={self._pos}-", IfMatch=self._etag)
+        try:
+            response = s3_client().get_object(**kwargs)
+        except Exception as err:
+            code = str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
+            if code in ("412", "PreconditionFailed"):
+                raise StorageError(f"{self.uri} was replaced while being read; read it again") from err
+            raise _explain(self.uri, err) from err
+        if self._etag is None:
+            self._etag = response.get("ETag")
+            self._size = int(response["ContentLength"])
+        self._body = response["Body"]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._size is not None and self._pos >= self._size:
+            return 0
+        failures = 0
+        while True:
+            try:
+                data = self._body.read(len(buffer))
+                if not data:  # the server ended the body early without an error
+                    raise ConnectionError(f"body ended at byte {self._pos} of {self._size}")
+                break
+            except self._transient as err:
+                failures += 1
+                if failures >= S3_MAX_ATTEMPTS:
+                    raise StorageError(f"reading {self.uri} failed {failures} times at byte {self._pos} "
+                                       f"(last error: {err}); check the endpoint and network") from err
+                self._close_body()
+                time.sleep(min(STREAM_RETRY_MAX_S, STREAM_RETRY_BASE_S * 2 ** (failures - 1)))
+                self._open()
+        n = len(data)
+        buffer[:n] = data
+        self._pos += n
+        return n
+
+    def _close_body(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            try:
+                body.close()
+            except Exception:  # the connection is already broken; nothing left to release
+                pass
+
+    def close(self) -> None:
+        self._close_body()
+        super().close()
+
+
+def open_stream(uri: str | os.PathLike, buffer_size: int = STREAM_BUFFER_BYTES) -> BinaryIO:
+    """A buffered, sequential binary reader of a local file or S3 object.
+
+    Unlike :func:`open_read`, an S3 read that loses its connection midway resumes
+    where it stopped (see :class:`_ResumableS3Reader`); a missing or denied
+    object raises :class:`StorageError` naming the URI.
+    """
+    if is_s3(uri):
+        return io.BufferedReader(_ResumableS3Reader(uri), buffer_size=buffer_size)
+    try:
+        return open(uri, "rb", buffering=buffer_size)
+    except FileNotFoundError as err:
+        raise StorageError(f"{uri} does not exist") from err
+
+
+def write_stream(uri: str | os.PathLike, fileobj: BinaryIO, metadata: dict[str, str] | None = None) -> None:
+    """Copy a readable binary file object (from its current position) to ``uri``.
+
+    S3: uploaded in ``MULTIPART_CHUNK_BYTES`` parts, the object appears whole;
+    ``metadata`` becomes user metadata (``x-amz-meta-*``). Local: written to a
+    temporary file and renamed, so a crash never leaves a partial file; metadata
+    is not stored.
+    """
+    if is_s3(uri):
+        from boto3.s3.transfer import TransferConfig
+
+        bucket, key = split_s3(uri)
+        config = TransferConfig(multipart_threshold=MULTIPART_CHUNK_BYTES, multipart_chunksize=MULTIPART_CHUNK_BYTES)
+        try:
+            s3_client().upload_fileobj(fileobj, bucket, key, ExtraArgs={"Metadata": dict(metadata or {})},
+                                       Config=config)
+        except Exception as err:
+            raise _explain(uri, err) from err
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            shutil.copyfileobj(fileobj, f, STREAM_BUFFER_BYTES)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide shared datasets from other users
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def object_info(uri: str | os.PathLike) -> tuple[int, dict[str, str]] | None:
+    """``(size in bytes, user metadata)`` of a file or S3 object, or None if it does not exist.
+
+    Local files have no user metadata (``{}``). A denied S3 request raises :class:`StorageError`.
+    """
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            head = s3_client().head_object(Bucket=bucket, Key=key)
+        except Exception as err:
+            explained = _explain(uri, err)
+            if "does not exist" in str(explained):
+                return None
+            raise explained from err
+        return int(head["ContentLength"]), dict(head.get("Metadata", {}))
+    try:
+        return Path(uri).stat().st_size, {}
+    except FileNotFoundError:
+        return None
