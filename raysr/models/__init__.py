@@ -1,0 +1,72 @@
+"""Generators, discriminators and the VGG19 feature extractor, plus builders by name.
+
+Generators map LR ``(N, C, h, w)`` float in [0, 1] to SR ``(N, C, h*scale, w*scale)``
+and carry ``.scale`` and ``.config`` (the constructor arguments, which
+``raysr.checkpoint`` stores so a checkpoint rebuilds its own network).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from raysr.models.discriminators import UNetDiscriminatorSN, VGGDiscriminator
+from raysr.models.rrdbnet import RRDBNet
+from raysr.models.srcnn import SRCNN
+from raysr.models.srresnet import SRResNet
+from raysr.models.vdsr import VDSR
+from raysr.models.vgg import VGGFeatureExtractor
+
+GENERATORS: dict[str, type[nn.Module]] = {
+    "srcnn": SRCNN,
+    "vdsr": VDSR,
+    "srresnet": SRResNet,
+    "rrdbnet": RRDBNet,
+}
+DISCRIMINATORS: dict[str, type[nn.Module]] = {
+    "vgg": VGGDiscriminator,
+    "unet": UNetDiscriminatorSN,
+}
+
+
+def _build(kind: str, registry: dict[str, type[nn.Module]], name: str, kwargs: dict) -> nn.Module:
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; choose one of {sorted(registry)}")
+    cls = registry[name]
+    accepted = list(inspect.signature(cls).parameters)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"{kind} {name!r} does not take {unknown}; it accepts {accepted}")
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise ValueError(f"{kind} {name!r}: {err}") from err
+
+
+def build_generator(name: str, **kwargs) -> nn.Module:
+    """A generator by name (``srcnn``, ``vdsr``, ``srresnet``, ``rrdbnet``) with its constructor kwargs.
+
+    Raises ValueError for an unknown name (listing the known ones), an argument
+    the network does not take (listing the ones it does) or a bad value.
+    """
+    return _build("generator", GENERATORS, name, kwargs)
+
+
+def build_discriminator(name: str, **kwargs) -> nn.Module:
+    """A discriminator by name (``vgg``, ``unet``) with its constructor kwargs; errors as build_generator."""
+    return _build("discriminator", DISCRIMINATORS, name, kwargs)
+
+
+def generator_name(model: nn.Module) -> str:
+    """The registry name of a generator instance (``rrdbnet`` for an RRDBNet)."""
+    for name, cls in GENERATORS.items():
+        if type(model) is cls:
+            return name
+    raise ValueError(f"{type(model).__name__} is not a raysr generator; known: "
+                     f"{ {n: c.__name__ for n, c in GENERATORS.items()} }")
+
+
+__all__ = ["GENERATORS", "DISCRIMINATORS", "build_generator", "build_discriminator", "generator_name",
+           "SRCNN", "VDSR", "SRResNet", "RRDBNet", "VGGDiscriminator", "UNetDiscriminatorSN",
+           "VGGFeatureExtractor"]

@@ -1,0 +1,152 @@
+"""GAN discriminators: the VGG-style classifier of SRGAN/ESRGAN and Real-ESRGAN's U-Net.
+
+Both return raw logits; the losses apply the sigmoid (or the relativistic
+average) themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils import spectral_norm
+
+from raysr.models.common import check_image_batch, check_int
+
+# input size -> number of stride-2 stages; the last feature map is 3, 4, 6 or 4 pixels wide
+VGG_STAGES = {96: 5, 128: 5, 192: 5, 256: 6}
+
+
+class VGGDiscriminator(nn.Module):
+    """BasicSR's ``VGGStyleDiscriminator`` (SRGAN / ESRGAN), image -> one logit.
+
+    Stage 0: ``conv0_0`` (3x3, bias) -> LReLU, ``conv0_1`` (4x4 stride 2) -> ``bn0_1`` -> LReLU.
+    Stage i >= 1: ``conv{i}_0`` (3x3) -> ``bn{i}_0`` -> LReLU, ``conv{i}_1`` (4x4 stride 2)
+    -> ``bn{i}_1`` -> LReLU, with channels num_feat * (1, 2, 4, 8, 8, 8) per stage.
+    Five stages for input 96 / 128 / 192 (final 3x3 / 4x4 / 6x6 map), six
+    (``conv5_*``) for 256. Then ``linear1`` (-> dense_feat) -> LReLU -> ``linear2`` (-> 1).
+
+    Args:
+        num_in_ch: channels of the input image.
+        num_feat: channels of the first stage (64).
+        input_size: H = W of the input; one of 96, 128, 192, 256. Must equal the
+            training crop ``data.gt_size``.
+        dense_feat: width of the hidden dense layer: 100 (ESRGAN / BasicSR) or
+            1024 (SRGAN paper).
+    """
+
+    def __init__(self, num_in_ch: int = 3, num_feat: int = 64, input_size: int = 128, dense_feat: int = 100):
+        super().__init__()
+        check_int("num_in_ch", num_in_ch)
+        check_int("num_feat", num_feat)
+        check_int("dense_feat", dense_feat)
+        if isinstance(input_size, bool) or input_size not in VGG_STAGES:
+            raise ValueError(f"VGGDiscriminator input_size must be one of {sorted(VGG_STAGES)}, got {input_size!r}; "
+                             "set data.gt_size to one of these (or use the 'unet' discriminator, "
+                             "which takes any size)")
+        self.num_in_ch = num_in_ch
+        self.input_size = input_size
+        self.num_stages = VGG_STAGES[input_size]
+        self.config = dict(num_in_ch=num_in_ch, num_feat=num_feat, input_size=input_size, dense_feat=dense_feat)
+
+        channels = [num_feat * m for m in (1, 2, 4, 8, 8, 8)[:self.num_stages]]
+        self.conv0_0 = nn.Conv2d(num_in_ch, num_feat, 3, 1, 1, bias=True)
+        # convs followed by BN carry no bias: BN's shift replaces it
+        self.conv0_1 = nn.Conv2d(num_feat, num_feat, 4, 2, 1, bias=False)
+        self.bn0_1 = nn.BatchNorm2d(num_feat)
+        for i in range(1, self.num_stages):
+            c_in, c = channels[i - 1], channels[i]
+            setattr(self, f"conv{i}_0", nn.Conv2d(c_in, c, 3, 1, 1, bias=False))
+            setattr(self, f"bn{i}_0", nn.BatchNorm2d(c))
+            setattr(self, f"conv{i}_1", nn.Conv2d(c, c, 4, 2, 1, bias=False))
+            setattr(self, f"bn{i}_1", nn.BatchNorm2d(c))
+
+        final = input_size // 2 ** self.num_stages
+        self.linear1 = nn.Linear(channels[-1] * final * final, dense_feat)
+        self.linear2 = nn.Linear(dense_feat, 1)
+        self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, num_in_ch, input_size, input_size) float -> (N, 1) logits."""
+        check_image_batch(x, self.num_in_ch, "VGGDiscriminator")
+        if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            raise ValueError(f"VGGDiscriminator was built for {self.input_size}x{self.input_size} inputs but got "
+                             f"{x.shape[-2]}x{x.shape[-1]}; data.gt_size must equal the discriminator "
+                             "input_size")
+        feat = self.lrelu(self.conv0_0(x))
+        feat = self.lrelu(self.bn0_1(self.conv0_1(feat)))
+        for i in range(1, self.num_stages):
+            feat = self.lrelu(getattr(self, f"bn{i}_0")(getattr(self, f"conv{i}_0")(feat)))
+            feat = self.lrelu(getattr(self, f"bn{i}_1")(getattr(self, f"conv{i}_1")(feat)))
+        feat = self.lrelu(self.linear1(feat.flatten(1)))
+        return self.linear2(feat)
+
+
+class UNetDiscriminatorSN(nn.Module):
+    """Real-ESRGAN's U-Net discriminator with spectral norm, image -> per-pixel logits.
+
+    ``conv0`` (3x3) -> three 4x4 stride-2 downsampling convs ``conv1..conv3``
+    (num_feat * 2, 4, 8 channels) -> three bilinear-upsample + 3x3 convs
+    ``conv4..conv6`` (num_feat * 4, 2, 1), each optionally adding the encoder
+    feature of the same size (``skip_connection``) -> ``conv7``, ``conv8`` (3x3)
+    -> ``conv9`` (3x3, -> 1 channel). LeakyReLU 0.2 after every conv but the last;
+    spectral norm on conv1..conv8 (parameters ``convK.weight_orig/_u/_v``).
+
+    Args:
+        num_in_ch: channels of the input image.
+        num_feat: channels after ``conv0`` (64).
+        skip_connection: add encoder features to the decoder (Real-ESRGAN: True).
+
+    Any H, W >= 8 works: each decoder stage upsamples to the exact size of the
+    matching encoder feature, so odd sizes round-trip.
+    """
+
+    MIN_SIZE = 8  # three stride-2 convs must leave at least one pixel
+
+    def __init__(self, num_in_ch: int = 3, num_feat: int = 64, skip_connection: bool = True):
+        super().__init__()
+        check_int("num_in_ch", num_in_ch)
+        check_int("num_feat", num_feat)
+        if not isinstance(skip_connection, bool):
+            raise ValueError(f"skip_connection must be True or False, got {skip_connection!r}")
+        self.num_in_ch = num_in_ch
+        self.skip_connection = skip_connection
+        self.config = dict(num_in_ch=num_in_ch, num_feat=num_feat, skip_connection=skip_connection)
+        nf = num_feat
+
+        def sn_conv(c_in, c_out, k, s, p):
+            return spectral_norm(nn.Conv2d(c_in, c_out, k, s, p, bias=False))
+
+        self.conv0 = nn.Conv2d(num_in_ch, nf, 3, 1, 1)
+        self.conv1 = sn_conv(nf, nf * 2, 4, 2, 1)
+        self.conv2 = sn_conv(nf * 2, nf * 4, 4, 2, 1)
+        self.conv3 = sn_conv(nf * 4, nf * 8, 4, 2, 1)
+        self.conv4 = sn_conv(nf * 8, nf * 4, 3, 1, 1)
+        self.conv5 = sn_conv(nf * 4, nf * 2, 3, 1, 1)
+        self.conv6 = sn_conv(nf * 2, nf, 3, 1, 1)
+        self.conv7 = sn_conv(nf, nf, 3, 1, 1)
+        self.conv8 = sn_conv(nf, nf, 3, 1, 1)
+        self.conv9 = nn.Conv2d(nf, 1, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, num_in_ch, H, W) float, H, W >= 8 -> (N, 1, H, W) logits."""
+        check_image_batch(x, self.num_in_ch, "UNetDiscriminatorSN")
+        if min(x.shape[-2:]) < self.MIN_SIZE:
+            raise ValueError(f"UNetDiscriminatorSN needs H and W >= {self.MIN_SIZE}, got "
+                             f"{x.shape[-2]}x{x.shape[-1]}")
+        x0 = F.leaky_relu(self.conv0(x), 0.2)
+        x1 = F.leaky_relu(self.conv1(x0), 0.2)
+        x2 = F.leaky_relu(self.conv2(x1), 0.2)
+        x3 = F.leaky_relu(self.conv3(x2), 0.2)
+
+        feat = x3
+        for conv, skip in ((self.conv4, x2), (self.conv5, x1), (self.conv6, x0)):
+            # stride-2 convs floor odd sizes; upsampling to the skip's exact size undoes that
+            feat = F.interpolate(feat, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            feat = F.leaky_relu(conv(feat), 0.2)
+            if self.skip_connection:
+                feat = feat + skip
+
+        feat = F.leaky_relu(self.conv7(feat), 0.2)
+        feat = F.leaky_relu(self.conv8(feat), 0.2)
+        return self.conv9(feat)
