@@ -15,14 +15,6 @@ from raysr.models import SRCNN, VDSR, RRDBNet, SRResNet, build_generator
 RRDB_KW = dict(num_feat=6, num_block=2, num_grow_ch=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These nets are tiny: intra-op threads only add overhead (and spin on shared cores)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 def randomized(model: nn.Module, seed: int) -> nn.Module:
     """``model`` with every float tensor (weights, BN statistics) redrawn, so two seeds differ everywhere."""

@@ -24,14 +24,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These nets are tiny: intra-op threads only add overhead (and spin on shared cores)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 # --------------------------------------------------------------------------- functional references (float64)
 
