@@ -1,0 +1,308 @@
+"""Benchmark a generator the way SR papers do: ``python -m raysr.evaluate``.
+
+    python -m raysr.evaluate --hr datasets/Set5/HR --scale 4 --model runs/esrgan/generator.pth --json set5.json
+    python -m raysr.evaluate --hr datasets/Set14/HR --lr datasets/Set14/LR_bicubic/X4 --scale 4 --model bicubic
+
+Protocol (as BasicSR / the SRGAN, ESRGAN and VDSR papers):
+
+1. GT is cropped to a multiple of the scale ("GTmod").
+2. LR = MATLAB ``imresize(GT, 1/scale, 'bicubic')`` rounded to uint8, unless ``--lr``
+   gives the LR files (matched to GT by file stem; ``baby``, ``babyx4``, ``baby_x4``
+   and ``baby_LRBI_x4`` all match ``baby``); their size must be GTmod / scale.
+3. SR = generator(LR), clamped and rounded to uint8.
+4. PSNR and SSIM (:mod:`raysr.metrics`) on the Y channel (BT.601, as MATLAB's
+   ``rgb2ycbcr``) and on RGB, ignoring ``scale`` pixels at every edge.
+5. LPIPS on the whole RGB image when :func:`raysr.lpips.load_lpips` can run offline.
+
+Every image gets a row, followed by the mean over images, and a bicubic baseline
+(``imresize(LR, scale)``) is always scored alongside. ``--json`` writes::
+
+    {"model": "<checkpoint or 'bicubic'>", "arch": "rrdbnet", "scale": 4, "crop_border": 4,
+     "hr": "<dir>", "lr": "<dir>" | null, "lr_source": "files" | "bicubic",
+     "lpips": "<description>" | null, "lpips_unavailable": "<reason>" | null,
+     "images": [{"name": "baby.png", "size": [H, W],
+                 "psnr_y": .., "ssim_y": .., "psnr_rgb": .., "ssim_rgb": .., "lpips": .. | null,
+                 "bicubic": {same metric keys}}, ...],
+     "mean": {"psnr_y": .., "ssim_y": .., "psnr_rgb": .., "ssim_rgb": .., "lpips": .. | null},
+     "bicubic": {"mean": {same keys}}}
+
+PSNR in dB, SSIM in [0, 1], LPIPS >= 0 (lower is better); sizes are GTmod sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from raysr import io as rio
+from raysr.imageio import DecodedImage, ImageError, list_images, probe_image, read_image, to_uint8_rgb, write_image
+from raysr.lpips import BACKBONE_FILES, LpipsFn, load_lpips
+from raysr.metrics import psnr, ssim
+from raysr.models import generator_name
+from raysr.ops.resize import imresize
+from raysr.upscale import DEVICES, InputError, Progress, cli, load_model, resolve_device, upscale_tensor
+
+METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb")
+BICUBIC = "bicubic"
+
+
+@dataclass
+class Sample:
+    """One benchmark image: its GT file, its LR file (None = make LR by bicubic), and
+    the GTmod size (H, W) read from the headers."""
+
+    name: str
+    hr: str
+    lr: str | None
+    size: tuple[int, int]
+
+
+def dataset_key(stem: str, scale: int) -> str:
+    """The stem with the usual benchmark decorations for ``scale`` removed:
+    ``baby_LRBI_x4``, ``baby_HR_x4``, ``baby_x4``, ``babyx4`` and ``baby`` -> ``baby``."""
+    return re.sub(rf"(?i)(?:[_-]?(?:LR|HR|GT)(?:BI|BD|DN)?)?(?:[_-]?x{scale})?$", "", stem) or stem
+
+
+def mod_crop(image: np.ndarray, scale: int) -> np.ndarray:
+    """(H, W, ...) -> top-left crop to a multiple of ``scale`` in H and W ("GTmod")."""
+    height, width = image.shape[:2]
+    return image[:height - height % scale, :width - width % scale]
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) float -> (H, W, 3) uint8, clamped to [0, 1] and rounded (MATLAB im2uint8)."""
+    return x[0].clamp(0, 1).mul(255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def bicubic_lr(hr: np.ndarray, scale: int) -> np.ndarray:
+    """(H, W, 3) uint8 GTmod -> (H/scale, W/scale, 3) uint8: MATLAB bicubic, rounded."""
+    return to_uint8(imresize(to_tensor(hr).double(), 1.0 / scale))
+
+
+def bicubic_sr(lr: np.ndarray, scale: int) -> np.ndarray:
+    """(h, w, 3) uint8 -> (h*scale, w*scale, 3) uint8: the bicubic baseline."""
+    return to_uint8(imresize(to_tensor(lr).double(), scale))
+
+
+def score(sr: np.ndarray, hr: np.ndarray, scale: int, lpips_fn: LpipsFn | None) -> dict[str, float | None]:
+    """PSNR/SSIM on Y and RGB (crop_border = scale) and LPIPS of uint8 (H, W, 3) images."""
+    out = {"psnr_y": psnr(sr, hr, crop_border=scale, y_channel=True),
+           "ssim_y": ssim(sr, hr, crop_border=scale, y_channel=True),
+           "psnr_rgb": psnr(sr, hr, crop_border=scale, y_channel=False),
+           "ssim_rgb": ssim(sr, hr, crop_border=scale, y_channel=False)}
+    out = {k: float(v) for k, v in out.items()}
+    out["lpips"] = float(lpips_fn(to_tensor(sr), to_tensor(hr))[0]) if lpips_fn else None
+    return out
+
+
+def mean_scores(rows: Sequence[dict]) -> dict[str, float | None]:
+    """Mean of each metric over images (the number papers report); None where missing."""
+    keys = METRICS + ("lpips",)
+    return {k: (float(np.mean([r[k] for r in rows])) if rows and rows[0].get(k) is not None else None)
+            for k in keys}
+
+
+def _normalized_index(files: Sequence[str], scale: int, option: str) -> dict[str, str]:
+    index: dict[str, str] = {}
+    for uri in files:
+        key = dataset_key(Path(uri).stem, scale)
+        if key in index:
+            raise InputError(f"{option}: {index[key]} and {uri} both match image {key!r}; keep one of them")
+        index[key] = uri
+    return index
+
+
+def collect_samples(hr_dir: str, lr_dir: str | None, scale: int) -> list[Sample]:
+    """Pair GT files with LR files and check every header; InputError on any problem."""
+    for option, folder in (("--hr", hr_dir), ("--lr", lr_dir)):
+        if folder is not None and not rio.is_s3(folder) and not Path(folder).is_dir():
+            raise InputError(f"{option} {folder}: not a directory")
+    hr_files, _ = list_images(hr_dir, recursive=False)
+    if not hr_files:
+        raise InputError(f"--hr {hr_dir}: no image files found")
+    hr_index = _normalized_index(hr_files, scale, "--hr")
+    lr_index = _normalized_index(list_images(lr_dir, recursive=False)[0], scale, "--lr") if lr_dir else {}
+    missing = [key for key in hr_index if lr_dir and key not in lr_index]
+    if missing:
+        raise InputError(f"--lr {lr_dir}: no LR image for {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                         f"(matched by stem; expected e.g. {missing[0]}.png or {missing[0]}x{scale}.png)")
+    samples, bad = [], []
+    for key, hr in hr_index.items():
+        lr = lr_index.get(key)
+        try:
+            info = probe_image(hr)
+            size = (info.height - info.height % scale, info.width - info.width % scale)
+            if min(size) == 0:
+                raise ImageError(f"{hr}: {info.height}x{info.width} is smaller than the scale {scale}")
+            if lr is not None:
+                lr_info = probe_image(lr)
+                if (lr_info.height * scale, lr_info.width * scale) != size:
+                    raise ImageError(f"{lr}: LR is {lr_info.height}x{lr_info.width} but GT {hr} cropped to a "
+                                     f"multiple of {scale} is {size[0]}x{size[1]}, so LR should be "
+                                     f"{size[0] // scale}x{size[1] // scale}; is --scale right?")
+        except (ImageError, rio.StorageError) as err:
+            bad.append(str(err))
+            continue
+        samples.append(Sample(name=Path(hr).name, hr=hr, lr=lr, size=size))
+    if bad:
+        raise InputError(f"{len(bad)} benchmark image(s) cannot be used, nothing was written:\n  "
+                         + "\n  ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+    return samples
+
+
+def _load_pair(sample: Sample, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """(GTmod, LR) as uint8 (H, W, 3) arrays."""
+    hr = mod_crop(to_uint8_rgb(read_image(sample.hr)), scale)
+    if sample.lr is None:
+        return hr, bicubic_lr(hr, scale)
+    lr = to_uint8_rgb(read_image(sample.lr))
+    if lr.shape[0] * scale != hr.shape[0] or lr.shape[1] * scale != hr.shape[1]:
+        raise ImageError(f"{sample.lr}: decoded LR is {lr.shape[0]}x{lr.shape[1]}, GTmod is "
+                         f"{hr.shape[0]}x{hr.shape[1]} (after EXIF orientation); is --scale right?")
+    return hr, lr
+
+
+def evaluate(samples: Sequence[Sample], scale: int, model: nn.Module | None, lpips_fn: LpipsFn | None = None,
+             save_sr: str | None = None, device: torch.device | str = "cpu") -> dict:
+    """Score ``model`` (None = bicubic) on ``samples``; returns the report described in the
+    module docstring (without the descriptive top-level fields). ``save_sr``: folder
+    for the uint8 SR outputs as ``<stem>.png``."""
+    rows = []
+    progress = Progress(len(samples), "evaluate")
+    for sample in samples:
+        try:
+            hr, lr = _load_pair(sample, scale)
+        except (ImageError, rio.StorageError) as err:
+            raise InputError(f"{err}; stopped after {progress.done} of {len(samples)} images") from err
+        baseline = bicubic_sr(lr, scale)
+        if model is None:
+            sr = baseline
+        else:
+            sr = to_uint8(upscale_tensor(model, to_tensor(lr).to(device)))
+        if save_sr is not None:
+            write_image(rio.join(save_sr, Path(sample.name).stem + ".png"), DecodedImage(sr, "PNG"))
+        scores = score(sr, hr, scale, lpips_fn)
+        row = {"name": sample.name, "size": list(hr.shape[:2]), **scores}
+        row["bicubic"] = scores if model is None else score(baseline, hr, scale, lpips_fn)
+        rows.append(row)
+        progress.step(sample.name)
+    return {"images": rows, "mean": mean_scores(rows),
+            "bicubic": {"mean": mean_scores([r["bicubic"] for r in rows])}}
+
+
+def _cells(scores: dict) -> str:
+    lp = f"{scores['lpips']:8.4f}" if scores.get("lpips") is not None else f"{'-':>8}"
+    return (f"{scores['psnr_y']:8.2f} {scores['ssim_y']:7.4f} {scores['psnr_rgb']:9.2f} "
+            f"{scores['ssim_rgb']:8.4f} {lp}")
+
+
+def format_table(report: dict) -> str:
+    """The report as the fixed-width table printed on stdout."""
+    width = max([len(r["name"]) for r in report["images"]] + [16])
+    lr = f"LR files from {report['lr']}" if report["lr"] else "LR = MATLAB bicubic of GTmod, uint8"
+    lines = [f"model: {report['model']} ({report['arch']}, x{report['scale']})   GT: {report['hr']} "
+             f"({len(report['images'])} images)   {lr}",
+             f"PSNR (dB) and SSIM of uint8 images with {report['crop_border']} px borders ignored; "
+             "Y = BT.601 luma; LPIPS: lower is better",
+             f"{'image':<{width}} {'PSNR-Y':>8} {'SSIM-Y':>7} {'PSNR-RGB':>9} {'SSIM-RGB':>8} {'LPIPS':>8}"]
+    lines += [f"{r['name']:<{width}} {_cells(r)}" for r in report["images"]]
+    lines.append("-" * len(lines[-1]))
+    lines.append(f"{'mean':<{width}} {_cells(report['mean'])}")
+    lines.append(f"{'mean bicubic':<{width}} {_cells(report['bicubic']['mean'])}")
+    if report["lpips_unavailable"]:
+        lines.append(f"LPIPS not computed: {report['lpips_unavailable']}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m raysr.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="PSNR / SSIM (Y and RGB) / LPIPS of a generator on a folder of GT images, "
+                    "with the bicubic baseline.",
+        epilog="Exit code 2 means a bad input or option; the table and --json are only written on success.")
+    parser.add_argument("--hr", required=True, help="folder of ground-truth images (Set5/Set14 style)")
+    parser.add_argument("--lr", default=None, help="folder of LR images matched by stem (default: bicubic of GT)")
+    parser.add_argument("--scale", type=int, required=True, help="upscaling factor; must equal the model's")
+    parser.add_argument("--model", required=True, help="generator checkpoint, or 'bicubic'")
+    parser.add_argument("--json", default=None, metavar="FILE", help="write the numbers as JSON here")
+    parser.add_argument("--save-sr", default=None, metavar="DIR", help="save SR outputs as <stem>.png here")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto = cuda if available (default)")
+    parser.add_argument("--lpips-net", choices=sorted(BACKBONE_FILES), default="alex",
+                        help="LPIPS backbone (default alex)")
+    parser.add_argument("--lpips-backbone", default=None, metavar="FILE",
+                        help="torchvision ImageNet weights of the LPIPS backbone (default: torch hub cache)")
+    return parser
+
+
+def _model_for(source: str, scale: int) -> nn.Module | None:
+    if source == BICUBIC:
+        return None
+    try:
+        model = load_model(source)
+    except InputError as first:
+        # SRCNN / VDSR weights in BasicSR format do not record their scale; --scale supplies it
+        try:
+            model = load_model(source, scale=scale)
+        except InputError:
+            raise first from None
+    if model.scale != scale:
+        raise InputError(f"--model {source} is a x{model.scale} generator but --scale is {scale}; "
+                         f"pass --scale {model.scale} or a x{scale} checkpoint")
+    return model
+
+
+def _check_outputs(args: argparse.Namespace, samples: Sequence[Sample]) -> None:
+    if args.save_sr is None:
+        return
+    for sample in samples:
+        target = rio.join(args.save_sr, Path(sample.name).stem + ".png")
+        for source in (sample.hr, sample.lr):
+            if source is not None and not rio.is_s3(source) and not rio.is_s3(target) and \
+                    Path(source).resolve() == Path(target).resolve():
+                raise InputError(f"--save-sr {args.save_sr} would overwrite {source}; choose another folder")
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.scale < 1:
+        raise InputError(f"--scale must be an integer >= 1, got {args.scale}")
+    device = resolve_device(args.device)
+    samples = collect_samples(args.hr, args.lr, args.scale)
+    _check_outputs(args, samples)
+    model = _model_for(args.model, args.scale)
+    if model is not None:
+        model = model.to(device)
+    lpips_fn, lpips_note = load_lpips(args.lpips_net, args.lpips_backbone, device)
+    report = {"model": args.model, "arch": generator_name(model) if model is not None else BICUBIC,
+              "scale": args.scale, "crop_border": args.scale, "hr": args.hr, "lr": args.lr,
+              "lr_source": "files" if args.lr else BICUBIC,
+              "lpips": lpips_note if lpips_fn else None, "lpips_unavailable": None if lpips_fn else lpips_note}
+    report.update(evaluate(samples, args.scale, model, lpips_fn, args.save_sr, device))
+    print(format_table(report))
+    if args.json:
+        try:
+            rio.write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
+        except OSError as err:
+            raise InputError(f"cannot write --json {args.json}: {err}") from err
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(build_parser(), _run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
