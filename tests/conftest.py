@@ -26,28 +26,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The S3 endpoint is fixed when the test session starts, before anything can start
+# Ray: Ray's worker processes inherit these variables, so training runs inside
+# tests reach the moto server too, and no test can ever reach real AWS.
+S3_PORT = _free_port()
+S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
+os.environ.update(AWS_ENDPOINT_URL=S3_ENDPOINT, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                  AWS_DEFAULT_REGION="us-east-1")
+for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+    os.environ.pop(_var, None)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """A moto S3 server on 127.0.0.1; AWS_* variables point boto3 (and raysr) at it."""
+    """A moto S3 server on 127.0.0.1 at AWS_ENDPOINT_URL (set for the whole session)."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in
-             ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing",
-                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     import raysr.io
     raysr.io._clients.clear()
-    yield endpoint
+    yield S3_ENDPOINT
     server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
     raysr.io._clients.clear()
 
 
@@ -84,3 +84,20 @@ def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture
 def make_image():
     return synthetic_image
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance on 127.0.0.1 for the whole test session (started on first use)."""
+    import ray
+
+    from raysr.train import init_ray
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray()
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,423 @@
+"""The one typed training config: dataclasses, preset/YAML loading, ``--set`` overrides, validation.
+
+A config is built once, before Ray starts::
+
+    cfg = load_config(preset="esrgan_x4", overrides=["data.train=s3://bucket/shards", "run.num_workers=8"])
+
+Every key a user can set is a dataclass field below; the dotted names
+(``loss.adversarial.weight``, ``run.storage`` …) are the documented contract.
+Errors raise :class:`ConfigError` with the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+DEFAULT_PRESET = "quickstart"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class GeneratorConfig:
+    name: Literal["srcnn", "vdsr", "srresnet", "rrdbnet"] = "rrdbnet"
+    num_feat: int = 64
+    num_block: int = 23  # srresnet: residual blocks; rrdbnet: RRDBs; vdsr: conv layers
+    num_grow_ch: int = 32  # rrdbnet only
+    scale: int = 4
+    variant: Literal["msrresnet", "paper"] = "msrresnet"  # srresnet only
+
+
+@dataclass
+class DiscriminatorConfig:
+    name: Literal["vgg", "unet"] = "vgg"
+    num_feat: int = 64
+    input_size: int = 128  # vgg only: must equal data.gt_size
+    dense_feat: int = 100  # vgg only: 100 (ESRGAN/BasicSR) or 1024 (SRGAN paper)
+
+
+@dataclass
+class ModelConfig:
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+
+
+@dataclass
+class DataConfig:
+    # Shard URLs / brace patterns / a directory / a manifest.parquet, local or s3://.
+    # Empty = the built-in demo shards made from sample photographs.
+    train: list[str] = field(default_factory=list)
+    val: Optional[str] = None  # folder (or shards) of full HR images; None = demo hold-out
+    gt_size: int = 128
+    batch_size: int = 16  # per Ray worker
+    num_workers: int = 4  # DataLoader processes per Ray worker
+    crops_per_image: int = 1
+    lr_on: Literal["loader", "device"] = "loader"  # where LR = bicubic(HR) is computed
+
+
+@dataclass
+class TrainConfig:
+    phase: Literal["psnr", "gan"] = "psnr"
+    total_steps: int = 400_000
+    init_from: Optional[str] = None  # generator checkpoint (any load_generator format)
+    ema_decay: float = 0.999  # 0 disables the EMA generator
+    grad_clip: float = 0.0  # VDSR adjustable clipping: |grad| <= grad_clip / lr; 0 = off
+    d_init_steps: int = 0  # GAN phase: steps that update D only, before G joins
+
+
+@dataclass
+class PixelLossConfig:
+    type: Literal["l1", "mse", "charbonnier"] = "l1"
+    weight: float = 1.0  # ESRGAN's eta in the GAN phase (1e-2)
+
+
+@dataclass
+class PerceptualLossConfig:
+    layers: dict[str, float] = field(default_factory=lambda: {"conv5_4": 1.0})
+    before_relu: bool = True  # ESRGAN: True; SRGAN: False
+    criterion: Literal["l1", "l2"] = "l1"
+    weight: float = 1.0
+    feature_scale: float = 1.0  # SRGAN rescales VGG features by 1/12.75
+    weights_path: Optional[str] = None  # torchvision vgg19 state dict, local or s3://
+    allow_random_weights: bool = False  # tests only: a GAN with random VGG is meaningless
+
+
+@dataclass
+class AdversarialLossConfig:
+    type: Literal["vanilla", "ragan", "lsgan", "hinge"] = "ragan"
+    weight: float = 5e-3  # SRGAN 1e-3, ESRGAN lambda 5e-3
+
+
+@dataclass
+class LossConfig:
+    pixel: PixelLossConfig = field(default_factory=PixelLossConfig)
+    perceptual: PerceptualLossConfig = field(default_factory=PerceptualLossConfig)
+    adversarial: AdversarialLossConfig = field(default_factory=AdversarialLossConfig)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    type: Literal["constant", "multistep", "cosine_restart"] = "multistep"
+    milestones: list[int] = field(default_factory=list)  # multistep: steps where lr *= gamma
+    gamma: float = 0.5
+    periods: list[int] = field(default_factory=list)  # cosine_restart: lengths of the cycles
+    eta_min: float = 1e-7
+
+
+@dataclass
+class OptimConfig:
+    g: OptimizerConfig = field(default_factory=OptimizerConfig)
+    d: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+@dataclass
+class RunConfig:
+    name: str = "raysr"
+    storage: str = "~/raysr_runs"  # local directory or s3://bucket/prefix
+    num_workers: int = 1  # Ray Train workers (one per GPU)
+    use_gpu: Union[bool, Literal["auto"]] = "auto"
+    checkpoint_every: int = 5000
+    val_every: int = 5000
+    log_every: int = 100
+    keep_checkpoints: int = 5
+    max_failures: int = 3
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 + channels_last on CUDA
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def scale(self) -> int:
+        return self.model.generator.scale
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _to_plain(value):
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- building from data
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert where lossless."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {_field_names(tp)}, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[-1] if len(errors) == 1 else
+                          f"{key}: {value!r} matches none of: " + "; ".join(errors))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, int, float)) and args and args[0] in (str, int):
+            value = [value]  # `--set data.train=s3://…` gives a single URL
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict) or not value:
+            raise ConfigError(f"{key}: expected a non-empty mapping like {{conv5_4: 1.0}}, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {key}")  # a bug in this file, not user input
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    known = _field_names(cls)
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys under "
+                          f"{prefix or 'the top level'}: {', '.join(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(key, value, hints[name])
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "layers":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b.c=value"`` -> (["a","b","c"], value parsed as YAML: 1e-3, true, [1,2], {conv5_4: 1})."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set loss.adversarial.weight=1e-3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({err.problem})") from err
+    # YAML 1.1 reads "1e-3" as a string; accept the float spelling people type.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in "e.") and value.strip() != "." else value
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def _set_path(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def available_presets() -> list[str]:
+    files = resources.files("raysr").joinpath("presets")
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_text(name: str) -> str:
+    path = resources.files("raysr").joinpath("presets", f"{name}.yaml")
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
+    return path.read_text()
+
+
+def _read_yaml(text: str, origin: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{origin} is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin} must hold a mapping of sections (model, data, train, …)")
+    return data
+
+
+def load_config(preset: str | None = None, config_file: str | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve a config: defaults <- preset (or file) <- ``--set`` overrides, then validate."""
+    if preset and config_file:
+        raise ConfigError("give --preset or --config, not both")
+    if config_file:
+        path = os.path.expanduser(config_file)
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config {config_file}: no such file")
+        with open(path) as f:
+            data = _read_yaml(f.read(), config_file)
+    else:
+        name = preset or DEFAULT_PRESET
+        data = _read_yaml(preset_text(name), f"preset {name}")
+    for text in overrides:
+        path, value = parse_override(text)
+        _set_path(data, path, value)
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """A validated Config from its ``to_dict()`` form (used to restore a run's saved config)."""
+    cfg = _build(Config, _merge({}, data))
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+_VGG_LAYERS = {f"{kind}{block}_{i}" for kind in ("conv", "relu")
+               for block, n in zip(range(1, 6), (2, 2, 4, 4, 4)) for i in range(1, n + 1)}
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express. Raises ConfigError."""
+    g, d, data, train, run = cfg.model.generator, cfg.model.discriminator, cfg.data, cfg.train, cfg.run
+    allowed_scales = {"rrdbnet": (1, 2, 4), "srresnet": (2, 3, 4), "srcnn": (2, 3, 4), "vdsr": (2, 3, 4)}
+    if g.scale not in allowed_scales[g.name]:
+        raise ConfigError(f"model.generator.scale: {g.scale} is not supported by {g.name}; "
+                          f"choose one of {list(allowed_scales[g.name])}")
+    _positive(("model.generator.num_feat", g.num_feat), ("model.generator.num_block", g.num_block),
+              ("model.generator.num_grow_ch", g.num_grow_ch), ("data.gt_size", data.gt_size),
+              ("data.batch_size", data.batch_size), ("data.crops_per_image", data.crops_per_image),
+              ("train.total_steps", train.total_steps), ("run.num_workers", run.num_workers),
+              ("run.checkpoint_every", run.checkpoint_every), ("run.val_every", run.val_every),
+              ("run.log_every", run.log_every), ("run.keep_checkpoints", run.keep_checkpoints),
+              ("optim.g.lr", cfg.optim.g.lr), ("optim.d.lr", cfg.optim.d.lr))
+    if data.num_workers < 0:
+        raise ConfigError(f"data.num_workers: {data.num_workers} must be >= 0 (0 loads in the training process)")
+    if run.max_failures < -1:
+        raise ConfigError(f"run.max_failures: {run.max_failures} must be >= 0, or -1 for unlimited")
+    if data.gt_size % g.scale:
+        raise ConfigError(f"data.gt_size: {data.gt_size} is not divisible by model.generator.scale "
+                          f"{g.scale}; use a multiple such as {data.gt_size - data.gt_size % g.scale or g.scale}")
+    if not 0.0 <= train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay: {train.ema_decay} must be in [0, 1) (0 disables EMA)")
+    if train.grad_clip < 0:
+        raise ConfigError(f"train.grad_clip: {train.grad_clip} must be >= 0 (0 disables clipping)")
+    for side in ("g", "d"):
+        betas = getattr(cfg.optim, side).betas
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ConfigError(f"optim.{side}.betas: {list(betas)} must both be in [0, 1)")
+    sched = cfg.optim.schedule
+    if sched.type == "multistep" and sorted(sched.milestones) != sched.milestones:
+        raise ConfigError(f"optim.schedule.milestones: {sched.milestones} must be increasing")
+    if sched.type == "cosine_restart" and (not sched.periods or min(sched.periods) <= 0):
+        raise ConfigError("optim.schedule.periods: cosine_restart needs positive cycle lengths, "
+                          "e.g. [250000, 250000, 250000, 250000]")
+    if not run.name or "/" in run.name:
+        raise ConfigError(f"run.name: {run.name!r} must be a non-empty name without '/'")
+    if train.phase == "gan":
+        if d.name == "vgg":
+            if d.input_size not in (96, 128, 192, 256):
+                raise ConfigError(f"model.discriminator.input_size: {d.input_size} is not supported; "
+                                  "choose one of [96, 128, 192, 256]")
+            if d.input_size != data.gt_size:
+                raise ConfigError(f"data.gt_size ({data.gt_size}) must equal model.discriminator.input_size "
+                                  f"({d.input_size}) for the VGG discriminator; set both to the same value "
+                                  "or use model.discriminator.name=unet (any size)")
+        perc = cfg.loss.perceptual
+        for layer in perc.layers:
+            if layer not in _VGG_LAYERS:
+                raise ConfigError(f"loss.perceptual.layers: unknown VGG19 layer {layer!r}; "
+                                  "use names like conv5_4, conv2_2, relu5_4")
+        if perc.weight > 0 and not perc.weights_path and not perc.allow_random_weights:
+            from raysr.models.vgg import cached_vgg19_path
+            try:
+                cached_vgg19_path()
+            except FileNotFoundError as err:
+                raise ConfigError(
+                    "loss.perceptual.weights_path is not set and no torchvision vgg19 weights are cached; "
+                    "a GAN phase with random VGG features is meaningless. Set "
+                    "loss.perceptual.weights_path=/path/or/s3://uri/vgg19-dcbb9e9d.pth (torchvision's "
+                    "ImageNet file), or loss.perceptual.allow_random_weights=true for smoke tests") from err
+    for key, path in (("train.init_from", train.init_from), ("loss.perceptual.weights_path",
+                                                              cfg.loss.perceptual.weights_path)):
+        if path and not path.startswith("s3://") and not os.path.exists(os.path.expanduser(path)):
+            raise ConfigError(f"{key}: {path} does not exist")
+
+
+def _positive(*pairs: tuple[str, float]) -> None:
+    for key, value in pairs:
+        if value <= 0:
+            raise ConfigError(f"{key}: {value} must be > 0")

@@ -1,0 +1,282 @@
+"""One training step of an SR generator (PSNR phase) or of a G/D pair (GAN phase), in plain PyTorch.
+
+Read :func:`train_step` top to bottom: it is the whole algorithm. SRGAN and ESRGAN
+differ only in the config (VGG layer before/after ReLU, vanilla vs relativistic
+GAN, pixel weight η), which shows up as a few branches there. Everything
+distributed (DDP wrapping, which rank validates, where checkpoints go) belongs
+to ``raysr.train``; this module never imports ray.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from raysr.config import Config, GeneratorConfig, OptimizerConfig, ScheduleConfig
+from raysr.losses import PerceptualLoss, d_adv_loss, g_adv_loss, pixel_loss
+from raysr.models import build_discriminator, build_generator
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def generator_from_config(g: GeneratorConfig) -> nn.Module:
+    """The generator a config names, with the constructor arguments that network takes."""
+    kwargs = {"srcnn": dict(scale=g.scale),
+              "vdsr": dict(num_feat=g.num_feat, num_layer=g.num_block, scale=g.scale),
+              "srresnet": dict(num_feat=g.num_feat, num_block=g.num_block, scale=g.scale, variant=g.variant),
+              "rrdbnet": dict(num_feat=g.num_feat, num_block=g.num_block, num_grow_ch=g.num_grow_ch,
+                              scale=g.scale)}[g.name]
+    return build_generator(g.name, **kwargs)
+
+
+def discriminator_from_config(cfg: Config) -> nn.Module:
+    d = cfg.model.discriminator
+    if d.name == "vgg":
+        return build_discriminator("vgg", num_feat=d.num_feat, input_size=d.input_size, dense_feat=d.dense_feat)
+    return build_discriminator("unet", num_feat=d.num_feat)
+
+
+class EMA:
+    """Exponential moving average of a model's weights: θ_ema ← d·θ_ema + (1−d)·θ (buffers copied)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for p_ema, p in zip(self.module.parameters(), model.parameters()):
+            p_ema.lerp_(p.detach(), 1.0 - self.decay)
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+def build_optimizer(params, o: OptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def lr_factor(step: int, s: ScheduleConfig, base_lr: float) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based).
+
+    multistep: γ^(milestones passed). cosine_restart (SGDR as in BasicSR's
+    CosineAnnealingRestartLR): within each period the lr falls from base to
+    ``eta_min`` along half a cosine, then restarts; after the last period it stays at eta_min.
+    """
+    if s.type == "constant":
+        return 1.0
+    if s.type == "multistep":
+        return s.gamma ** sum(step >= m for m in s.milestones)
+    start = 0
+    for period in s.periods:
+        if step < start + period:
+            t = (step - start) / period
+            return (s.eta_min + (base_lr - s.eta_min) * 0.5 * (1 + math.cos(math.pi * t))) / base_lr
+        start += period
+    return s.eta_min / base_lr
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, s: ScheduleConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    base_lr = optimizer.param_groups[0]["lr"]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, s, base_lr))
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast on CUDA unless fp32 is asked for; full fp32 on CPU."""
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# --------------------------------------------------------------------------- the training state
+
+
+@dataclass
+class TrainState:
+    """Everything a step touches and a checkpoint restores.
+
+    ``g``/``d`` are what forward and backward run through (DDP wrappers on
+    several workers); ``g_module``/``d_module`` the bare networks underneath.
+    """
+
+    cfg: Config
+    g: nn.Module
+    g_module: nn.Module
+    opt_g: torch.optim.Optimizer
+    sched_g: torch.optim.lr_scheduler.LambdaLR
+    ema: Optional[EMA] = None
+    d: Optional[nn.Module] = None
+    d_module: Optional[nn.Module] = None
+    opt_d: Optional[torch.optim.Optimizer] = None
+    sched_d: Optional[torch.optim.lr_scheduler.LambdaLR] = None
+    perceptual: Optional[PerceptualLoss] = None
+    step: int = 0
+
+    @property
+    def g_eval(self) -> nn.Module:
+        """The generator to validate and export: the EMA copy when there is one."""
+        return self.ema.module if self.ema is not None else self.g_module
+
+    def state_dict(self) -> dict:
+        out = {"step": self.step, "config": self.cfg.to_dict(),
+               "g": self.g_module.state_dict(), "opt_g": self.opt_g.state_dict(),
+               "sched_g": self.sched_g.state_dict(), "rng": rng_state()}
+        if self.ema is not None:
+            out["g_ema"] = self.ema.module.state_dict()
+        if self.d_module is not None:
+            out.update(d=self.d_module.state_dict(), opt_d=self.opt_d.state_dict(),
+                       sched_d=self.sched_d.state_dict())
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.g_module.load_state_dict(state["g"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state.get("g_ema", state["g"]))
+        if self.d_module is not None:
+            if "d" not in state:
+                raise ValueError("the checkpoint has no discriminator (it is from a PSNR-phase run); "
+                                 "start the GAN run under a new run.name with train.init_from=<that checkpoint>")
+            self.d_module.load_state_dict(state["d"])
+            self.opt_d.load_state_dict(state["opt_d"])
+            self.sched_d.load_state_dict(state["sched_d"])
+        set_rng_state(state["rng"])
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) RNG states, as types ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    out = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def build_state(cfg: Config, device: torch.device, wrap=lambda m, has_bn: m) -> TrainState:
+    """Networks, optimizers, schedules and losses for ``cfg`` on ``device``.
+
+    ``wrap(module, has_batchnorm)`` turns a network into what forward/backward
+    run through (raysr.train passes DDP; tests pass the identity).
+    """
+    g_module = generator_from_config(cfg.model.generator).to(device)
+    if cfg.train.init_from:
+        from raysr.checkpoint import load_generator
+        init = load_generator(cfg.train.init_from)
+        try:
+            g_module.load_state_dict(init.state_dict())
+        except RuntimeError as err:
+            raise ValueError(f"train.init_from={cfg.train.init_from} does not fit model.generator "
+                             f"({cfg.model.generator}): {err}") from err
+    if device.type == "cuda" and cfg.run.precision in ("auto", "bf16"):
+        g_module = g_module.to(memory_format=torch.channels_last)
+    opt_g = build_optimizer(g_module.parameters(), cfg.optim.g)
+    state = TrainState(cfg=cfg, g=wrap(g_module, _has_batchnorm(g_module)), g_module=g_module, opt_g=opt_g,
+                       sched_g=build_scheduler(opt_g, cfg.optim.schedule),
+                       ema=EMA(g_module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None)
+    if cfg.train.phase == "gan":
+        d_module = discriminator_from_config(cfg).to(device)
+        if device.type == "cuda" and cfg.run.precision in ("auto", "bf16"):
+            d_module = d_module.to(memory_format=torch.channels_last)
+        opt_d = build_optimizer(d_module.parameters(), cfg.optim.d)
+        perc = cfg.loss.perceptual
+        state.d, state.d_module, state.opt_d = wrap(d_module, _has_batchnorm(d_module)), d_module, opt_d
+        state.sched_d = build_scheduler(opt_d, cfg.optim.schedule)
+        if perc.weight > 0:
+            state.perceptual = PerceptualLoss(
+                layers=perc.layers, before_relu=perc.before_relu, criterion=perc.criterion,
+                feature_scale=perc.feature_scale, weights=perc.weights_path,
+                allow_random_weights=perc.allow_random_weights).to(device)
+    return state
+
+
+def _has_batchnorm(m: nn.Module) -> bool:
+    return any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
+    """One optimisation step on a batch. lr: (N,3,h,w), hr: (N,3,h·scale,w·scale), float in [0,1].
+
+    Returns the step's scalars (losses, D outputs, learning rate). The order of
+    events follows BasicSR's SRGAN/ESRGAN models: update G with D frozen, then D.
+    """
+    cfg, device = s.cfg, lr.device
+    autocast = autocast_for(device, cfg.run.precision)
+    if device.type == "cuda" and cfg.run.precision in ("auto", "bf16"):
+        lr, hr = lr.contiguous(memory_format=torch.channels_last), hr.contiguous(memory_format=torch.channels_last)
+    out: dict[str, float] = {}
+    gan = cfg.train.phase == "gan"
+    update_g = not gan or s.step >= cfg.train.d_init_steps
+
+    # ---- generator
+    if not update_g:  # D warm-up (Real-ESRGAN's net_d_init_iters): G only produces fakes
+        with torch.no_grad(), autocast:
+            sr = s.g_module(lr)
+    else:
+        with autocast:
+            sr = s.g(lr)
+            l_pix = cfg.loss.pixel.weight * pixel_loss(sr.float(), hr, cfg.loss.pixel.type)
+            loss_g = l_pix
+            out["loss_pix"] = l_pix.item()
+            if gan:
+                if s.perceptual is not None:
+                    l_percep = cfg.loss.perceptual.weight * s.perceptual(sr, hr)
+                    loss_g = loss_g + l_percep
+                    out["loss_percep"] = l_percep.item()
+                # D sees G's output through the bare module: its weights get no
+                # gradient here, so no DDP gradient sync is wanted for it.
+                s.d_module.requires_grad_(False)
+                fake_g = s.d_module(sr)
+                real_g = s.d_module(hr).detach() if cfg.loss.adversarial.type == "ragan" else None
+                l_adv = cfg.loss.adversarial.weight * g_adv_loss(cfg.loss.adversarial.type, fake_g, real_g)
+                s.d_module.requires_grad_(True)
+                loss_g = loss_g + l_adv
+                out["loss_adv"] = l_adv.item()
+        s.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        if cfg.train.grad_clip > 0:  # VDSR: clip to θ/γ so the bound follows the learning rate
+            torch.nn.utils.clip_grad_value_(s.g_module.parameters(), cfg.train.grad_clip / s.sched_g.get_last_lr()[0])
+        s.opt_g.step()
+        out["loss_g"] = loss_g.item()
+        if s.ema is not None:
+            s.ema.update(s.g_module)
+    s.sched_g.step()
+
+    # ---- discriminator
+    if gan:
+        with autocast:
+            real_d = s.d(hr)
+            fake_d = s.d(sr.detach())
+            loss_d = d_adv_loss(cfg.loss.adversarial.type, real_d, fake_d)
+        s.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        s.opt_d.step()
+        s.sched_d.step()
+        out.update(loss_d=loss_d.item(), d_real=real_d.detach().float().mean().item(),
+                   d_fake=fake_d.detach().float().mean().item())
+
+    s.step += 1
+    out["lr"] = s.opt_g.param_groups[0]["lr"]
+    return out

@@ -1,0 +1,174 @@
+"""The plain-PyTorch training step (raysr.engine), without Ray: schedules, EMA, G/D updates, resume."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from raysr.config import ScheduleConfig, load_config
+from raysr.engine import EMA, build_state, lr_factor, train_step
+
+TINY_PSNR = ["model.generator.num_feat=8", "model.generator.num_block=1", "data.gt_size=32",
+             "data.batch_size=2", "optim.schedule.type=constant"]
+TINY_GAN = ["model.generator.num_feat=8", "model.generator.num_block=1", "model.generator.num_grow_ch=4",
+            "model.discriminator.num_feat=8", "model.discriminator.input_size=96", "data.gt_size=96",
+            "loss.perceptual.allow_random_weights=true", "loss.perceptual.layers={conv2_2: 1.0}"]
+
+
+def batch(seed, n=2, gt=32, scale=4):
+    """A learnable (LR, HR) pair: smooth HR (bilinear of coarse noise), LR by area averaging."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, gt // 8, gt // 8, generator=g)
+    hr = torch.nn.functional.interpolate(coarse, size=(gt, gt), mode="bilinear", align_corners=False)
+    lr = torch.nn.functional.avg_pool2d(hr, scale)
+    return lr, hr
+
+
+def params(module):
+    return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+@pytest.mark.parametrize("step,expected", [(0, 1.0), (49_999, 1.0), (50_000, 0.5), (100_000, 0.25),
+                                           (250_000, 0.125), (399_999, 0.0625)])
+def test_multistep_halves_at_esrgan_milestones(step, expected):
+    s = ScheduleConfig(type="multistep", milestones=[50_000, 100_000, 200_000, 300_000], gamma=0.5)
+    assert lr_factor(step, s, 1e-4) == pytest.approx(expected)
+
+
+def test_cosine_restart_follows_half_cosine_and_restarts():
+    base, eta_min = 2e-4, 1e-7
+    s = ScheduleConfig(type="cosine_restart", periods=[100, 100], eta_min=eta_min)
+    assert lr_factor(0, s, base) == pytest.approx(1.0)
+    # halfway through a period: (base + eta_min) / 2
+    assert lr_factor(50, s, base) * base == pytest.approx((base + eta_min) / 2)
+    # a quarter: eta_min + (base - eta_min) * (1 + cos(pi/4)) / 2
+    assert lr_factor(25, s, base) * base == pytest.approx(eta_min + (base - eta_min) * (1 + math.sqrt(0.5)) / 2)
+    assert lr_factor(100, s, base) == pytest.approx(1.0)  # restart
+    assert lr_factor(250, s, base) * base == pytest.approx(eta_min)  # after the last period
+
+
+# --------------------------------------------------------------------------- EMA
+
+
+def test_ema_follows_its_formula():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    before = params(ema.module)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    expected = 0.9 * before + 0.1 * params(model)
+    assert torch.allclose(params(ema.module), expected, atol=1e-7)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def test_psnr_phase_step_equals_a_hand_written_adam_step_on_the_pixel_loss():
+    cfg = load_config("quickstart", overrides=TINY_PSNR + ["loss.pixel.type=mse", "loss.pixel.weight=2.0"])
+    state = build_state(cfg, torch.device("cpu"))
+    reference = copy.deepcopy(state.g_module)
+    opt = torch.optim.Adam(reference.parameters(), lr=cfg.optim.g.lr, betas=tuple(cfg.optim.g.betas))
+    for seed in range(3):
+        lr, hr = batch(seed)
+        out = train_step(state, lr, hr)
+        loss = 2.0 * ((reference(lr) - hr) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert out["loss_pix"] == pytest.approx(loss.item(), rel=1e-5)
+    assert torch.allclose(params(state.g_module), params(reference), atol=1e-6)
+    assert state.step == 3
+
+
+def test_gan_step_updates_g_and_d_and_reports_finite_losses():
+    cfg = load_config("esrgan_x4", overrides=TINY_GAN)
+    state = build_state(cfg, torch.device("cpu"))
+    g0, d0 = params(state.g_module), params(state.d_module)
+    out = train_step(state, *batch(1, gt=96))
+    for key in ("loss_g", "loss_pix", "loss_percep", "loss_adv", "loss_d", "d_real", "d_fake", "lr"):
+        assert math.isfinite(out[key]), key
+    assert not torch.equal(params(state.g_module), g0)
+    assert not torch.equal(params(state.d_module), d0)
+    # the EMA generator moved only by (1 - decay) of G's change
+    assert not torch.equal(params(state.ema.module), params(state.g_module))
+    # η-weighted pixel loss: the reported value is weight × L1
+    assert out["loss_pix"] == pytest.approx(out["loss_pix"] / 1e-2 * cfg.loss.pixel.weight)
+
+
+def test_d_init_steps_train_d_alone():
+    cfg = load_config("esrgan_x4", overrides=TINY_GAN + ["train.d_init_steps=2"])
+    state = build_state(cfg, torch.device("cpu"))
+    g0, d0 = params(state.g_module), params(state.d_module)
+    out = train_step(state, *batch(2, gt=96))
+    assert "loss_g" not in out and "loss_d" in out
+    assert torch.equal(params(state.g_module), g0)
+    assert not torch.equal(params(state.d_module), d0)
+    train_step(state, *batch(3, gt=96))
+    out = train_step(state, *batch(4, gt=96))  # step 2: G joins
+    assert "loss_g" in out and not torch.equal(params(state.g_module), g0)
+
+
+def test_d_learns_to_separate_real_from_fake():
+    cfg = load_config("esrgan_x4", overrides=TINY_GAN + ["loss.adversarial.type=vanilla", "optim.d.lr=1e-3",
+                                                          "optim.g.lr=1e-9"])
+    state = build_state(cfg, torch.device("cpu"))
+    lr, hr = batch(5, gt=96)
+    for _ in range(15):
+        out = train_step(state, lr, hr)
+    assert out["d_real"] > out["d_fake"]
+
+
+def test_adjustable_gradient_clipping_bounds_each_gradient_by_theta_over_lr():
+    theta, lr_value = 1e-6, 1e-3
+    cfg = load_config("vdsr_x4", overrides=["model.generator.num_feat=4", "model.generator.num_block=3",
+                                            f"train.grad_clip={theta}", f"optim.g.lr={lr_value}"])
+    state = build_state(cfg, torch.device("cpu"))
+    seen = []
+    orig_step = state.opt_g.step
+
+    def spy_step(*a, **kw):
+        seen.append(max(p.grad.abs().max().item() for p in state.g_module.parameters()))
+        return orig_step(*a, **kw)
+
+    state.opt_g.step = spy_step
+    train_step(state, *batch(6, gt=32))
+    assert seen and seen[0] <= theta / lr_value * (1 + 1e-6)  # float32 rounding of the bound
+    assert seen[0] == pytest.approx(theta / lr_value)  # random init: some gradient hits the bound
+
+
+def test_resume_from_state_dict_continues_exactly():
+    cfg = load_config("esrgan_x4", overrides=TINY_GAN)
+    torch.manual_seed(0)
+    a = build_state(cfg, torch.device("cpu"))
+    for i in range(2):
+        train_step(a, *batch(10 + i, gt=96))
+    saved = copy.deepcopy(a.state_dict())
+    for i in range(2, 4):
+        train_step(a, *batch(10 + i, gt=96))
+
+    torch.manual_seed(123)  # different init: everything must come from the state dict
+    b = build_state(cfg, torch.device("cpu"))
+    b.load_state_dict(saved)
+    assert b.step == 2
+    for i in range(2, 4):
+        train_step(b, *batch(10 + i, gt=96))
+    assert torch.equal(params(a.g_module), params(b.g_module))
+    assert torch.equal(params(a.d_module), params(b.d_module))
+    assert torch.equal(params(a.ema.module), params(b.ema.module))
+    assert a.opt_g.param_groups[0]["lr"] == b.opt_g.param_groups[0]["lr"]
+
+
+def test_gan_state_refuses_a_psnr_checkpoint_with_advice():
+    psnr_cfg = load_config("esrgan_psnr_x4", overrides=["model.generator.num_feat=8", "model.generator.num_block=1",
+                                                        "model.generator.num_grow_ch=4"])
+    psnr_state = build_state(psnr_cfg, torch.device("cpu")).state_dict()
+    gan = build_state(load_config("esrgan_x4", overrides=TINY_GAN), torch.device("cpu"))
+    with pytest.raises(ValueError, match="init_from"):
+        gan.load_state_dict(psnr_state)
