@@ -172,3 +172,24 @@ def test_bad_inputs_are_rejected():
         imresize(torch.rand(3, 0, 8), 0.5)
     with pytest.raises(ValueError, match="filter taps"):
         imresize(torch.rand(1, 100, 100), 1e-8)
+
+
+@pytest.mark.parametrize("scale", [1 / 4, 1 / 3])
+def test_benchmark_baseline_matches_matlab_reference(scale):
+    from raysr.bench.imresize import numpy_imresize
+
+    img = np.random.default_rng(4).random((3, 20, 13))
+    np.testing.assert_allclose(numpy_imresize(img, scale), matlab_imresize(img, scale), rtol=0, atol=1e-12)
+
+
+def test_benchmark_reports_json(capsys):
+    import json
+
+    from raysr.bench.__main__ import main
+
+    assert main(["imresize", "--size", "24", "--batch", "2", "--repeat", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["lr_size"] == 6 and result["batch"] == 2
+    assert result["max_abs_diff"] <= 1e-5
+    assert result["speedup_batched"] == pytest.approx(
+        result["baseline_us_per_crop"] / result["batched_us_per_crop"])
