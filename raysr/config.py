@@ -143,7 +143,7 @@ class RunConfig:
     keep_checkpoints: int = 5
     max_failures: int = 3
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 + channels_last on CUDA
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 + channels_last on CUDA, fp32 on CPU
 
 
 @dataclass

@@ -38,21 +38,26 @@ def sample_photo_dir() -> Path:
 def build_demo_data(root: str) -> tuple[str, str]:
     """Shards of the training photos and a folder of validation photos under ``root``.
 
-    Returns ``(shard_dir, val_dir)``. Re-running reuses what is there: the shard
-    writer skips shards whose checksum matches the manifest.
+    root: a local directory or an s3:// prefix (so that every node of a cluster
+    can read the demo data). Returns ``(shard_dir, val_dir)``. Re-running reuses
+    what is there: nothing is rebuilt once the manifest exists.
     """
+    import tempfile
+
+    from raysr import io as rio
     from raysr.data.make_shards import make_shards
 
     source = sample_photo_dir()
-    root_path = Path(root)
-    photos, val_dir, shard_dir = root_path / "photos", root_path / "val", root_path / "shards"
-    for folder, names in ((photos, TRAIN_PHOTOS), (val_dir, VAL_PHOTOS)):
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            if not (folder / name).exists():
-                shutil.copyfile(source / name, folder / name)
-    if not (shard_dir / "manifest.parquet").exists():
+    shard_dir, val_dir = rio.join(root, "shards"), rio.join(root, "val")
+    for name in VAL_PHOTOS:
+        target = rio.join(val_dir, name)
+        if not rio.exists(target):
+            rio.write_bytes(target, (source / name).read_bytes())
+    if not rio.exists(rio.join(shard_dir, "manifest.parquet")):
         print(f"raysr: building demo shards from scikit-image's sample photos in {shard_dir}", flush=True)
-        make_shards([str(photos)], str(shard_dir), crop_size=DEMO_CROP, step=DEMO_STEP, min_size=64,
-                    workers=min(2, os.cpu_count() or 1), progress=False)
-    return str(shard_dir), str(val_dir)
+        with tempfile.TemporaryDirectory(prefix="raysr_demo_") as photos:
+            for name in TRAIN_PHOTOS:
+                shutil.copyfile(source / name, Path(photos, name))
+            make_shards([photos], shard_dir, crop_size=DEMO_CROP, step=DEMO_STEP, min_size=64,
+                        workers=min(2, os.cpu_count() or 1), progress=False)
+    return shard_dir, val_dir

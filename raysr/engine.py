@@ -89,10 +89,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, s: ScheduleConfig) -> torc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, s, base_lr))
 
 
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """bf16 autocast + channels_last: by default on CUDA; ``bf16`` forces it (CPU too, e.g. to test it)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast on CUDA unless fp32 is asked for; full fp32 on CPU."""
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if uses_bf16(device, precision):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -187,7 +191,7 @@ def build_state(cfg: Config, device: torch.device, wrap=lambda m, has_bn: m) -> 
         except RuntimeError as err:
             raise ValueError(f"train.init_from={cfg.train.init_from} does not fit model.generator "
                              f"({cfg.model.generator}): {err}") from err
-    if device.type == "cuda" and cfg.run.precision in ("auto", "bf16"):
+    if uses_bf16(device, cfg.run.precision):
         g_module = g_module.to(memory_format=torch.channels_last)
     opt_g = build_optimizer(g_module.parameters(), cfg.optim.g)
     state = TrainState(cfg=cfg, g=wrap(g_module, _has_batchnorm(g_module)), g_module=g_module, opt_g=opt_g,
@@ -195,7 +199,7 @@ def build_state(cfg: Config, device: torch.device, wrap=lambda m, has_bn: m) -> 
                        ema=EMA(g_module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None)
     if cfg.train.phase == "gan":
         d_module = discriminator_from_config(cfg).to(device)
-        if device.type == "cuda" and cfg.run.precision in ("auto", "bf16"):
+        if uses_bf16(device, cfg.run.precision):
             d_module = d_module.to(memory_format=torch.channels_last)
         opt_d = build_optimizer(d_module.parameters(), cfg.optim.d)
         perc = cfg.loss.perceptual
@@ -224,7 +228,7 @@ def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, f
     """
     cfg, device = s.cfg, lr.device
     autocast = autocast_for(device, cfg.run.precision)
-    if device.type == "cuda" and cfg.run.precision in ("auto", "bf16"):
+    if uses_bf16(device, cfg.run.precision):
         lr, hr = lr.contiguous(memory_format=torch.channels_last), hr.contiguous(memory_format=torch.channels_last)
     out: dict[str, float] = {}
     gan = cfg.train.phase == "gan"

@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(cfg.to_yaml(), end="")
         return 0
+    if cfg.train.phase == "gan" and not cfg.train.init_from:
+        print("raysr: warning: train.init_from is not set, so the GAN starts from a random generator; "
+              "SRGAN and ESRGAN start from a PSNR-trained one (set train.init_from=<its generator.pth>)",
+              file=sys.stderr)
     result = fit(cfg)
     return 0 if result is not None else 1
 
@@ -201,8 +205,7 @@ def prepare_demo_data(cfg: Config) -> Config:
         return cfg
     from raysr.demo import build_demo_data
 
-    local_root = run_dir(cfg) if not is_s3(cfg.run.storage) else os.path.join(tempfile.gettempdir(), "raysr_demo")
-    train_dir, val_dir = build_demo_data(os.path.join(local_root, "demo_data"))
+    train_dir, val_dir = build_demo_data(join(run_dir(cfg), "demo_data"))
     data = cfg.to_dict()
     if not cfg.data.train:
         data["data"]["train"] = [train_dir]

@@ -172,3 +172,18 @@ def test_gan_state_refuses_a_psnr_checkpoint_with_advice():
     gan = build_state(load_config("esrgan_x4", overrides=TINY_GAN), torch.device("cpu"))
     with pytest.raises(ValueError, match="init_from"):
         gan.load_state_dict(psnr_state)
+
+
+def test_bf16_channels_last_path_runs_on_cpu_and_tracks_fp32():
+    """The CUDA default (bf16 autocast + channels_last) forced on CPU: same step, bf16-close losses."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        cfg = load_config("esrgan_x4", overrides=TINY_GAN + [f"run.precision={precision}"])
+        state = build_state(cfg, torch.device("cpu"))
+        if precision == "bf16":
+            assert state.g_module.conv_first.weight.is_contiguous(memory_format=torch.channels_last)
+        losses[precision] = train_step(state, *batch(20, gt=96))
+    for key in ("loss_pix", "loss_percep", "loss_d"):
+        assert math.isfinite(losses["bf16"][key])
+        assert losses["bf16"][key] == pytest.approx(losses["fp32"][key], rel=0.05), key
