@@ -150,6 +150,10 @@ def make_trainer(cfg: Config, callbacks=(), storage: str | None = None, name: st
     use_gpu = cfg.run.use_gpu
     if use_gpu == "auto":
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        if not use_gpu and os.environ.get("RAY_ADDRESS"):
+            print("raysr: warning: run.use_gpu=auto found no GPU in the cluster right now, so training runs on "
+                  "CPUs; on an autoscaling cluster whose GPU nodes start at zero, set run.use_gpu=true so Ray "
+                  "asks for GPU nodes", file=sys.stderr)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict()},
