@@ -5,6 +5,8 @@ config, instance role), so ``AWS_ENDPOINT_URL`` points it at any S3-compatible
 store (MinIO, Ceph, moto). Transient failures (throttling, 5xx, dropped
 connections) are retried by botocore with backoff; a missing object or a denied
 request raises :class:`StorageError` naming the URI and what to check.
+:func:`open_stream` also resumes a body read whose connection breaks midway
+(long shard reads), and :func:`write_stream` uploads large files in parts.
 """
 
 from __future__ import annotations
@@ -104,26 +106,37 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
         raise StorageError(f"{uri} does not exist") from err
 
 
-def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` whole: S3 objects appear atomically; local files via rename,
-    so a crash never leaves a half-written file under the final name."""
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        try:
-            s3_client().upload_fileobj(io.BytesIO(data), bucket, key)
-        except Exception as err:
-            raise _explain(uri, err) from err
-        return
+def _upload(uri: str, fileobj: BinaryIO, **kwargs) -> None:
+    bucket, key = split_s3(uri)
+    try:
+        s3_client().upload_fileobj(fileobj, bucket, key, **kwargs)
+    except Exception as err:
+        raise _explain(uri, err) from err
+
+
+def _replace_local(uri: str | os.PathLike, fill, mode: int | None = None) -> None:
+    """Write a local file through ``fill(file)`` into a temporary file, then rename it."""
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` whole: S3 objects appear atomically; local files via rename,
+    so a crash never leaves a half-written file under the final name."""
+    if is_s3(uri):
+        _upload(uri, io.BytesIO(data))
+    else:
+        _replace_local(uri, lambda f: f.write(data))
 
 
 def open_read(uri: str | os.PathLike) -> BinaryIO:
@@ -292,25 +305,11 @@ def write_stream(uri: str | os.PathLike, fileobj: BinaryIO, metadata: dict[str, 
     if is_s3(uri):
         from boto3.s3.transfer import TransferConfig
 
-        bucket, key = split_s3(uri)
         config = TransferConfig(multipart_threshold=MULTIPART_CHUNK_BYTES, multipart_chunksize=MULTIPART_CHUNK_BYTES)
-        try:
-            s3_client().upload_fileobj(fileobj, bucket, key, ExtraArgs={"Metadata": dict(metadata or {})},
-                                       Config=config)
-        except Exception as err:
-            raise _explain(uri, err) from err
-        return
-    path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            shutil.copyfileobj(fileobj, f, STREAM_BUFFER_BYTES)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide shared datasets from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        _upload(uri, fileobj, ExtraArgs={"Metadata": dict(metadata or {})}, Config=config)
+    else:
+        # 0644: mkstemp's 0600 would hide a shared dataset from other users
+        _replace_local(uri, lambda f: shutil.copyfileobj(fileobj, f, STREAM_BUFFER_BYTES), mode=0o644)
 
 
 def object_info(uri: str | os.PathLike) -> tuple[int, dict[str, str]] | None:

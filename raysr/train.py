@@ -410,7 +410,9 @@ class TrainBatches:
         return int(self.loader.stats().get("samples", 0))
 
     def close(self) -> None:
+        """Stop the DataLoader worker processes."""
         self._it = None
+        self.loader.close()
 
 
 def validate(g, val_set, scale: int, device, perceptual=None, lpips_fn=None) -> tuple[dict, bytes | None]:

@@ -8,14 +8,14 @@ import torch
 
 from raysr.data import epoch_batches, make_lr, make_train_loader
 from raysr.data.make_shards import make_shards
-from test_data_common import assert_lr_matches, write_images, write_tar, png_bytes
+from test_data_common import assert_lr_matches, png_bytes, write_images, write_tar
 
 
 @pytest.fixture(scope="module")
 def uneven(tmp_path_factory):
-    """3 shards of 12, 6 and 3 samples (48x48) with a manifest: ranks get unequal shares."""
+    """13 samples of 48x48 in shards of unequal size, with a manifest: ranks get unequal shares."""
     root = tmp_path_factory.mktemp("loader")
-    write_images(root / "in", [(96, 144), (96, 96), (48, 144)], seed=20)  # 6, 4... crops at 48/48
+    write_images(root / "in", [(96, 144), (96, 96), (48, 144)], seed=20)  # 6 + 4 + 3 crops at 48/48
     report = make_shards([str(root / "in")], str(root / "shards"), crop_size=48, step=48, min_size=16,
                          shard_size_mb=0.055, workers=1, progress=False)
     return root / "shards", report
@@ -90,8 +90,8 @@ def test_epoch_length_needs_a_manifest_or_a_number(uneven, tmp_path):
     for p in plain:  # the same shards without their manifest
         (tmp_path / p.rsplit("/", 1)[1]).write_bytes(open(p, "rb").read())
     with pytest.raises(ValueError, match="pass batches_per_epoch"):
-        make_train_loader(str(tmp_path), 32, 4, 4)
-    assert len(make_train_loader(str(tmp_path), 32, 4, 4, batches_per_epoch=7)) == 7
+        make_train_loader(str(tmp_path), 32, 4, 4, num_workers=0)
+    assert len(make_train_loader(str(tmp_path), 32, 4, 4, num_workers=0, batches_per_epoch=7)) == 7
     assert epoch_batches(100, 3, 4, 16, None) == 4  # 300 crops // 64
     with pytest.raises(ValueError, match="fewer than one batch"):
         epoch_batches(10, 1, 2, 16, None)
@@ -106,6 +106,6 @@ def test_epoch_length_needs_a_manifest_or_a_number(uneven, tmp_path):
 ])
 def test_bad_settings_are_explained(uneven, kwargs, message):
     shards, _ = uneven
-    args = dict(gt_size=32, scale=4, batch_size=4, **kwargs)
+    args = {**dict(gt_size=32, scale=4, batch_size=4, num_workers=0), **kwargs}
     with pytest.raises(ValueError, match=message):
         make_train_loader(str(shards), **args)

@@ -225,3 +225,29 @@ def test_jpeg_and_webp_formats(tmp_path):
     make_shards([str(tmp_path / "in")], str(tmp_path / "lossy"), fmt="webp", quality=80, **common)
     _, pixels = _single_member(tmp_path / "lossy")
     assert np.abs(pixels - images["img00"]).mean() < np.abs(pixels - images["img01"]).mean() / 3
+
+
+def test_an_interrupted_run_resumes_from_its_manifest(tmp_path, monkeypatch):
+    import raysr.io
+
+    write_images(tmp_path / "in", [(96, 96)] * 5)
+    args = dict(crop_size=48, step=48, min_size=16, shard_size_mb=0.05, workers=1, progress=False)
+    clean = make_shards([str(tmp_path / "in")], str(tmp_path / "clean"), **args)
+    real_write, uploads = raysr.io.write_stream, []
+
+    def dies_on_third_shard(uri, fileobj, metadata=None):
+        if uri.endswith(".tar"):
+            uploads.append(uri)
+            if len(uploads) == 3:
+                raise raysr.io.StorageError(f"simulated crash writing {uri}")
+        real_write(uri, fileobj, metadata)
+
+    monkeypatch.setattr(raysr.io, "write_stream", dies_on_third_shard)
+    with pytest.raises(raysr.io.StorageError, match="simulated crash"):
+        make_shards([str(tmp_path / "in")], str(tmp_path / "out"), **args)
+    listed = pq.read_table(tmp_path / "out" / "manifest.parquet").num_rows
+    assert 1 <= listed < len(clean.entries)
+    monkeypatch.setattr(raysr.io, "write_stream", real_write)
+    resumed = make_shards([str(tmp_path / "in")], str(tmp_path / "out"), **args)
+    assert resumed.reused == listed and resumed.written == len(clean.entries) - listed
+    assert [e.sha256 for e in resumed.entries] == [e.sha256 for e in clean.entries]

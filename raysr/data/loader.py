@@ -1,0 +1,142 @@
+"""This rank's training batches: a torch DataLoader over the endless shard stream.
+
+Every DataLoader worker runs :func:`raysr.data.stream.iter_batches` on its
+share of the shards (rank, then worker) and ships whole ``(lr, hr)`` batches,
+so LR is made once per batch (one batched matmul) in the worker, or not at all
+when ``lr_on="device"``. The stream is resampled and never ends; an epoch is a
+fixed number of batches, **the same on every rank** (a rank that ran out early
+would leave DDP's all-reduce waiting forever): ``batches_per_epoch`` as given,
+else ``manifest samples * crops_per_image // (world_size * batch_size)``.
+
+Each batch also carries its worker's counters, so :meth:`TrainLoader.stats`
+reports samples seen and samples skipped without any shared memory.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from raysr.data.sources import ShardList
+from raysr.data.stream import (DEFAULT_SHUFFLE_BUFFER, DataStats, check_int, as_shard_list, check_crop_args,
+                               check_split_args, iter_batches)
+
+LR_ON = ("loader", "device")
+
+
+class _BatchStream(IterableDataset):
+    """``(lr or empty, hr, counters)`` batches of one rank; split further per DataLoader worker."""
+
+    def __init__(self, shard_list: ShardList, gt_size: int, scale: int, batch_size: int, seed: int, rank: int,
+                 world_size: int, crops_per_image: int, shuffle_buffer: int, lr_here: bool, quantize: bool):
+        super().__init__()
+        self.shard_list = shard_list
+        self.batch_args = dict(gt_size=gt_size, scale=scale, batch_size=batch_size, seed=seed, lr_here=lr_here,
+                               quantize=quantize, crops_per_image=crops_per_image, shuffle_buffer=shuffle_buffer,
+                               rank=rank, world_size=world_size, resampled=True)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = torch.tensor([info.id if info is not None else 0])
+        stats = DataStats()
+        empty = torch.empty(0)
+        for lr, hr in iter_batches(self.shard_list, stats=stats, **self.batch_args):
+            yield (lr if lr is not None else empty), hr, torch.cat([worker, stats.as_tensor()])
+
+
+class TrainLoader:
+    """This rank's ``(lr, hr)`` batches, ``batches_per_epoch`` per ``iter()``.
+
+    Iterating yields ``(lr, hr)``: hr ``(B,3,H,W)`` float32 in [0,1] and lr
+    ``(B,3,H/scale,W/scale)`` on 8-bit levels, on the CPU (pinned when
+    ``pin_memory``); with ``lr_on="device"`` lr is None and the training step
+    calls :func:`raysr.data.make_lr` on the device batch. Each ``iter()`` continues
+    the same endless stream (no worker restart per epoch). Call :meth:`close`
+    to stop the worker processes.
+    """
+
+    def __init__(self, dataset: _BatchStream, num_workers: int, batches_per_epoch: int, num_samples: int | None,
+                 pin_memory: bool, prefetch_factor: int):
+        self.batches_per_epoch = batches_per_epoch
+        self.num_samples = num_samples
+        self.num_workers = num_workers
+        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                  prefetch_factor=prefetch_factor if num_workers else None)
+        self._batches = None
+        self._worker_stats: dict[int, DataStats] = {}
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
+        if self._batches is None:
+            self._batches = iter(self._loader)
+        for _ in range(self.batches_per_epoch):
+            try:
+                lr, hr, counters = next(self._batches)
+            except StopIteration:  # the stream is endless; ending means a worker died quietly
+                raise RuntimeError("the training data stream ended; see the worker logs above") from None
+            self._worker_stats[int(counters[0])] = DataStats.from_tensor(counters[1:])
+            yield (lr if lr.numel() else None), hr
+
+    def stats(self) -> dict[str, int]:
+        """Counters of this rank so far, summed over its workers: ``samples`` (images
+        decoded and used), ``crops``, ``skipped`` (bad samples), ``bad_shards``,
+        ``shards`` (shard reads). Sum over ranks for the job's totals."""
+        return sum(self._worker_stats.values(), DataStats()).as_dict()
+
+    def close(self) -> None:
+        """Stop the DataLoader workers; iterating again starts new ones."""
+        batches, self._batches = self._batches, None
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def epoch_batches(num_samples: int | None, crops_per_image: int, world_size: int, batch_size: int,
+                  batches_per_epoch: int | None) -> int:
+    """Batches per rank per epoch: the given number, else one pass over the manifest's
+    samples (``num_samples * crops_per_image // (world_size * batch_size)``)."""
+    if batches_per_epoch is not None:
+        return check_int("batches_per_epoch", batches_per_epoch)
+    if num_samples is None:
+        raise ValueError("cannot tell the number of batches per epoch: no manifest.parquet describes these shards; "
+                         "pass batches_per_epoch, or make the shards with python -m raysr.data.make_shards")
+    batches = num_samples * crops_per_image // (world_size * batch_size)
+    if batches == 0:
+        raise ValueError(f"the dataset has {num_samples} samples x {crops_per_image} crops, fewer than one batch of "
+                         f"{batch_size} for each of {world_size} ranks; lower batch_size or pass batches_per_epoch")
+    return batches
+
+
+def make_train_loader(shards, gt_size: int, scale: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                      num_workers: int = 4, seed: int = 0, crops_per_image: int = 1,
+                      batches_per_epoch: int | None = None, lr_on: str = "loader", *,
+                      shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, quantize: bool = True,
+                      pin_memory: bool | None = None, prefetch_factor: int = 2) -> TrainLoader:
+    """The (LR, HR) batches of rank ``rank`` of ``world_size`` (see :class:`TrainLoader`).
+
+    shards: URL(s), brace pattern, directory or manifest (:func:`raysr.data.resolve_shards`).
+    gt_size: HR crop side in px (multiple of ``scale``). batch_size: crops per
+    batch on this rank. num_workers: DataLoader processes (0 = in this process).
+    crops_per_image: crops per decoded image. batches_per_epoch: default from
+    the manifest (same on every rank). lr_on: ``"loader"`` (LR made in the
+    workers) or ``"device"`` (lr is None; call make_lr on the device batch).
+    pin_memory: default True when CUDA is available. Raises ValueError for
+    invalid settings, StorageError for shards that cannot be found.
+    """
+    check_crop_args(gt_size, scale, crops_per_image, shuffle_buffer)
+    check_split_args(rank, world_size, seed)
+    batch_size = check_int("batch_size", batch_size)
+    num_workers = check_int("num_workers", num_workers, minimum=0)
+    prefetch_factor = check_int("prefetch_factor", prefetch_factor)
+    if lr_on not in LR_ON:
+        raise ValueError(f"lr_on must be one of {LR_ON}, got {lr_on!r}")
+    shard_list = as_shard_list(shards)
+    batches = epoch_batches(shard_list.num_samples, crops_per_image, world_size, batch_size, batches_per_epoch)
+    dataset = _BatchStream(shard_list, gt_size, scale, batch_size, seed, rank, world_size, crops_per_image,
+                           shuffle_buffer, lr_here=lr_on == "loader", quantize=quantize)
+    pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+    return TrainLoader(dataset, num_workers, batches, shard_list.num_samples, pin, prefetch_factor)

@@ -1,0 +1,662 @@
+"""``python -m raysr.data.make_shards``: HR photos -> sub-image WebDataset shards + manifest.
+
+    python -m raysr.data.make_shards --input /data/DIV2K_train_HR --output s3://bucket/div2k/hr
+
+1. Plan (headers only): every input image is cut into ``crop_size`` sub-images
+   as BasicSR's ``extract_subimages``: positions ``0, step, 2*step, ...`` plus one
+   crop flush with the far edge when pixels would otherwise be dropped (a
+   1680x1050 image gives 6 x 4 = 24 crops at 480/240). A side shorter than the
+   crop is kept whole; images shorter than ``min_size`` are skipped.
+2. Encode (``--workers`` processes): decode upright RGB (gray, palette, alpha,
+   16-bit, EXIF orientation handled by :mod:`raysr.data.decode`), crop, encode
+   (lossless PNG by default). Sample ``KEY.png`` + ``KEY.json`` (source file,
+   crop box); keys have no dots, e.g. ``0001_s001``.
+3. Write ``PREFIX/train-000000.tar ...`` in plan order, each at most
+   ``--shard-size-mb``, locally or to S3 (multipart upload, sha256 stored as
+   object metadata), and ``PREFIX/manifest.parquet`` after every shard.
+
+Shards are deterministic: the same inputs and settings give byte-identical
+shards whatever the number of workers. A re-run reuses every shard the
+manifest lists whose planned samples are unchanged (source path, size and
+mtime, crop box, settings) and whose file still has the recorded sha256, and
+encodes only the rest, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import re
+import sys
+import tarfile
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from raysr import io as rio
+from raysr.data.decode import DECODE_ERRORS, decode_rgb, is_image_name
+from raysr.data.sources import MANIFEST_NAME
+from raysr.imageio import probe_image
+
+LOG = logging.getLogger(__name__)
+
+SHARD_NAME = "train-{:06d}.tar"
+MIB = 1 << 20
+FORMATS = {"png": ("PNG", "png"), "webp": ("WEBP", "webp"), "jpeg": ("JPEG", "jpg")}
+DEFAULT_QUALITY = 95
+# Fixed tar header fields: the same samples always give byte-identical shards.
+TAR_MTIME = 0
+TAR_FORMAT = tarfile.GNU_FORMAT  # long member names without PAX records
+BLOCK, RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
+# Shards are assembled in memory up to this size, then in a temporary file.
+SPOOL_BYTES = 64 * MIB
+# Shards uploaded concurrently (each up to --shard-size-mb on local disk).
+UPLOAD_THREADS = 2
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def crop_positions(length: int, crop_size: int, step: int) -> list[int]:
+    """Start offsets of sub-images along one side (BasicSR ``extract_subimages``).
+
+    ``0, step, 2*step, ...`` while a crop fits, plus ``length - crop_size`` when
+    the last crop would leave pixels uncovered; ``[0]`` when ``length <= crop_size``.
+    """
+    if length <= crop_size:
+        return [0]
+    positions = list(range(0, length - crop_size + 1, step))
+    if positions[-1] + crop_size < length:
+        positions.append(length - crop_size)
+    return positions
+
+
+def crop_boxes(width: int, height: int, crop_size: int, step: int) -> list[tuple[int, int, int, int]]:
+    """``(left, top, right, bottom)`` sub-image boxes, row by row; sides shorter than
+    ``crop_size`` are taken whole."""
+    return [(x, y, min(x + crop_size, width), min(y + crop_size, height))
+            for y in crop_positions(height, crop_size, step)
+            for x in crop_positions(width, crop_size, step)]
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One input image and the sub-images planned from it."""
+
+    path: str
+    relpath: str
+    width: int  # upright (after EXIF orientation)
+    height: int
+    fingerprint: str  # file size and mtime: a changed file re-plans its shards
+    keys: tuple[str, ...]
+    boxes: tuple[tuple[int, int, int, int], ...]
+
+
+def find_inputs(inputs: Sequence[str]) -> list[tuple[str, str]]:
+    """``(path, relpath)`` of every image named by directories (recursive), globs or files.
+
+    relpath is relative to the directory or to the glob's fixed leading part;
+    files keep their base name. Hidden files are ignored. Order: inputs as
+    given, each sorted; duplicates dropped.
+    """
+    found: dict[str, str] = {}
+    for item in inputs:
+        if rio.is_s3(item):
+            raise ValueError(f"--input {item}: inputs must be local images; copy them here first "
+                             "(e.g. aws s3 sync) and write the shards to S3 with --output")
+        item = os.path.expanduser(item)
+        if os.path.isdir(item):
+            root, paths = item, [str(p) for p in Path(item).rglob("*")]
+        elif glob.has_magic(item):
+            fixed = item[:min(item.find(c) for c in "*?[" if c in item)]
+            root = fixed if fixed.endswith(os.sep) else os.path.dirname(fixed)
+            paths = glob.glob(item, recursive=True)
+        elif os.path.isfile(item):
+            root, paths = os.path.dirname(item), [item]
+        else:
+            raise ValueError(f"--input {item} does not exist; give a directory, a glob such as "
+                             "'/data/*.png' (quoted) or image files")
+        for path in sorted(paths):
+            relpath = os.path.relpath(path, root or ".")
+            if (os.path.isfile(path) and is_image_name(path)
+                    and not any(part.startswith(".") for part in Path(relpath).parts)):
+                found.setdefault(os.path.abspath(path), relpath)
+    return list(found.items())
+
+
+def _key_base(relpath: str) -> str:
+    # WebDataset splits member names at the first dot, so keys must not contain any
+    return re.sub(r"[^0-9A-Za-z_-]+", "_", os.path.splitext(relpath)[0]).strip("_") or "image"
+
+
+def plan_images(inputs: Sequence[str], crop_size: int, step: int,
+                min_size: int) -> tuple[list[SourceImage], list[tuple[str, str]]]:
+    """``(images, skipped)``: the sub-image plan, reading image headers only, and
+    ``(path, reason)`` for inputs that are not usable images or are too small."""
+    images, skipped, bases = [], [], {}
+    for path, relpath in find_inputs(inputs):
+        try:
+            info = probe_image(path)
+        except DECODE_ERRORS as err:
+            skipped.append((path, f"not a readable image ({err})"))
+            continue
+        if min(info.width, info.height) < min_size:
+            skipped.append((path, f"{info.width}x{info.height} is smaller than --min-size {min_size}"))
+            continue
+        base = _key_base(relpath)
+        if base in bases:  # "a_b/c.png" and "a/b_c.png" sanitise alike
+            base = f"{base}_{hashlib.sha1(relpath.encode()).hexdigest()[:8]}"
+        bases[base] = path
+        stat = os.stat(path)
+        boxes = crop_boxes(info.width, info.height, crop_size, step)
+        images.append(SourceImage(path=path, relpath=relpath, width=info.width, height=info.height,
+                                  fingerprint=f"{stat.st_size}:{stat.st_mtime_ns}",
+                                  keys=tuple(f"{base}_s{i:03d}" for i in range(1, len(boxes) + 1)),
+                                  boxes=tuple(boxes)))
+    return images, skipped
+
+
+# --------------------------------------------------------------------------- encode (worker processes)
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    fmt: str = "png"
+    quality: int | None = None
+
+    def save_args(self) -> tuple[str, dict]:
+        pil_format = FORMATS[self.fmt][0]
+        if self.fmt == "png":
+            return pil_format, {}
+        if self.fmt == "webp":
+            # lossy WebP always halves chroma resolution, so it is lossless unless a quality is asked for
+            return pil_format, {"lossless": True} if self.quality is None else {"quality": self.quality}
+        # 4:4:4 chroma: subsampled chroma would blur the very detail SR learns from
+        return pil_format, {"quality": DEFAULT_QUALITY if self.quality is None else self.quality, "subsampling": 0}
+
+
+def encode_image(image: SourceImage, settings: EncodeSettings) -> list[tuple[str, bytes, bytes]]:
+    """``(key, image bytes, json bytes)`` for each planned sub-image of ``image``.
+
+    Raises one of DECODE_ERRORS if the file cannot be decoded, ValueError if it
+    no longer has the planned size.
+    """
+    pixels = decode_rgb(Path(image.path).read_bytes(), image.path)
+    if pixels.shape[:2] != (image.height, image.width):
+        raise ValueError(f"decodes to {pixels.shape[1]}x{pixels.shape[0]}, planned {image.width}x{image.height}; "
+                         "was it changed during the run?")
+    pil_format, options = settings.save_args()
+    out = []
+    for key, (left, top, right, bottom) in zip(image.keys, image.boxes):
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(pixels[top:bottom, left:right])).save(buf, pil_format, **options)
+        meta = {"source": image.relpath, "box": [left, top, right, bottom], "source_size": [image.width, image.height]}
+        out.append((key, buf.getvalue(), json.dumps(meta, sort_keys=True).encode()))
+    return out
+
+
+def _encode_job(image: SourceImage, settings: EncodeSettings):
+    # worker entry point: errors come back as text so one bad file cannot stop the pool
+    try:
+        return encode_image(image, settings), ""
+    except DECODE_ERRORS as err:
+        return None, f"{type(err).__name__}: {err}"
+
+
+class _Ready:
+    """An already computed result, with the ``get()`` of a pool's AsyncResult."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
+class _Encoder:
+    """Encoded sub-images per image, computed ahead in a process pool (or inline),
+    held until :meth:`release` (a shard boundary may fall inside an image)."""
+
+    def __init__(self, images: list[SourceImage], settings: EncodeSettings, workers: int, ahead: list[int]):
+        self.images, self.settings = images, settings
+        # fork before any upload thread exists: forking a process with running threads can deadlock
+        self.pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+        self.window = 2 * workers
+        self.ahead, self.next = ahead, 0
+        self.pending: dict[int, object] = {}
+
+    def _submit(self, index: int) -> None:
+        job = (self.images[index], self.settings)
+        self.pending[index] = self.pool.apply_async(_encode_job, job) if self.pool else _Ready(_encode_job(*job))
+
+    def get(self, index: int) -> tuple[list | None, str]:
+        """Encoded sub-images of image ``index`` (or None and why it failed)."""
+        if index not in self.pending:
+            self._submit(index)
+        while self.pool is not None and self.next < len(self.ahead) and len(self.pending) < self.window:
+            if self.ahead[self.next] > index and self.ahead[self.next] not in self.pending:
+                self._submit(self.ahead[self.next])
+            self.next += 1
+        return self.pending[index].get()
+
+    def release(self, index: int) -> None:
+        self.pending.pop(index, None)
+
+    def release_before(self, index: int) -> None:
+        """Drop results of images before ``index`` (their last crops went into a reused shard)."""
+        for done in [i for i in self.pending if i < index]:
+            del self.pending[done]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def _padded(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+class _ShardBuilder:
+    """One tar being assembled in memory (spilling to a temporary file)."""
+
+    def __init__(self, image_ext: str):
+        self.image_ext = image_ext
+        self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=TAR_FORMAT)
+        self.samples = 0
+
+    def size_with(self, *payloads: bytes) -> int:
+        """Final tar size if ``payloads`` were added now (headers, padding, end blocks)."""
+        end = self.file.tell() + sum(BLOCK + _padded(len(p)) for p in payloads) + 2 * BLOCK
+        return -(-end // RECORD) * RECORD
+
+    def add(self, key: str, data: bytes, meta: bytes) -> None:
+        for name, payload in ((f"{key}.{self.image_ext}", data), (f"{key}.json", meta)):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(payload), TAR_MTIME, 0o644
+            self.tar.addfile(info, io.BytesIO(payload))
+        self.samples += 1
+
+    def finish(self) -> tuple[int, str]:
+        """Close the tar; ``(bytes, sha256 hex)``, file rewound for reading."""
+        self.tar.close()
+        size = self.file.tell()
+        self.file.seek(0)
+        digest = _sha256(self.file)
+        self.file.seek(0)
+        return size, digest
+
+
+def _sha256(file) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: file.read(MIB), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return _sha256(f)
+
+
+def shard_is_intact(url: str, nbytes: int, sha256: str) -> bool:
+    """True if ``url`` exists with this size and sha256 (S3: the sha256 stored at upload)."""
+    info = rio.object_info(url)
+    if info is None or info[0] != nbytes:
+        return False
+    if rio.is_s3(url):
+        return info[1].get("sha256") == sha256
+    return _sha256_file(url) == sha256
+
+
+@dataclass
+class ShardEntry:
+    """One manifest row. ``plan_start``/``plan_count``: the range of planned samples
+    (in plan order) the shard covers; ``plan_sha256``: digest of that plan slice."""
+
+    shard: int
+    name: str
+    url: str
+    samples: int
+    bytes: int
+    sha256: str
+    plan_start: int
+    plan_count: int
+    plan_sha256: str
+
+
+MANIFEST_FIELDS = tuple(ShardEntry.__dataclass_fields__)
+
+
+def write_manifest(uri: str, entries: list[ShardEntry], settings: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = sorted(entries, key=lambda e: e.shard)
+    table = pa.Table.from_pylist([{f: getattr(e, f) for f in MANIFEST_FIELDS} for e in rows])
+    table = table.replace_schema_metadata({"raysr": json.dumps(settings, sort_keys=True)})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    buf.seek(0)
+    rio.write_stream(uri, buf)
+
+
+def _old_entries(uri: str) -> list[ShardEntry]:
+    """Rows of an existing raysr manifest at ``uri`` ([] if absent or not ours)."""
+    import pyarrow.parquet as pq
+
+    if not rio.exists(uri):
+        return []
+    table = pq.read_table(io.BytesIO(rio.read_bytes(uri)))
+    if not set(MANIFEST_FIELDS) <= set(table.column_names):
+        LOG.warning("%s was not written by make_shards; ignoring it and writing all shards", uri)
+        return []
+    return [ShardEntry(**{f: row[f] for f in MANIFEST_FIELDS}) for row in table.to_pylist()]
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """One status line on stderr: rewritten in place on a terminal, else every ~10 s."""
+
+    def __init__(self, total_images: int, enabled: bool = True, stream=None):
+        self.total, self.enabled = total_images, enabled
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = self.last = time.monotonic()
+        self.images = self.samples = self.shards = self.reused = self.bytes = 0
+
+    def count_shard(self, entry, reused: bool) -> None:
+        self.shards += 1
+        self.reused += int(reused)
+        self.samples += entry.samples
+        self.bytes += entry.bytes
+
+    def update(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.last < (0.2 if self.tty else 10.0)):
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = self.images / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.images) / rate if rate > 0 else 0.0
+        line = (f"make_shards: {self.images}/{self.total} images ({100 * self.images / max(self.total, 1):.0f}%) | "
+                f"{self.samples} samples | {self.shards} shards ({self.reused} reused) | "
+                f"{self.bytes / MIB:.1f} MiB | {rate:.1f} img/s | ETA {eta:.0f}s")
+        self.stream.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
+        if force and self.tty:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass
+class ShardsReport:
+    """What a make_shards run did. ``written``/``reused``: shard counts;
+    ``skipped``: ``(path, reason)`` of inputs left out."""
+
+    manifest: str
+    entries: list[ShardEntry]
+    written: int
+    reused: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def samples(self) -> int:
+        return sum(e.samples for e in self.entries)
+
+    @property
+    def bytes(self) -> int:
+        return sum(e.bytes for e in self.entries)
+
+
+def _check_settings(crop_size, step, min_size, fmt, quality, shard_size_mb, workers) -> None:
+    for name, value in (("crop_size", crop_size), ("step", step), ("min_size", min_size), ("workers", workers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {fmt!r}")
+    if quality is not None and (fmt == "png" or not 1 <= quality <= 100):
+        raise ValueError(f"quality={quality!r}: it applies to jpeg and webp only, as 1..100; PNG is lossless")
+    if not shard_size_mb > 0:
+        raise ValueError(f"shard_size_mb must be > 0, got {shard_size_mb!r}")
+
+
+class _Plan:
+    """The planned samples in order: sample ``s`` is crop ``crops[s][1]`` of image ``crops[s][0]``."""
+
+    def __init__(self, images: list[SourceImage], settings: dict):
+        self.images = images
+        self.crops = [(i, c) for i, image in enumerate(images) for c in range(len(image.keys))]
+        self.settings_line = json.dumps(settings, sort_keys=True)
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def digest(self, start: int, count: int) -> str:
+        """sha256 of samples ``start .. start+count-1``: keys, sources (size, mtime), boxes, settings."""
+        digest = hashlib.sha256(self.settings_line.encode())
+        for image_index, crop_index in self.crops[start:start + count]:
+            image = self.images[image_index]
+            digest.update(f"\n{image.keys[crop_index]}\t{image.relpath}\t{image.fingerprint}\t"
+                          f"{image.boxes[crop_index]}".encode())
+        return digest.hexdigest()
+
+    def reusable(self, entries: list[ShardEntry], output: str) -> dict[int, ShardEntry]:
+        """The old manifest rows whose samples are still planned as they were and whose file is intact."""
+        return {e.shard: e for e in entries
+                if 0 <= e.plan_start < e.plan_start + e.plan_count <= len(self)
+                and self.digest(e.plan_start, e.plan_count) == e.plan_sha256
+                and e.url == rio.join(output, e.name) and shard_is_intact(e.url, e.bytes, e.sha256)}
+
+
+class _ShardSink:
+    """Uploads finished shards in the background and keeps the manifest current.
+
+    The manifest only ever lists shards that are completely written, so a run
+    that dies leaves a manifest the next run can resume from.
+    """
+
+    def __init__(self, output: str, settings: dict, report: ShardsReport, progress: Progress):
+        self.output, self.settings, self.report, self.progress = output, settings, report, progress
+        self.uploads = ThreadPoolExecutor(UPLOAD_THREADS)
+        self.in_flight: list[tuple[object, ShardEntry]] = []
+
+    def reuse(self, entry: ShardEntry) -> None:
+        self.report.entries.append(entry)
+        self.report.reused += 1
+        self.progress.count_shard(entry, reused=True)
+
+    def put(self, builder: _ShardBuilder, index: int, start: int, count: int, plan: _Plan) -> None:
+        nbytes, digest = builder.finish()
+        name = SHARD_NAME.format(index)
+        entry = ShardEntry(shard=index, name=name, url=rio.join(self.output, name), samples=builder.samples,
+                           bytes=nbytes, sha256=digest, plan_start=start, plan_count=count,
+                           plan_sha256=plan.digest(start, count))
+        if len(self.in_flight) >= UPLOAD_THREADS:  # bound the shards waiting in memory / temp files
+            self.in_flight[0][0].result()
+        self._collect(block=False)
+        self.in_flight.append((self.uploads.submit(_upload, entry.url, builder.file, digest), entry))
+
+    def _collect(self, block: bool) -> None:
+        done = 0
+        while self.in_flight and (block or self.in_flight[0][0].done()):
+            future, entry = self.in_flight.pop(0)
+            future.result()
+            self.report.entries.append(entry)
+            self.report.written += 1
+            self.progress.count_shard(entry, reused=False)
+            done += 1
+        if done:  # a small file next to 256 MB shards: rewriting it each time costs nothing
+            write_manifest(self.report.manifest, self.report.entries, self.settings)
+
+    def finish(self) -> None:
+        self._collect(block=True)
+        write_manifest(self.report.manifest, self.report.entries, self.settings)
+
+    def close(self) -> None:
+        self.uploads.shutdown(wait=True)
+
+
+def _fill(builder: _ShardBuilder, plan: _Plan, cursor: int, stop: int, limit: int, encoder: _Encoder,
+          report: ShardsReport, progress: Progress) -> int:
+    """Add planned samples from ``cursor`` until ``stop`` or the size ``limit``; the next cursor."""
+    while cursor < stop:
+        image_index, crop_index = plan.crops[cursor]
+        image = plan.images[image_index]
+        encoded, problem = encoder.get(image_index)
+        if encoded is not None:
+            key, data, meta = encoded[crop_index]
+            if builder.samples and builder.size_with(data, meta) > limit:
+                break
+            builder.add(key, data, meta)
+        elif (image.path, problem) not in report.skipped:
+            LOG.warning("skipped %s: %s", image.path, problem)
+            report.skipped.append((image.path, problem))
+        if crop_index == len(image.keys) - 1:
+            encoder.release(image_index)
+            progress.images = image_index + 1
+        cursor += 1
+        progress.update()
+    return cursor
+
+
+def make_shards(inputs: Sequence[str], output: str, *, crop_size: int = 480, step: int = 240, min_size: int = 128,
+                fmt: str = "png", quality: int | None = None, shard_size_mb: float = 256.0,
+                workers: int | None = None, progress: bool = True) -> ShardsReport:
+    """Cut the images under ``inputs`` into sub-images and write shards + manifest to ``output``.
+
+    inputs: local directories (recursive), globs or image files. output: local
+    directory or ``s3://bucket/prefix``. crop_size/step/min_size in pixels;
+    fmt ``png`` (lossless), ``webp`` (lossless, or lossy at ``quality``) or
+    ``jpeg`` (``quality`` 1..100, default 95, 4:4:4 chroma);
+    shard_size_mb: upper bound per shard in MiB (a single larger sample gets a
+    shard of its own); workers: encoding processes (default: all cores).
+    Returns a :class:`ShardsReport`. Raises ValueError for bad settings or
+    when no usable image is found.
+    """
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    output = output if rio.is_s3(output) else os.path.abspath(os.path.expanduser(output))
+    _check_settings(crop_size, step, min_size, fmt, quality, shard_size_mb, workers)
+    settings = {"crop_size": crop_size, "step": step, "min_size": min_size, "format": fmt, "quality": quality,
+                "shard_size_mb": shard_size_mb}
+    images, skipped = plan_images(inputs, crop_size, step, min_size)
+    for path, reason in skipped:
+        LOG.warning("skipped %s: %s", path, reason)
+    plan = _Plan(images, settings)
+    if not len(plan):
+        raise ValueError(f"no usable images in {list(inputs)} ({len(skipped)} skipped); "
+                         f"images need a side of at least --min-size {min_size} px")
+    report = ShardsReport(manifest=rio.join(output, MANIFEST_NAME), entries=[], written=0, reused=0,
+                          skipped=list(skipped))
+    old_entries = _old_entries(report.manifest)
+    reusable = plan.reusable(old_entries, output)
+    covered = {s for e in reusable.values() for s in range(e.plan_start, e.plan_start + e.plan_count)}
+    to_encode = sorted({plan.crops[s][0] for s in range(len(plan)) if s not in covered})
+
+    shown = Progress(len(images), enabled=progress)
+    encoder = _Encoder(images, EncodeSettings(fmt, quality), workers, to_encode)
+    sink = _ShardSink(output, settings, report, shown)
+    limit = int(shard_size_mb * MIB)
+    try:
+        cursor, index = 0, 0
+        while cursor < len(plan):
+            if index in reusable and reusable[index].plan_start == cursor:
+                sink.reuse(reusable[index])
+                cursor += reusable[index].plan_count
+                shown.images = plan.crops[cursor - 1][0] + 1
+                index += 1
+                continue
+            # a new shard runs to the size limit, or up to the next reusable shard
+            following = reusable.get(index + 1)
+            stop = following.plan_start if following is not None and following.plan_start > cursor else len(plan)
+            encoder.release_before(plan.crops[cursor][0])
+            builder, start = _ShardBuilder(FORMATS[fmt][1]), cursor
+            cursor = _fill(builder, plan, cursor, stop, limit, encoder, report, shown)
+            if builder.samples:  # else every image in the range failed: no shard, same index next
+                sink.put(builder, index, start, cursor - start, plan)
+                index += 1
+        sink.finish()
+    finally:
+        encoder.close()
+        sink.close()
+    shown.images = len(images)
+    shown.update(force=True)
+    report.entries.sort(key=lambda e: e.shard)
+    stale = sorted({e.url for e in old_entries if e.shard >= len(report.entries)})
+    if stale:
+        LOG.warning("%d shards of the previous run are no longer in the manifest (e.g. %s); readers of the "
+                    "manifest ignore them, delete them to save space", len(stale), stale[0])
+    return report
+
+
+def _upload(url: str, file, sha256: str) -> None:
+    try:
+        rio.write_stream(url, file, metadata={"sha256": sha256})
+    finally:
+        file.close()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m raysr.data.make_shards",
+                                     description="Cut HR photos into sub-images and write WebDataset tar "
+                                                 "shards plus manifest.parquet, locally or to S3.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True, metavar="DIR_OR_GLOB",
+                        help="image directories (recursive), quoted globs or image files")
+    parser.add_argument("--output", required=True, metavar="DIR|s3://bucket/prefix",
+                        help="where the shards and manifest.parquet go")
+    parser.add_argument("--crop-size", type=int, default=480, help="sub-image side in px")
+    parser.add_argument("--step", type=int, default=240, help="stride between sub-images in px")
+    parser.add_argument("--min-size", type=int, default=128,
+                        help="skip images whose shorter side is below this (px); smaller-than-crop images "
+                             "at least this size are kept whole")
+    parser.add_argument("--format", choices=sorted(FORMATS), default="png", help="sub-image encoding")
+    parser.add_argument("--quality", type=int, default=None,
+                        help=f"jpeg quality 1..100 (default {DEFAULT_QUALITY}, 4:4:4 chroma); webp: lossless "
+                             "unless a quality is given; not for png")
+    parser.add_argument("--shard-size-mb", type=float, default=256.0, help="maximum shard size in MiB")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="make_shards: %(message)s")
+    try:
+        report = make_shards(args.input, args.output, crop_size=args.crop_size, step=args.step,
+                             min_size=args.min_size, fmt=args.format, quality=args.quality,
+                             shard_size_mb=args.shard_size_mb, workers=args.workers)
+    except (ValueError, rio.StorageError) as err:
+        print(f"make_shards: error: {err}", file=sys.stderr)
+        return 2
+    print(f"make_shards: {len(report.entries)} shards ({report.written} written, {report.reused} reused), "
+          f"{report.samples} samples, {report.bytes / MIB:.1f} MiB, {len(report.skipped)} inputs skipped; "
+          f"manifest {report.manifest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Where the shards are: URL lists, brace patterns, directories and ``manifest.parquet``.
+
+A shard source is one string or a list of strings, each of which is
+
+* a shard URL, local or ``s3://`` (``.tar``, ``.tar.gz``, ``.tgz``);
+* a brace pattern such as ``s3://bucket/hr/train-{000000..000099}.tar``;
+* a local glob such as ``/data/hr/train-*.tar``;
+* a ``manifest.parquet`` written by ``python -m raysr.data.make_shards``;
+* a directory or S3 prefix: its ``manifest.parquet`` if it has one, else every
+  shard file below it.
+
+The manifest also tells how many samples each shard holds, which fixes the
+number of batches per epoch before a byte of image data is read.
+
+Importing this module registers an ``s3://`` opener with WebDataset
+(``webdataset.gopen.gopen_schemes``), so ``webdataset.WebDataset("s3://…")``
+reads through the same retrying reader as raysr.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Sequence
+
+import braceexpand
+
+from raysr import io as rio
+
+MANIFEST_NAME = "manifest.parquet"
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The table a dataset's ``manifest.parquet`` holds, one entry per shard.
+
+    ``urls``: where each shard is read from (resolved next to the manifest);
+    ``samples``: samples per shard; ``bytes``: shard sizes; ``sha256``: hex digests.
+    """
+
+    uri: str
+    urls: list[str]
+    samples: list[int]
+    bytes: list[int]
+    sha256: list[str]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.samples)
+
+
+@dataclass(frozen=True)
+class ShardList:
+    """Resolved shard URLs, with per-shard sample counts where a manifest gives them.
+
+    ``samples[i]`` is None for a shard no manifest describes.
+    """
+
+    urls: list[str]
+    samples: list[int | None]
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    @property
+    def num_samples(self) -> int | None:
+        """Total samples, or None when any shard's count is unknown."""
+        if any(n is None for n in self.samples):
+            return None
+        return sum(self.samples)
+
+
+def _parent(uri: str) -> str:
+    return posixpath.dirname(uri) if rio.is_s3(uri) else os.path.dirname(uri)
+
+
+def read_manifest(uri: str) -> Manifest:
+    """Read a ``manifest.parquet`` (local or s3://).
+
+    Shards are located next to the manifest by their ``name`` column, so a
+    dataset copied to another bucket or folder keeps working; manifests without
+    ``name`` use their ``url`` column as is. Raises StorageError if missing,
+    ValueError if it lacks the ``samples`` column.
+    """
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(rio.read_bytes(uri)))
+    columns = set(table.column_names)
+    if "samples" not in columns or not ({"name", "url"} & columns):
+        raise ValueError(f"{uri} is not a raysr shard manifest: it needs a 'samples' column and a 'name' "
+                         f"or 'url' column, found {sorted(columns)}")
+    rows = table.to_pylist()
+    base = _parent(uri)
+    urls = [rio.join(base, row["name"]) if row.get("name") else row["url"] for row in rows]
+    return Manifest(uri=uri, urls=urls, samples=[int(row["samples"]) for row in rows],
+                    bytes=[int(row.get("bytes") or 0) for row in rows],
+                    sha256=[row.get("sha256") or "" for row in rows])
+
+
+def _is_shard(url: str) -> bool:
+    return url.endswith(SHARD_SUFFIXES)
+
+
+def _expand_one(source: str) -> tuple[list[str], Manifest | None]:
+    """Shard URLs named by one source string, and the manifest it was read from (if any)."""
+    if source.endswith(".parquet"):
+        manifest = read_manifest(source)
+        return manifest.urls, manifest
+    if "{" in source:
+        return list(braceexpand.braceexpand(source)), None
+    if not rio.is_s3(source) and glob.has_magic(source):
+        return sorted(glob.glob(source, recursive=True)), None
+    if _is_shard(source):
+        return [source], None
+    manifest_uri = rio.join(source, MANIFEST_NAME)
+    if rio.exists(manifest_uri):
+        manifest = read_manifest(manifest_uri)
+        return manifest.urls, manifest
+    return [u for u in rio.list_files(source) if _is_shard(u)], None
+
+
+def _known_counts(urls: list[str], manifests: dict[str, Manifest]) -> list[int | None]:
+    """Per-URL sample counts from the given manifests, else from a manifest beside the shard."""
+    counts: dict[str, int] = {}
+    for manifest in manifests.values():
+        counts.update(zip(manifest.urls, manifest.samples))
+    for parent in sorted({_parent(u) for u in urls if u not in counts}):
+        uri = rio.join(parent, MANIFEST_NAME)
+        if uri not in manifests and rio.exists(uri):
+            manifest = read_manifest(uri)
+            manifests[uri] = manifest
+            counts.update(zip(manifest.urls, manifest.samples))
+    return [counts.get(u) for u in urls]
+
+
+def resolve_shards(shards: str | Sequence[str]) -> ShardList:
+    """Expand a shard source (see the module docstring) into a :class:`ShardList`.
+
+    Order is kept as given (directories and globs sorted); duplicates are
+    dropped. Raises ValueError for an empty source or one that names no shard,
+    StorageError (naming the URI) for a missing directory, manifest or bucket.
+    """
+    sources = [shards] if isinstance(shards, str) else list(shards)
+    if not sources or any(not isinstance(s, str) or not s.strip() for s in sources):
+        raise ValueError(f"shards must be a URL, pattern, directory or manifest string (or a list of them), "
+                         f"got {shards!r}")
+    urls: list[str] = []
+    manifests: dict[str, Manifest] = {}
+    for source in sources:
+        source = source.strip()
+        found, manifest = _expand_one(source if rio.is_s3(source) else os.path.expanduser(source))
+        if not found:
+            raise ValueError(f"no shards found in {source}; expected .tar files, a brace pattern such as "
+                             "train-{000000..000009}.tar, or a manifest.parquet (make them with "
+                             "python -m raysr.data.make_shards)")
+        if manifest is not None:
+            manifests[manifest.uri] = manifest
+        urls += found
+    urls = list(dict.fromkeys(urls))
+    return ShardList(urls=urls, samples=_known_counts(urls, manifests))
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    """WebDataset opener for ``s3://`` URLs: raysr's retrying reader (read-only)."""
+    if not mode.startswith("r"):
+        raise ValueError(f"s3:// shards are read-only through webdataset.gopen (mode {mode!r}); "
+                         "write shards with python -m raysr.data.make_shards")
+    return rio.open_stream(url)
+
+
+def register_s3_opener() -> None:
+    """Let ``webdataset.WebDataset`` / ``gopen`` open ``s3://`` URLs via :func:`raysr.io.open_stream`."""
+    import importlib
+
+    # importlib: the package attribute ``webdataset.gopen`` is the function, not the module
+    importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = _gopen_s3
+
+
+register_s3_opener()

@@ -1,0 +1,403 @@
+"""HR shards -> (LR, HR) training pairs, in one process; the loaders run this in each worker.
+
+The stages, each a generator feeding the next:
+
+1. :func:`shard_order` — which shards this consumer (a rank's DataLoader
+   worker) reads, in which order. All consumers walk one seeded sequence of
+   shard permutations (pass 0, pass 1, ...) and consumer ``g`` of ``T`` takes
+   positions ``g, g+T, g+2T, ...``: within a pass every shard is read by exactly
+   one consumer, every shard is read equally often over time, and it works for
+   any number of shards, ranks and workers.
+2. :func:`iter_images` — decode the samples of each shard. Bad data never
+   stops training: a garbage or truncated tar, an undecodable or non-image
+   member, or an image smaller than ``gt_size`` is skipped, counted in
+   :class:`DataStats` and logged once per shard. A missing or denied shard
+   (404/403) raises :class:`raysr.io.StorageError` naming it; transient S3
+   errors are retried by :func:`raysr.io.open_stream`.
+3. random ``gt_size`` crops (``crops_per_image`` per decoded image, to amortise
+   the decode), each under a random flip / rot90 (one of the 8 symmetries).
+4. a seeded shuffle buffer, so crops of one image and of one shard spread out.
+5. LR = :func:`make_lr` (exact MATLAB bicubic, rounded to 8-bit levels).
+
+Everything is seeded from ``seed`` and the consumer's position, so a run is
+reproducible for a fixed (seed, world_size, num_workers).
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import tarfile
+import zlib
+from dataclasses import asdict, dataclass, fields
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from raysr import io as rio
+from raysr.data.decode import DECODE_ERRORS, decode_rgb, is_image_name
+from raysr.data.sources import ShardList, resolve_shards
+from raysr.ops.resize import imresize
+
+LOG = logging.getLogger(__name__)
+
+# Crops held by the shuffle buffer; 512 crops of 128^2 RGB are 25 MB per worker.
+DEFAULT_SHUFFLE_BUFFER = 512
+# Exceptions that mean "this tar is damaged" (not "the store is unreachable").
+TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+
+
+@dataclass
+class DataStats:
+    """Counters of one stream. ``samples``: images decoded and used; ``crops``:
+    HR crops produced; ``skipped``: samples dropped as bad data (for a damaged
+    tar: every sample it lost where the manifest gives the shard's size, else
+    one); ``bad_shards``: shard reads that hit a damaged tar; ``shards``: shard
+    reads started."""
+
+    shards: int = 0
+    samples: int = 0
+    crops: int = 0
+    skipped: int = 0
+    bad_shards: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.tensor([getattr(self, f.name) for f in fields(self)], dtype=torch.int64)
+
+    @classmethod
+    def from_tensor(cls, values: torch.Tensor) -> "DataStats":
+        return cls(*(int(v) for v in values.tolist()))
+
+    def __add__(self, other: "DataStats") -> "DataStats":
+        return DataStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as int if it is an integer >= ``minimum``; else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_crop_args(gt_size: int, scale: int, crops_per_image: int = 1, shuffle_buffer: int = 0) -> None:
+    """Raise ValueError for crop settings that cannot work, naming the fix."""
+    check_int("gt_size", gt_size)
+    check_int("scale", scale)
+    check_int("crops_per_image", crops_per_image)
+    check_int("shuffle_buffer", shuffle_buffer, minimum=0)
+    if gt_size % scale:
+        lower = gt_size - gt_size % scale
+        raise ValueError(f"gt_size={gt_size} is not a multiple of scale={scale}: the LR crop would not be "
+                         f"whole pixels; use gt_size={lower or scale} or {lower + scale}")
+
+
+def check_split_args(rank: int, world_size: int, seed: int) -> None:
+    check_int("world_size", world_size)
+    check_int("rank", rank, minimum=0)
+    check_int("seed", seed, minimum=0)
+    if rank >= world_size:
+        raise ValueError(f"rank={rank} must be < world_size={world_size} (ranks are numbered from 0)")
+
+
+def as_shard_list(shards) -> ShardList:
+    return shards if isinstance(shards, ShardList) else resolve_shards(shards)
+
+
+# --------------------------------------------------------------------------- LR
+
+
+def make_lr(hr: torch.Tensor, scale: int, quantize: bool = True) -> torch.Tensor:
+    """LR input from HR: MATLAB bicubic ``imresize(hr, 1/scale)``, optionally on 8-bit levels.
+
+    hr: ``(N,3,H,W)`` or ``(3,H,W)`` float in [0,1] on any device, H and W
+    multiples of ``scale``. Returns the same layout with size ``(H/scale, W/scale)``;
+    with ``quantize`` (default, like benchmark LR files)
+    ``round(clamp(lr, 0, 1) * 255) / 255``, else MATLAB's unclamped float output.
+    """
+    scale = check_int("scale", scale)
+    if not isinstance(hr, torch.Tensor) or hr.ndim not in (3, 4):
+        raise ValueError(f"make_lr expects a (N,3,H,W) or (3,H,W) tensor, got "
+                         f"{tuple(hr.shape) if isinstance(hr, torch.Tensor) else type(hr).__name__}")
+    height, width = hr.shape[-2:]
+    if height % scale or width % scale:
+        raise ValueError(f"HR size {height}x{width} is not a multiple of scale={scale}; crop it first "
+                         "(raysr.data.mod_crop) so LR pixels align with HR pixels")
+    lr = imresize(hr, 1.0 / scale)
+    if quantize:
+        lr = lr.clamp(0.0, 1.0).mul(255.0).round().div(255.0)
+    return lr
+
+
+def to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """``(N,3,H,W)`` float32 in [0,1] from N ``(H,W,3)`` uint8 arrays of one size."""
+    # one uint8 copy into planar layout, then one float conversion (a quarter of the bytes to shuffle)
+    planar = np.empty((len(images), 3, *images[0].shape[:2]), np.uint8)
+    for out, image in zip(planar, images):
+        out[...] = image.transpose(2, 0, 1)
+    return torch.from_numpy(planar).float().div_(255.0)
+
+
+# --------------------------------------------------------------------------- shards -> samples
+
+
+def consumer_id(rank: int, world_size: int) -> tuple[int, int]:
+    """``(consumer, num_consumers)`` of this process: rank-major, then DataLoader worker."""
+    info = torch.utils.data.get_worker_info()
+    worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank * num_workers + worker, world_size * num_workers
+
+
+def shard_order(num_shards: int, seed: int, consumer: int, num_consumers: int,
+                resampled: bool) -> Iterator[int]:
+    """Indices of the shards consumer ``consumer`` of ``num_consumers`` reads, in order.
+
+    Position ``p`` of the global sequence is shard ``perm_e[p % num_shards]``
+    with ``e = p // num_shards`` and ``perm_e`` a permutation seeded by
+    ``(seed, e)``; this consumer reads positions ``consumer + k*num_consumers``.
+    Not ``resampled``: only pass 0, so the consumers together read every shard
+    exactly once. ``resampled``: endless.
+    """
+    position, perm_pass, perm = consumer, -1, None
+    while True:
+        pass_index, index = divmod(position, num_shards)
+        if pass_index and not resampled:
+            return
+        if pass_index != perm_pass:
+            perm_pass, perm = pass_index, np.random.default_rng([seed, pass_index]).permutation(num_shards)
+        yield int(perm[index])
+        position += num_consumers
+
+
+class DamagedTar(ValueError):
+    """A tar that cannot be read past some point (garbage, truncated, bad compression)."""
+
+
+def tar_samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """WebDataset grouping: consecutive members ``KEY.EXT`` -> ``(KEY, {EXT: bytes})``.
+
+    Raises DamagedTar where the tar breaks, after yielding every member read whole;
+    StorageError if the stream itself fails (see :func:`raysr.io.open_stream`).
+    """
+    key, files = None, {}
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                base = posixpath.basename(info.name)
+                # skip directories, links, macOS "._" forks and WebDataset "__" metadata
+                if not info.isfile() or base.startswith((".", "__")):
+                    continue
+                stem, _, ext = base.partition(".")
+                member_key = posixpath.join(posixpath.dirname(info.name), stem)
+                if member_key != key and files:
+                    yield key, files
+                    files = {}
+                key = member_key
+                files[ext.lower()] = tar.extractfile(info).read()
+    except rio.StorageError:
+        raise
+    except TAR_ERRORS as err:
+        if files:  # every member read whole is intact
+            yield key, files
+        raise DamagedTar(f"{type(err).__name__}: {err}") from err
+    if files:
+        yield key, files
+
+
+def _decode_sample(key: str, files: dict[str, bytes], min_size: int) -> tuple[np.ndarray | None, str]:
+    """``(image, "")`` or ``(None, why it was skipped)``."""
+    image_ext = next((ext for ext in files if is_image_name(ext)), None)
+    if image_ext is None:
+        return None, f"no image member (has {', '.join(sorted(files)) or 'nothing'})"
+    try:
+        image = decode_rgb(files[image_ext], key)
+    except DECODE_ERRORS as err:
+        return None, f"undecodable .{image_ext} ({type(err).__name__}: {err})"
+    if min(image.shape[:2]) < min_size:
+        return None, f"{image.shape[1]}x{image.shape[0]} image is smaller than gt_size={min_size}"
+    return image, ""
+
+
+_reported_shards: set[str] = set()
+
+
+def _report(url: str, skipped: int, total: int | None, first_problem: str) -> None:
+    # once per shard and process: a resampled stream re-reads the same bad shard every pass
+    if url in _reported_shards:
+        return
+    _reported_shards.add(url)
+    of = f" of {total}" if total is not None else ""
+    LOG.warning("shard %s: skipped %d%s samples (first: %s); counted in the loader stats, "
+                "not logged again for this shard", url, skipped, of, first_problem)
+
+
+def iter_shard(url: str, min_size: int, stats: DataStats,
+               expected: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """``(key, (H,W,3) uint8 RGB)`` for every good sample of one shard.
+
+    Bad samples are skipped and counted in ``stats.skipped``; ``expected`` (from
+    the manifest) lets a tar cut short at a member boundary count its missing
+    samples too. Raises StorageError if the shard is missing or denied.
+    """
+    stats.shards += 1
+    good, bad, first_problem = 0, 0, ""
+    stream = rio.open_stream(url)
+    try:
+        for key, files in tar_samples(stream):
+            image, problem = _decode_sample(key, files, min_size)
+            if image is None:
+                bad += 1
+                first_problem = first_problem or f"{key}: {problem}"
+                continue
+            good += 1
+            stats.samples += 1
+            yield key, image
+    except DamagedTar as err:
+        stats.bad_shards += 1
+        first_problem = first_problem or f"damaged tar: {err}"
+        if expected is None:
+            bad += 1  # at least the sample being read when the tar broke is lost
+    finally:
+        stream.close()
+    if expected is not None and good + bad < expected:
+        bad = expected - good
+        first_problem = first_problem or f"tar ended after {good} samples"
+    stats.skipped += bad
+    if bad:
+        _report(url, bad, expected, first_problem)
+
+
+def iter_images(shards, *, seed: int = 0, rank: int = 0, world_size: int = 1, resampled: bool = False,
+                min_size: int = 1, stats: DataStats | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """``(key, (H,W,3) uint8 RGB)`` of this consumer's share of the samples.
+
+    shards: anything :func:`raysr.data.resolve_shards` accepts, or a ShardList.
+    The share is rank ``rank`` of ``world_size``, then this DataLoader worker
+    (see :func:`shard_order`). ``resampled=False``: one pass, ending; ``True``:
+    endless. Images smaller than ``min_size`` on either side are skipped.
+    Raises RuntimeError when every shard was read since the last good sample
+    and none had one (an endless stream would otherwise hang).
+    """
+    check_split_args(rank, world_size, seed)
+    shard_list = as_shard_list(shards)
+    stats = stats if stats is not None else DataStats()
+    consumer, num_consumers = consumer_id(rank, world_size)
+    barren: set[int] = set()
+    for index in shard_order(len(shard_list), seed, consumer, num_consumers, resampled):
+        produced = False
+        for sample in iter_shard(shard_list.urls[index], min_size, stats, shard_list.samples[index]):
+            produced = True
+            yield sample
+        barren = set() if produced else barren | {index}
+        if len(barren) == len(shard_list):
+            raise RuntimeError(f"none of the {len(shard_list)} shards (e.g. {shard_list.urls[index]}) holds a "
+                               f"usable sample: {stats.skipped} skipped so far (undecodable, not an image, or "
+                               f"smaller than {min_size} px); check the shards with raysr.data.iter_pairs")
+
+
+# --------------------------------------------------------------------------- samples -> crops
+
+
+def random_crops(images: Iterator[tuple[str, np.ndarray]], gt_size: int, crops_per_image: int, augment: bool,
+                 rng: np.random.Generator, stats: DataStats) -> Iterator[np.ndarray]:
+    """``crops_per_image`` random ``(gt_size, gt_size, 3)`` uint8 crops per image (possibly
+    non-contiguous views of a crop-sized copy).
+
+    ``augment``: each crop gets one of the 8 flip/rot90 symmetries, uniformly
+    (BasicSR's hflip, vflip, transpose, each with p=0.5).
+    """
+    for _, image in images:
+        height, width = image.shape[:2]
+        for _ in range(crops_per_image):
+            top = int(rng.integers(height - gt_size + 1))
+            left = int(rng.integers(width - gt_size + 1))
+            # a compact copy (rows stay contiguous, so it is cheap) that holds no reference to the
+            # whole image; flips are views of it, laid out once by to_tensor
+            crop = image[top:top + gt_size, left:left + gt_size].copy()
+            if augment:
+                symmetry = int(rng.integers(8))
+                if symmetry & 1:
+                    crop = crop[:, ::-1]
+                if symmetry & 2:
+                    crop = crop[::-1]
+                if symmetry & 4:
+                    crop = crop.transpose(1, 0, 2)
+            stats.crops += 1
+            yield crop
+
+
+def shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Items in a random order: a buffer of ``size`` where each new item replaces a
+    randomly drawn one; the rest comes out shuffled when ``items`` ends."""
+    if size <= 1:
+        yield from items
+        return
+    buffer = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = int(rng.integers(size))
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def iter_crops(shards, gt_size: int, seed: int = 0, *, crops_per_image: int = 1, augment: bool = True,
+               resampled: bool = False, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, rank: int = 0,
+               world_size: int = 1, stats: DataStats | None = None) -> Iterator[np.ndarray]:
+    """Shuffled random HR crops ``(gt_size, gt_size, 3)`` uint8 of this consumer's samples."""
+    check_crop_args(gt_size, 1, crops_per_image, shuffle_buffer)
+    check_split_args(rank, world_size, seed)
+    stats = stats if stats is not None else DataStats()
+    consumer, num_consumers = consumer_id(rank, world_size)
+    rng = np.random.default_rng([seed, consumer, num_consumers])
+    images = iter_images(shards, seed=seed, rank=rank, world_size=world_size, resampled=resampled,
+                         min_size=gt_size, stats=stats)
+    yield from shuffled(random_crops(images, gt_size, crops_per_image, augment, rng, stats), shuffle_buffer, rng)
+
+
+def iter_pairs(shards, gt_size: int, scale: int, seed: int = 0, *, crops_per_image: int = 1, augment: bool = True,
+               quantize: bool = True, resampled: bool = False, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+               rank: int = 0, world_size: int = 1,
+               stats: DataStats | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(lr, hr)`` training pairs, one at a time, in this process: the way to look at the data.
+
+    lr: ``(3, gt_size/scale, gt_size/scale)``, hr: ``(3, gt_size, gt_size)``,
+    float32 in [0,1]; ``lr = make_lr(hr, scale, quantize)``. shards: URL(s),
+    brace pattern, directory or manifest (see :func:`raysr.data.resolve_shards`).
+    Default: one pass over all shards (``resampled=False``), random crop
+    position and flip/rot90 (``augment``), seeded. ``rank``/``world_size`` (and
+    the DataLoader worker, when called inside one) select a disjoint share.
+    Pass a :class:`DataStats` as ``stats`` to read samples/skipped counters.
+    ``gt_size % scale != 0`` raises ValueError.
+    """
+    check_crop_args(gt_size, scale, crops_per_image, shuffle_buffer)
+    for crop in iter_crops(shards, gt_size, seed, crops_per_image=crops_per_image, augment=augment,
+                           resampled=resampled, shuffle_buffer=shuffle_buffer, rank=rank, world_size=world_size,
+                           stats=stats):
+        hr = to_tensor([crop])
+        yield make_lr(hr, scale, quantize)[0], hr[0]
+
+
+def iter_batches(shards, gt_size: int, scale: int, batch_size: int, seed: int = 0, *, lr_here: bool = True,
+                 quantize: bool = True, **crop_args) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
+    """``(lr, hr)`` batches ``(B,3,h,w)``, ``(B,3,H,W)`` float32 in [0,1]; ``lr`` is None
+    unless ``lr_here`` (the caller makes it, e.g. on the GPU). Other arguments as
+    :func:`iter_pairs`; a final partial batch of a finite stream is dropped."""
+    check_crop_args(gt_size, scale)
+    batch_size = check_int("batch_size", batch_size)
+    batch = []
+    for crop in iter_crops(shards, gt_size, seed, **crop_args):
+        batch.append(crop)
+        if len(batch) == batch_size:
+            hr = to_tensor(batch)
+            batch = []
+            yield (make_lr(hr, scale, quantize) if lr_here else None), hr

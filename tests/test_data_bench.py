@@ -1,0 +1,27 @@
+"""``python -m raysr.bench data``: both figures and the JSON summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from raysr.bench import data as bench
+from raysr.data.make_shards import make_shards
+from test_data_common import write_images
+
+
+def test_bench_prints_both_figures_and_a_json_line(tmp_path, capsys):
+    write_images(tmp_path / "in", [(96, 96), (64, 96)], seed=40)
+    make_shards([str(tmp_path / "in")], str(tmp_path / "shards"), crop_size=64, step=32, min_size=16, workers=1,
+                progress=False)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--shards", str(tmp_path / "shards"), "--gt-size", "32", "--batch-size", "4",
+                              "--batches", "3", "--baseline-crops", "3", "--shuffle-buffer", "4", "--json"])
+    assert bench.run(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["workers"] == 0 and result["skipped"] == 0 and result["samples"] >= 3
+    assert result["crops_per_s"] > 0 and result["baseline_crops_per_s"] > 0
+    assert result["speedup_per_core"] == result["crops_per_s_per_core"] / result["baseline_crops_per_s"]
+    assert any(line.startswith("BasicSR-style baseline") for line in lines)
