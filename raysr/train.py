@@ -478,7 +478,9 @@ def write_checkpoint(directory: str, state, metrics: dict, comparison: bytes | N
     from raysr.checkpoint import save_generator
 
     torch.save(state.state_dict(), os.path.join(directory, STATE_FILE))
-    save_generator(state.g_module, os.path.join(directory, GENERATOR_FILE), fmt="basicsr",
+    # raysr's format is BasicSR's ("params", "params_ema") plus the architecture and its arguments,
+    # so BasicSR reads it and raysr.upscale needs no --model-scale for SRCNN/VDSR.
+    save_generator(state.g_module, os.path.join(directory, GENERATOR_FILE), fmt="raysr",
                    ema=state.ema.module if state.ema is not None else None)
     with open(os.path.join(directory, METRICS_FILE), "w") as f:
         json.dump(metrics, f, indent=2, sort_keys=True)
