@@ -25,3 +25,18 @@ def test_bench_prints_both_figures_and_a_json_line(tmp_path, capsys):
     assert result["crops_per_s"] > 0 and result["baseline_crops_per_s"] > 0
     assert result["speedup_per_core"] == result["crops_per_s_per_core"] / result["baseline_crops_per_s"]
     assert any(line.startswith("BasicSR-style baseline") for line in lines)
+
+
+def test_bench_errors_go_to_stderr_and_exit_2(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    cases = [
+        (["--shards", str(tmp_path / "none-*.tar")], "no shards found"),
+        (["--shards", str(tmp_path), "--batches", "0"], "--batches must be >= 1, got 0"),
+        (["--shards", str(tmp_path), "--device", "nonsense"], "--device 'nonsense' is not a torch device"),
+    ]
+    for argv, message in cases:
+        assert bench.run(parser.parse_args(argv + ["--json"])) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""  # with --json, stdout holds the result line or nothing
+        assert captured.err.startswith("raysr.bench data: error: ") and message in captured.err

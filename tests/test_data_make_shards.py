@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import logging
+import os
+import re
 import struct
 import zlib
 
@@ -251,3 +253,58 @@ def test_an_interrupted_run_resumes_from_its_manifest(tmp_path, monkeypatch):
     resumed = make_shards([str(tmp_path / "in")], str(tmp_path / "out"), **args)
     assert resumed.reused == listed and resumed.written == len(clean.entries) - listed
     assert [e.sha256 for e in resumed.entries] == [e.sha256 for e in clean.entries]
+
+
+def _no_encoding(monkeypatch):
+    import raysr.data.make_shards as ms
+
+    def encode_not_allowed(*args):
+        raise AssertionError("encoding started before the output was checked")
+
+    monkeypatch.setattr(ms, "_encode_job", encode_not_allowed)
+
+
+@pytest.mark.parametrize("output, message", [
+    ("a-file", r"output .*a-file is an existing file, not a directory"),
+    ("a-file/shards", r"cannot write shards to output .*a-file/shards: Not a directory"),
+])
+def test_unwritable_output_exits_2_before_encoding(tmp_path, monkeypatch, capsys, output, message):
+    from raysr.data.make_shards import main
+
+    write_images(tmp_path / "in", [(64, 64)])
+    (tmp_path / "a-file").write_text("not a directory")
+    _no_encoding(monkeypatch)
+    code = main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / output), "--crop-size", "32",
+                 "--step", "32", "--min-size", "8", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("make_shards: error: ") and "Traceback" not in err
+    assert re.search(message, err)
+
+
+def test_a_write_error_midway_exits_2_naming_the_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import raysr.io
+    from raysr.data.make_shards import main
+
+    write_images(tmp_path / "in", [(96, 96)] * 3)
+    real_write, tars = raysr.io.write_stream, []
+
+    def disk_fills_on_second_shard(uri, fileobj, metadata=None):
+        if uri.endswith(".tar"):
+            tars.append(uri)
+            if len(tars) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), uri)
+        real_write(uri, fileobj, metadata)
+
+    monkeypatch.setattr(raysr.io, "write_stream", disk_fills_on_second_shard)
+    code = main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--crop-size", "48",
+                 "--step", "48", "--min-size", "16", "--shard-size-mb", "0.05", "--workers", "1"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""  # no success summary
+    last = captured.err.strip().splitlines()[-1]
+    assert last == (f"make_shards: error: No space left on device: {tars[1]}; the shards listed in the manifest "
+                    "are complete: fix the problem and re-run the same command to resume from them")
+    assert "Traceback" not in captured.err
+    assert pq.read_table(tmp_path / "out" / "manifest.parquet").column("name").to_pylist() == ["train-000000.tar"]

@@ -100,6 +100,17 @@ def test_missing_objects_raise_one_clear_error(s3_shards, bucket):
         resolve_shards(f"s3://{bucket}/elsewhere")
 
 
+def test_make_shards_to_a_missing_bucket_fails_before_encoding(s3_endpoint, tmp_path, monkeypatch):
+    import raysr.data.make_shards as ms
+
+    write_images(tmp_path / "in", [(48, 48)])
+    monkeypatch.setattr(ms, "_encode_job", lambda *a: pytest.fail("encoding started before the bucket was checked"))
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-raysr' of output s3://no-such-bucket-raysr/hr "
+                                           "does not exist .*create it or fix the URI"):
+        make_shards([str(tmp_path / "in")], "s3://no-such-bucket-raysr/hr", crop_size=CROP, step=CROP,
+                    min_size=16, workers=1, progress=False)
+
+
 class FlakyProxy:
     """A loopback TCP proxy in front of ``upstream``: it resets the first ``resets``
     connections at once, then closes the first ``cuts`` responses longer than

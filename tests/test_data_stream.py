@@ -159,17 +159,41 @@ def test_bad_data_is_skipped_counted_and_logged_once_per_shard(dataset, tmp_path
     shards, _ = dataset
     good = sorted(shards.glob("*.tar"))[0]
     expected_good = _bad_shards(tmp_path / "bad", good)
+    stats = DataStats()
     with caplog.at_level(logging.WARNING, logger="raysr.data.stream"):
-        for _ in range(2):  # a second pass logs nothing new
-            stats = DataStats()
-            got = list(iter_images(str(tmp_path / "bad"), min_size=32, stats=stats))
-            assert len(got) == stats.samples == expected_good
-            # mixed: undecodable, not-an-image, too small (3); garbage: 1; truncated: 1 (size unknown)
-            assert stats.skipped == 5 and stats.bad_shards == 2 and stats.shards == 4
+        got = list(iter_images(str(tmp_path / "bad"), min_size=32, stats=stats))
+    assert len(got) == stats.samples == expected_good
+    # mixed: undecodable, not-an-image, too small (3); garbage: 1; truncated: 1 (size unknown)
+    assert stats.skipped == 5 and stats.bad_shards == 2 and stats.shards == 4
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 3
     assert sum("b-mixed.tar" in w and "skipped 3" in w for w in warnings) == 1
     assert sum("c-garbage.tar" in w for w in warnings) == sum("d-truncated.tar" in w for w in warnings) == 1
+
+
+def _bad_shard_warnings(records) -> Counter:
+    return Counter(name for r in records for name in ("b-mixed", "c-garbage", "d-truncated")
+                   if f"{name}.tar" in r.getMessage())
+
+
+def test_bad_shards_are_logged_once_per_stream_not_once_per_process(dataset, tmp_path, caplog):
+    shards, _ = dataset
+    expected_good = _bad_shards(tmp_path / "bad", sorted(shards.glob("*.tar"))[0])
+    stats = DataStats()
+    first = iter_images(str(tmp_path / "bad"), min_size=32, resampled=True, stats=stats)
+    with caplog.at_level(logging.WARNING, logger="raysr.data.stream"):
+        # 4 passes and a bit: pass 5 begins only after pass 4's last good sample
+        for _ in range(4 * expected_good + 1):
+            next(first)
+    assert stats.shards >= 4 * 4 + 1 and stats.skipped >= 4 * 5
+    assert _bad_shard_warnings(caplog.records) == {"b-mixed": 1, "c-garbage": 1, "d-truncated": 1}
+    caplog.clear()
+    # an independent stream in the same process (a new loader, validation, a test) reports its own
+    with caplog.at_level(logging.WARNING, logger="raysr.data.stream"):
+        assert len(list(iter_images(str(tmp_path / "bad"), min_size=32))) == expected_good
+        for _ in range(expected_good):  # the first stream, still running, stays quiet
+            next(first)
+    assert _bad_shard_warnings(caplog.records) == {"b-mixed": 1, "c-garbage": 1, "d-truncated": 1}
 
 
 def test_manifest_sizes_count_every_sample_a_truncated_shard_lost(dataset, tmp_path):

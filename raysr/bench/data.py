@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import time
 
 import numpy as np
@@ -101,18 +102,37 @@ def measure_pipeline(args: argparse.Namespace) -> dict:
             "startup_s": first - start, "samples": stats["samples"], "skipped": stats["skipped"]}
 
 
-def run(args: argparse.Namespace) -> int:
+def _error(message: str) -> int:
+    # stderr: with --json, stdout's last line must stay the JSON result (or nothing)
+    print(f"raysr.bench data: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_args(args: argparse.Namespace) -> str:
+    """What is wrong with the command line, or ""."""
     for name in ("gt_size", "scale", "batch_size", "batches", "baseline_crops"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"raysr.bench data: --{name.replace('_', '-')} must be >= 1")
+            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        return f"--device {args.device!r} is not a torch device ({err}); use cpu, cuda or cuda:N"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {args.device} but torch sees no CUDA GPU; use --device cpu"
+    return ""
+
+
+def run(args: argparse.Namespace) -> int:
+    problem = _check_args(args)
+    if problem:
+        return _error(problem)
     torch.set_num_threads(1)  # per-core figures: this process uses one core, as each loader worker does
     try:
         baseline = measure_baseline(_encoded_images(args.shards, 8), args.gt_size, args.scale, args.baseline_crops,
                                     args.seed)
         ours = measure_pipeline(args)
     except (ValueError, rio.StorageError) as err:
-        print(f"raysr.bench data: error: {err}")
-        return 2
+        return _error(str(err))
     cores = max(1, args.workers)
     speedup = ours["crops_per_s_per_core"] / baseline
     print(f"raysr.data ({args.workers} workers, {args.crops_per_image} crop(s)/image, LR on {args.lr_on}): "

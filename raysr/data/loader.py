@@ -20,8 +20,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from raysr.data.sources import ShardList
-from raysr.data.stream import (DEFAULT_SHUFFLE_BUFFER, DataStats, check_int, as_shard_list, check_crop_args,
-                               check_split_args, iter_batches)
+from raysr.data.stream import (DEFAULT_SHUFFLE_BUFFER, DataStats, as_shard_list, check_crop_args, check_split_args,
+                               iter_batches)
+from raysr.util import check_int
 
 LR_ON = ("loader", "device")
 

@@ -36,7 +36,6 @@ import re
 import sys
 import tarfile
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from raysr import io as rio
 from raysr.data.decode import DECODE_ERRORS, decode_rgb, is_image_name
 from raysr.data.sources import MANIFEST_NAME
 from raysr.imageio import probe_image
+from raysr.util import Progress
 
 LOG = logging.getLogger(__name__)
 
@@ -370,42 +370,6 @@ def _old_entries(uri: str) -> list[ShardEntry]:
     return [ShardEntry(**{f: row[f] for f in MANIFEST_FIELDS}) for row in table.to_pylist()]
 
 
-# --------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """One status line on stderr: rewritten in place on a terminal, else every ~10 s."""
-
-    def __init__(self, total_images: int, enabled: bool = True, stream=None):
-        self.total, self.enabled = total_images, enabled
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.start = self.last = time.monotonic()
-        self.images = self.samples = self.shards = self.reused = self.bytes = 0
-
-    def count_shard(self, entry, reused: bool) -> None:
-        self.shards += 1
-        self.reused += int(reused)
-        self.samples += entry.samples
-        self.bytes += entry.bytes
-
-    def update(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not force and now - self.last < (0.2 if self.tty else 10.0)):
-            return
-        self.last = now
-        elapsed = now - self.start
-        rate = self.images / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.images) / rate if rate > 0 else 0.0
-        line = (f"make_shards: {self.images}/{self.total} images ({100 * self.images / max(self.total, 1):.0f}%) | "
-                f"{self.samples} samples | {self.shards} shards ({self.reused} reused) | "
-                f"{self.bytes / MIB:.1f} MiB | {rate:.1f} img/s | ETA {eta:.0f}s")
-        self.stream.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
-        if force and self.tty:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 # --------------------------------------------------------------------------- driver
 
 
@@ -481,10 +445,18 @@ class _ShardSink:
         self.uploads = ThreadPoolExecutor(UPLOAD_THREADS)
         self.in_flight: list[tuple[object, ShardEntry]] = []
 
+    def _done(self, entry: ShardEntry, reused: bool) -> None:
+        report = self.report
+        report.entries.append(entry)
+        if reused:
+            report.reused += 1
+        else:
+            report.written += 1
+        self.progress.info = (f"{report.samples} samples | {len(report.entries)} shards ({report.reused} reused) | "
+                              f"{report.bytes / MIB:.1f} MiB")
+
     def reuse(self, entry: ShardEntry) -> None:
-        self.report.entries.append(entry)
-        self.report.reused += 1
-        self.progress.count_shard(entry, reused=True)
+        self._done(entry, reused=True)
 
     def put(self, builder: _ShardBuilder, index: int, start: int, count: int, plan: _Plan) -> None:
         nbytes, digest = builder.finish()
@@ -499,15 +471,15 @@ class _ShardSink:
 
     def _collect(self, block: bool) -> None:
         done = 0
-        while self.in_flight and (block or self.in_flight[0][0].done()):
-            future, entry = self.in_flight.pop(0)
-            future.result()
-            self.report.entries.append(entry)
-            self.report.written += 1
-            self.progress.count_shard(entry, reused=False)
-            done += 1
-        if done:  # a small file next to 256 MB shards: rewriting it each time costs nothing
-            write_manifest(self.report.manifest, self.report.entries, self.settings)
+        try:
+            while self.in_flight and (block or self.in_flight[0][0].done()):
+                future, entry = self.in_flight.pop(0)
+                future.result()
+                self._done(entry, reused=False)
+                done += 1
+        finally:  # also when a later upload failed: the shards before it are complete
+            if done:  # a small file next to 256 MB shards: rewriting it each time costs nothing
+                write_manifest(self.report.manifest, self.report.entries, self.settings)
 
     def finish(self) -> None:
         self._collect(block=True)
@@ -534,10 +506,50 @@ def _fill(builder: _ShardBuilder, plan: _Plan, cursor: int, stop: int, limit: in
             report.skipped.append((image.path, problem))
         if crop_index == len(image.keys) - 1:
             encoder.release(image_index)
-            progress.images = image_index + 1
+            progress.update(done=image_index + 1)
         cursor += 1
         progress.update()
     return cursor
+
+
+def check_output(output: str) -> None:
+    """Raise :class:`raysr.io.StorageError` unless shards can be written under ``output``.
+
+    Local: an existing directory, or one that can be created, in which a file
+    can be created (permission, read-only file system). S3: the bucket must
+    exist (a 403 on the bucket is let through: a policy may allow PutObject but
+    not HeadBucket, and the first upload would name a real denial). Run before
+    any encoding, so a bad ``--output`` costs seconds, not an encoding pass.
+    A full disk can only show while writing; :func:`main` reports that too.
+    """
+    if rio.is_s3(output):
+        _check_bucket(output)
+        return
+    path = Path(output)
+    if path.exists() and not path.is_dir():
+        raise rio.StorageError(f"output {output} is an existing file, not a directory; give a directory "
+                               "(created if missing) or an s3://bucket/prefix")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise rio.StorageError(f"cannot write shards to output {output}: {err.strerror or err}"
+                               f"{f' ({err.filename})' if err.filename and str(err.filename) != output else ''}; "
+                               "choose a directory you can write to") from err
+
+
+def _check_bucket(output: str) -> None:
+    bucket, _ = rio.split_s3(output)
+    try:
+        rio.s3_client().head_bucket(Bucket=bucket)
+    except Exception as err:  # botocore raises several unrelated classes
+        code = str((getattr(err, "response", None) or {}).get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            raise rio.StorageError(f"bucket {bucket!r} of output {output} does not exist (S3 said {code}); "
+                                   "create it or fix the URI") from err
+        if code not in ("403", "AccessDenied"):
+            raise rio.StorageError(f"cannot reach the bucket of output {output}: {err}") from err
 
 
 def make_shards(inputs: Sequence[str], output: str, *, crop_size: int = 480, step: int = 240, min_size: int = 128,
@@ -552,11 +564,15 @@ def make_shards(inputs: Sequence[str], output: str, *, crop_size: int = 480, ste
     shard_size_mb: upper bound per shard in MiB (a single larger sample gets a
     shard of its own); workers: encoding processes (default: all cores).
     Returns a :class:`ShardsReport`. Raises ValueError for bad settings or
-    when no usable image is found.
+    when no usable image is found, :class:`raysr.io.StorageError` when
+    ``output`` cannot be written (checked before encoding, see
+    :func:`check_output`), OSError when a write fails later (e.g. disk full;
+    finished shards stay in the manifest and a re-run resumes).
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
     output = output if rio.is_s3(output) else os.path.abspath(os.path.expanduser(output))
     _check_settings(crop_size, step, min_size, fmt, quality, shard_size_mb, workers)
+    check_output(output)
     settings = {"crop_size": crop_size, "step": step, "min_size": min_size, "format": fmt, "quality": quality,
                 "shard_size_mb": shard_size_mb}
     images, skipped = plan_images(inputs, crop_size, step, min_size)
@@ -573,7 +589,8 @@ def make_shards(inputs: Sequence[str], output: str, *, crop_size: int = 480, ste
     covered = {s for e in reusable.values() for s in range(e.plan_start, e.plan_start + e.plan_count)}
     to_encode = sorted({plan.crops[s][0] for s in range(len(plan)) if s not in covered})
 
-    shown = Progress(len(images), enabled=progress)
+    # on a log file, a line every 10 s is enough
+    shown = Progress(len(images), "make_shards", unit="images", enabled=progress, interval=10.0)
     encoder = _Encoder(images, EncodeSettings(fmt, quality), workers, to_encode)
     sink = _ShardSink(output, settings, report, shown)
     limit = int(shard_size_mb * MIB)
@@ -583,7 +600,7 @@ def make_shards(inputs: Sequence[str], output: str, *, crop_size: int = 480, ste
             if index in reusable and reusable[index].plan_start == cursor:
                 sink.reuse(reusable[index])
                 cursor += reusable[index].plan_count
-                shown.images = plan.crops[cursor - 1][0] + 1
+                shown.update(done=plan.crops[cursor - 1][0] + 1)
                 index += 1
                 continue
             # a new shard runs to the size limit, or up to the next reusable shard
@@ -596,11 +613,11 @@ def make_shards(inputs: Sequence[str], output: str, *, crop_size: int = 480, ste
                 sink.put(builder, index, start, cursor - start, plan)
                 index += 1
         sink.finish()
+        shown.update(done=len(images))
     finally:
         encoder.close()
         sink.close()
-    shown.images = len(images)
-    shown.update(force=True)
+        shown.finish()  # ends the line on a terminal, also before an error message
     report.entries.sort(key=lambda e: e.shard)
     stale = sorted({e.url for e in old_entries if e.shard >= len(report.entries)})
     if stale:
@@ -651,6 +668,11 @@ def main(argv: list[str] | None = None) -> int:
                              shard_size_mb=args.shard_size_mb, workers=args.workers)
     except (ValueError, rio.StorageError) as err:
         print(f"make_shards: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a write failing midway: disk full, quota, a vanished mount
+        where = f": {err.filename}" if err.filename else ""
+        print(f"make_shards: error: {err.strerror or err}{where}; the shards listed in the manifest are complete: "
+              "fix the problem and re-run the same command to resume from them", file=sys.stderr)
         return 2
     print(f"make_shards: {len(report.entries)} shards ({report.written} written, {report.reused} reused), "
           f"{report.samples} samples, {report.bytes / MIB:.1f} MiB, {len(report.skipped)} inputs skipped; "

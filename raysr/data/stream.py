@@ -39,6 +39,7 @@ from raysr import io as rio
 from raysr.data.decode import DECODE_ERRORS, decode_rgb, is_image_name
 from raysr.data.sources import ShardList, resolve_shards
 from raysr.ops.resize import imresize
+from raysr.util import check_int
 
 LOG = logging.getLogger(__name__)
 
@@ -77,13 +78,6 @@ class DataStats:
 
 
 # --------------------------------------------------------------------------- argument checks
-
-
-def check_int(name: str, value, minimum: int = 1) -> int:
-    """``value`` as int if it is an integer >= ``minimum``; else ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def check_crop_args(gt_size: int, scale: int, crops_per_image: int = 1, shuffle_buffer: int = 0) -> None:
@@ -224,26 +218,28 @@ def _decode_sample(key: str, files: dict[str, bytes], min_size: int) -> tuple[np
     return image, ""
 
 
-_reported_shards: set[str] = set()
-
-
-def _report(url: str, skipped: int, total: int | None, first_problem: str) -> None:
-    # once per shard and process: a resampled stream re-reads the same bad shard every pass
-    if url in _reported_shards:
-        return
-    _reported_shards.add(url)
+def _report(url: str, skipped: int, total: int | None, first_problem: str, reported: set[str] | None) -> None:
+    # once per shard and stream: a resampled stream re-reads the same bad shard every pass
+    if reported is not None:
+        if url in reported:
+            return
+        reported.add(url)
     of = f" of {total}" if total is not None else ""
-    LOG.warning("shard %s: skipped %d%s samples (first: %s); counted in the loader stats, "
-                "not logged again for this shard", url, skipped, of, first_problem)
+    again = ", not logged again for this shard" if reported is not None else ""
+    LOG.warning("shard %s: skipped %d%s samples (first: %s); counted in the loader stats%s",
+                url, skipped, of, first_problem, again)
 
 
-def iter_shard(url: str, min_size: int, stats: DataStats,
-               expected: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
+def iter_shard(url: str, min_size: int, stats: DataStats, expected: int | None = None,
+               reported: set[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """``(key, (H,W,3) uint8 RGB)`` for every good sample of one shard.
 
     Bad samples are skipped and counted in ``stats.skipped``; ``expected`` (from
     the manifest) lets a tar cut short at a member boundary count its missing
-    samples too. Raises StorageError if the shard is missing or denied.
+    samples too. A shard with skipped samples is logged (one warning) unless its
+    URL is in ``reported``, the set of shards the calling stream has already
+    logged, which it is then added to (None: log every time). Raises
+    StorageError if the shard is missing or denied.
     """
     stats.shards += 1
     good, bad, first_problem = 0, 0, ""
@@ -270,7 +266,7 @@ def iter_shard(url: str, min_size: int, stats: DataStats,
         first_problem = first_problem or f"tar ended after {good} samples"
     stats.skipped += bad
     if bad:
-        _report(url, bad, expected, first_problem)
+        _report(url, bad, expected, first_problem, reported)
 
 
 def iter_images(shards, *, seed: int = 0, rank: int = 0, world_size: int = 1, resampled: bool = False,
@@ -289,9 +285,10 @@ def iter_images(shards, *, seed: int = 0, rank: int = 0, world_size: int = 1, re
     stats = stats if stats is not None else DataStats()
     consumer, num_consumers = consumer_id(rank, world_size)
     barren: set[int] = set()
+    reported: set[str] = set()  # bad shards this stream has logged
     for index in shard_order(len(shard_list), seed, consumer, num_consumers, resampled):
         produced = False
-        for sample in iter_shard(shard_list.urls[index], min_size, stats, shard_list.samples[index]):
+        for sample in iter_shard(shard_list.urls[index], min_size, stats, shard_list.samples[index], reported):
             produced = True
             yield sample
         barren = set() if produced else barren | {index}

@@ -19,9 +19,10 @@ import torch
 from raysr import io as rio
 from raysr.data.decode import DECODE_ERRORS, decode_rgb
 from raysr.data.sources import MANIFEST_NAME, SHARD_SUFFIXES, resolve_shards
-from raysr.data.stream import DataStats, check_int, iter_shard, make_lr
+from raysr.data.stream import DataStats, iter_shard, make_lr
 from raysr.imageio import list_images
 from raysr.io import StorageError
+from raysr.util import check_int
 
 LOG = logging.getLogger(__name__)
 

@@ -7,6 +7,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from raysr.util import check_int  # re-exported: the networks import it from here
+
+__all__ = ["default_init_weights", "check_int", "check_choice", "check_image_batch"]
+
 
 @torch.no_grad()
 def default_init_weights(modules: nn.Module | Iterable[nn.Module], scale: float = 1.0,
@@ -29,13 +33,6 @@ def default_init_weights(modules: nn.Module | Iterable[nn.Module], scale: float 
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 nn.init.ones_(m.weight)
                 nn.init.constant_(m.bias, bias_fill)
-
-
-def check_int(name: str, value, minimum: int = 1) -> int:
-    """``value`` as an int >= ``minimum``; ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def check_choice(name: str, value, allowed: Iterable) -> None:
