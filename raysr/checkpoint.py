@@ -15,6 +15,9 @@ never runs code):
 * ESRGAN 2018 release: ``model.0`` (conv_first), ``model.1.sub.N.RDBk.convj.0``,
   ``model.1.sub.{num_block}`` (trunk conv), ``model.3/6/8/10``.
 * MMSR's MSRResNet: ``recon_trunk.N.conv1``, ``HRconv``.
+* A raysr training state (``state.pt`` of a run: ``step``, ``config``, ``g``,
+  ``opt_g``, … and ``g_ema`` when EMA is on): the generator is rebuilt from the
+  run's ``config["model"]["generator"]`` and loaded with ``g_ema``, else ``g``.
 
 ``params_ema`` is preferred over ``params``; ``module.`` (DDP) and ``_orig_mod.``
 (torch.compile) prefixes are dropped. Architecture hyper-parameters are read
@@ -32,8 +35,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from raysr.config import GeneratorConfig
+from raysr.engine import generator_from_config
 from raysr.io import read_bytes, write_bytes
-from raysr.models import build_generator, generator_name
+from raysr.models import GENERATORS, build_generator, generator_name
 
 RAYSR_FORMAT_VERSION = 1
 SAVE_FORMATS = ("basicsr", "raysr")
@@ -42,7 +47,8 @@ SUPPORTED = ("raysr {'format': 'raysr', 'arch', 'kwargs', 'params'[, 'params_ema
              "(conv_first, body.N.rdb1.conv1 / body.N.conv1, conv_body, conv_up1, conv_hr, conv_last); "
              "ESRGAN repo (RRDB_trunk.N.RDB1.conv1, trunk_conv, upconv1, HRconv); "
              "ESRGAN 2018 release (model.0, model.1.sub.N.RDB1.conv1.0, model.3/6/8/10); "
-             "MMSR MSRResNet (recon_trunk.N.conv1, HRconv)")
+             "MMSR MSRResNet (recon_trunk.N.conv1, HRconv); "
+             "raysr training state.pt {'step', 'config', 'g'[, 'g_ema'], ...}")
 # Prefixes wrappers put on every key: DistributedDataParallel and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -104,6 +110,13 @@ def load_generator(source: str | os.PathLike | Mapping, **overrides) -> nn.Modul
                              f"{RAYSR_FORMAT_VERSION}); upgrade raysr")
         arch, kwargs = obj.get("arch"), dict(obj.get("kwargs") or {})
         state = _strip_wrapper_prefixes(_pick_params(obj))
+    elif _is_training_state(obj):
+        model = _training_state_generator(obj["config"])
+        if overrides:
+            model = build_generator(generator_name(model), **{**model.config, **overrides})
+        state = _strip_wrapper_prefixes(dict(obj["g_ema"] if _is_state_dict(obj.get("g_ema")) else obj["g"]))
+        load_exact(model, state, f"{generator_name(model)}({_format_kwargs(model.config)})")
+        return model.eval()
     else:
         state = _to_basicsr_names(_strip_wrapper_prefixes(_pick_params(obj)))
         arch, kwargs = _infer_arch(state, overrides)
@@ -130,6 +143,28 @@ def _read(uri: str | os.PathLike) -> object:
 def _is_state_dict(obj) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _is_training_state(obj: Mapping) -> bool:
+    """A raysr.engine.TrainState.state_dict(): the run's config plus generator weights under ``g``."""
+    return isinstance(obj.get("config"), Mapping) and _is_state_dict(obj.get("g"))
+
+
+def _training_state_generator(config: Mapping) -> nn.Module:
+    """The generator a run's saved config (``Config.to_dict()``) names, built as raysr.train built it."""
+    model_cfg = config.get("model")
+    g = model_cfg.get("generator") if isinstance(model_cfg, Mapping) else None
+    if not isinstance(g, Mapping):
+        raise ValueError(f"training state's config has no model.generator section (config keys: "
+                         f"{_sample(config)}); the state.pt is not from raysr.train")
+    if g.get("name") not in GENERATORS:
+        raise ValueError(f"training state's model.generator.name {g.get('name')!r} is not a raysr generator; "
+                         f"known: {sorted(GENERATORS)}")
+    try:
+        g_cfg = GeneratorConfig(**g)
+    except TypeError as err:  # a key this raysr's GeneratorConfig does not have
+        raise ValueError(f"training state's model.generator {dict(g)} does not fit this raysr version: {err}") from err
+    return generator_from_config(g_cfg)
 
 
 def _pick_params(obj: Mapping) -> dict[str, torch.Tensor]:

@@ -47,6 +47,9 @@ class DiscriminatorConfig:
     num_feat: int = 64
     input_size: int = 128  # vgg only: must equal data.gt_size
     dense_feat: int = 100  # vgg only: 100 (ESRGAN/BasicSR) or 1024 (SRGAN paper)
+    # vgg only: basicsr = BasicSR's VGGStyleDiscriminator (ESRGAN: 10 convs, 4x4 stride 2);
+    # paper = SRGAN paper Fig. 4 (8 convs 3x3, stride 1/2 alternating, 64 -> 512 channels)
+    variant: Literal["basicsr", "paper"] = "basicsr"
 
 
 @dataclass
@@ -396,6 +399,9 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"data.gt_size ({data.gt_size}) must equal model.discriminator.input_size "
                                   f"({d.input_size}) for the VGG discriminator; set both to the same value "
                                   "or use model.discriminator.name=unet (any size)")
+        elif d.variant != "basicsr":
+            raise ConfigError(f"model.discriminator.variant: {d.variant!r} applies to the vgg discriminator "
+                              "only; remove it or set model.discriminator.name=vgg")
         perc = cfg.loss.perceptual
         for layer in perc.layers:
             if layer not in _VGG_LAYERS:

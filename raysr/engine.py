@@ -41,7 +41,8 @@ def generator_from_config(g: GeneratorConfig) -> nn.Module:
 def discriminator_from_config(cfg: Config) -> nn.Module:
     d = cfg.model.discriminator
     if d.name == "vgg":
-        return build_discriminator("vgg", num_feat=d.num_feat, input_size=d.input_size, dense_feat=d.dense_feat)
+        return build_discriminator("vgg", num_feat=d.num_feat, input_size=d.input_size, dense_feat=d.dense_feat,
+                                   variant=d.variant)
     return build_discriminator("unet", num_feat=d.num_feat)
 
 

@@ -10,6 +10,8 @@ from torch import nn
 
 import raysr.io
 from raysr.checkpoint import interpolate, load_generator, save_generator
+from raysr.config import load_config
+from raysr.engine import build_state
 from raysr.models import SRCNN, VDSR, RRDBNet, SRResNet, build_generator
 
 RRDB_KW = dict(num_feat=6, num_block=2, num_grow_ch=3)
@@ -243,6 +245,58 @@ def test_s3_save_and_load(s3_bucket):
     same_network(load_generator(uri.replace("g.pth", "basicsr.pth")), raw)
     with pytest.raises(raysr.io.StorageError, match="does not exist"):
         load_generator(f"s3://{s3_bucket}/runs/none.pth")
+
+
+# --------------------------------------------------------------------------- training states
+
+
+TRAINING_GENERATORS = {
+    "rrdbnet": (["model.generator.name=rrdbnet", "model.generator.num_feat=6", "model.generator.num_block=2",
+                 "model.generator.num_grow_ch=3"], lambda: RRDBNet(**RRDB_KW)),
+    "srresnet-paper": (["model.generator.name=srresnet", "model.generator.variant=paper",
+                        "model.generator.num_feat=5", "model.generator.num_block=2", "model.generator.scale=3",
+                        "data.gt_size=36"], lambda: SRResNet(num_feat=5, num_block=2, scale=3, variant="paper")),
+}
+
+
+def training_state(tmp_path, arch: str, ema_decay: float) -> tuple[str, dict]:
+    """A run's state.pt as raysr.engine writes it, with G (seed 1) and its EMA (seed 2) set apart."""
+    cfg = load_config("quickstart", overrides=TRAINING_GENERATORS[arch][0] + [f"train.ema_decay={ema_decay}"])
+    state = build_state(cfg, torch.device("cpu"))
+    randomized(state.g_module, seed=1)
+    if state.ema is not None:
+        randomized(state.ema.module, seed=2)
+    sd = state.state_dict()
+    return save(sd, tmp_path / "state.pt"), sd
+
+
+@pytest.mark.parametrize("arch", sorted(TRAINING_GENERATORS))
+def test_training_state_loads_the_ema_generator(arch, tmp_path):
+    path, sd = training_state(tmp_path, arch, ema_decay=0.9)
+    assert {"step", "config", "g", "g_ema", "opt_g", "sched_g", "rng"} <= set(sd)
+    build = TRAINING_GENERATORS[arch][1]
+    same_network(load_generator(path), randomized(build(), seed=2), size=(6, 7))
+    same_network(load_generator(sd), randomized(build(), seed=2), size=(6, 7))  # an already-loaded dict
+
+
+def test_training_state_without_ema_loads_g(tmp_path):
+    path, sd = training_state(tmp_path, "rrdbnet", ema_decay=0.0)
+    assert "g_ema" not in sd
+    same_network(load_generator(path), rrdbnet(seed=1))
+
+
+def test_training_state_errors(tmp_path):
+    _, sd = training_state(tmp_path, "rrdbnet", ema_decay=0.0)
+    with pytest.raises(ValueError, match=r"weights do not fit rrdbnet\(.*num_block=1.*unexpected \['body.1."):
+        load_generator(sd, num_block=1)  # overrides replace the run's config
+    with pytest.raises(ValueError, match=r"config has no model.generator section \(config keys: \['data'\]\)"):
+        load_generator({**sd, "config": {"data": {}}})
+    renamed = {**sd["config"], "model": {"generator": {**sd["config"]["model"]["generator"], "name": "edsr"}}}
+    with pytest.raises(ValueError, match=r"model.generator.name 'edsr' is not a raysr generator; known: \['rrdbnet'"):
+        load_generator({**sd, "config": renamed})
+    extra = {**sd["config"], "model": {"generator": {**sd["config"]["model"]["generator"], "depth": 3}}}
+    with pytest.raises(ValueError, match=r"does not fit this raysr version: .*'depth'"):
+        load_generator({**sd, "config": extra})
 
 
 # --------------------------------------------------------------------------- interpolation

@@ -282,10 +282,68 @@ def test_vgg_discriminator_structure_and_forward(input_size, num_stages, final):
     torch.testing.assert_close(out, vgg_discriminator_reference(d.state_dict(), x, num_stages), atol=1e-10, rtol=0)
 
 
-def test_vgg_discriminator_errors_name_the_fix():
+# SRGAN paper, Fig. 4: (channels, stride) of the eight 3x3 convs for num_feat = 64
+SRGAN_PAPER_CONVS = [(64, 1), (64, 2), (128, 1), (128, 2), (256, 1), (256, 2), (512, 1), (512, 2)]
+
+
+def srgan_paper_discriminator_reference(sd, x, num_feat):
+    """Ledig et al. 2017 Fig. 4: conv-LReLU, 7 x (conv-BN-LReLU), dense-LReLU-dense (BN in eval mode)."""
+    feat = x
+    for k, (channels, stride) in enumerate(SRGAN_PAPER_CONVS):
+        w = sd[f"conv{k}.weight"]
+        assert w.shape[0] == channels * num_feat // 64 and w.shape[-2:] == (3, 3)
+        feat = F.conv2d(feat, w, sd.get(f"conv{k}.bias"), stride=stride, padding=1)
+        feat = lrelu(feat if k == 0 else bn(feat, sd, f"bn{k}"), 0.2)
+    feat = lrelu(F.linear(feat.flatten(1), sd["linear1.weight"], sd["linear1.bias"]), 0.2)
+    return F.linear(feat, sd["linear2.weight"], sd["linear2.bias"])
+
+
+@pytest.mark.parametrize("input_size", [96, 128, 192, 256])
+def test_srgan_paper_discriminator_structure_and_forward(input_size):
+    d = randomize_(VGGDiscriminator(num_feat=4, input_size=input_size, dense_feat=7, variant="paper"))
+    expected = ["conv0.weight", "conv0.bias"]
+    for k in range(1, 8):
+        expected += [f"conv{k}.weight", f"bn{k}.weight", f"bn{k}.bias"]
+    assert [k for k, _ in d.named_parameters()] == expected + [
+        "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"]
+    final = input_size // 16  # four stride-2 convs
+    assert d.linear1.weight.shape == (7, 4 * 8 * final * final)
+    x = torch.rand(2, 3, input_size, input_size, dtype=torch.float64)
+    with torch.no_grad():
+        out = d(x)
+    assert out.shape == (2, 1)
+    torch.testing.assert_close(out, srgan_paper_discriminator_reference(d.state_dict(), x, 4), atol=1e-10, rtol=0)
+
+
+def test_srgan_paper_discriminator_full_width_is_6x6x512_at_96():
+    d = VGGDiscriminator(input_size=96, dense_feat=1024, variant="paper").eval()
+    seen = {}
+    d.bn7.register_forward_hook(lambda m, i, o: seen.update(last=o.shape))  # returns None: output kept
+    with torch.no_grad():
+        assert d(torch.rand(1, 3, 96, 96)).shape == (1, 1)
+    assert seen["last"] == (1, 512, 6, 6)
+    assert d.linear1.weight.shape == (1024, 512 * 6 * 6) and d.linear2.weight.shape == (1, 1024)
+    assert d.conv0.bias is not None and all(getattr(d, f"conv{k}").bias is None for k in range(1, 8))
+    assert d.config["variant"] == "paper"
+
+
+def test_srgan_preset_builds_the_paper_discriminator():
+    from raysr.config import ConfigError, load_config
+    from raysr.engine import discriminator_from_config
+
+    random_vgg = ["loss.perceptual.allow_random_weights=true"]
+    d = discriminator_from_config(load_config("srgan_x4", overrides=random_vgg))
+    assert d.config == dict(num_in_ch=3, num_feat=64, input_size=96, dense_feat=1024, variant="paper")
+    assert discriminator_from_config(load_config("esrgan_x4", overrides=random_vgg)).config["variant"] == "basicsr"
+    with pytest.raises(ConfigError, match=r"model.discriminator.variant: 'paper' applies to the vgg discriminator"):
+        load_config("srgan_x4", overrides=random_vgg + ["model.discriminator.name=unet"])
+
+
+@pytest.mark.parametrize("variant", ["basicsr", "paper"])
+def test_vgg_discriminator_errors_name_the_fix(variant):
     with pytest.raises(ValueError, match=r"\[96, 128, 192, 256\]"):
-        VGGDiscriminator(input_size=100)
-    d = VGGDiscriminator(num_feat=2, input_size=96)
+        VGGDiscriminator(input_size=100, variant=variant)
+    d = VGGDiscriminator(num_feat=2, input_size=96, variant=variant)
     with pytest.raises(ValueError, match=r"96x96.*got 128x128.*data.gt_size must equal"):
         d(torch.rand(1, 3, 128, 128))
 
@@ -344,6 +402,7 @@ def test_builders_expose_every_network():
     assert DISCRIMINATORS == {"vgg": VGGDiscriminator, "unet": UNetDiscriminatorSN}
     assert isinstance(build_discriminator("vgg", num_feat=2, input_size=96), VGGDiscriminator)
     assert isinstance(build_discriminator("unet", num_feat=2), UNetDiscriminatorSN)
+    assert build_discriminator("vgg", num_feat=2, input_size=96, variant="paper").variant == "paper"
 
 
 @pytest.mark.parametrize("call,message", [
@@ -363,6 +422,7 @@ def test_builders_expose_every_network():
     (lambda: build_generator("srcnn", num_feat=64), r"num_feat must be two channel counts"),
     (lambda: build_discriminator("vgg", input_size=64), r"input_size must be one of \[96, 128, 192, 256\]"),
     (lambda: build_discriminator("unet", skip_connection="yes"), r"skip_connection must be True or False"),
+    (lambda: build_discriminator("vgg", variant="srgan"), r"variant must be one of \['basicsr', 'paper'\]"),
 ])
 def test_builder_errors_list_allowed_values(call, message):
     with pytest.raises(ValueError, match=message):

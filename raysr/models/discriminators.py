@@ -1,6 +1,7 @@
-"""GAN discriminators: the VGG-style classifier of SRGAN/ESRGAN and Real-ESRGAN's U-Net.
+"""GAN discriminators: the VGG-style classifiers of SRGAN (paper) / ESRGAN (BasicSR) and
+Real-ESRGAN's U-Net.
 
-Both return raw logits; the losses apply the sigmoid (or the relativistic
+All return raw logits; the losses apply the sigmoid (or the relativistic
 average) themselves.
 """
 
@@ -11,60 +12,96 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import spectral_norm
 
-from raysr.models.common import check_image_batch, check_int
+from raysr.models.common import check_choice, check_image_batch, check_int
 
-# input size -> number of stride-2 stages; the last feature map is 3, 4, 6 or 4 pixels wide
-VGG_STAGES = {96: 5, 128: 5, 192: 5, 256: 6}
+VGG_INPUT_SIZES = (96, 128, 192, 256)
+VGG_VARIANTS = ("basicsr", "paper")
+# basicsr: input size -> number of stride-2 stages; the last feature map is 3, 4, 6 or 4 pixels wide
+BASICSR_STAGES = {96: 5, 128: 5, 192: 5, 256: 6}
+# paper (Ledig et al. 2017, Fig. 4): (channel multiplier, stride) of conv1..conv7, all 3x3 + BN
+PAPER_BLOCKS = ((1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (8, 1), (8, 2))
 
 
 class VGGDiscriminator(nn.Module):
-    """BasicSR's ``VGGStyleDiscriminator`` (SRGAN / ESRGAN), image -> one logit.
+    """The VGG-style classifier of SRGAN / ESRGAN, image -> one logit. LeakyReLU 0.2
+    after every conv and after ``linear1``; convs followed by BN have no bias.
 
-    Stage 0: ``conv0_0`` (3x3, bias) -> LReLU, ``conv0_1`` (4x4 stride 2) -> ``bn0_1`` -> LReLU.
-    Stage i >= 1: ``conv{i}_0`` (3x3) -> ``bn{i}_0`` -> LReLU, ``conv{i}_1`` (4x4 stride 2)
-    -> ``bn{i}_1`` -> LReLU, with channels num_feat * (1, 2, 4, 8, 8, 8) per stage.
-    Five stages for input 96 / 128 / 192 (final 3x3 / 4x4 / 6x6 map), six
-    (``conv5_*``) for 256. Then ``linear1`` (-> dense_feat) -> LReLU -> ``linear2`` (-> 1).
+    ``variant="basicsr"``: BasicSR's ``VGGStyleDiscriminator`` (ESRGAN), same
+    parameter names. Stage 0: ``conv0_0`` (3x3, bias) -> LReLU, ``conv0_1`` (4x4
+    stride 2) -> ``bn0_1`` -> LReLU. Stage i >= 1: ``conv{i}_0`` (3x3) -> ``bn{i}_0``
+    -> LReLU, ``conv{i}_1`` (4x4 stride 2) -> ``bn{i}_1`` -> LReLU, with channels
+    num_feat * (1, 2, 4, 8, 8, 8) per stage. Five stages for input 96 / 128 / 192
+    (final 3x3 / 4x4 / 6x6 map), six (``conv5_*``) for 256.
+
+    ``variant="paper"``: the SRGAN paper's network (Ledig et al. 2017, Fig. 4).
+    ``conv0`` (3x3, bias, no BN) -> LReLU, then ``conv1..conv7`` (3x3) -> ``bn1..bn7``
+    -> LReLU with channels num_feat * (1, 2, 2, 4, 4, 8, 8) and strides
+    (2, 1, 2, 1, 2, 1, 2): a 96x96 input ends as 6x6 x 8*num_feat (input_size / 16
+    in general, so ``linear1`` grows with input_size^2: 18.9M weights at 96 with
+    dense_feat 1024, 134M at 256).
+
+    Both end with ``linear1`` (-> dense_feat) -> LReLU -> ``linear2`` (-> 1).
 
     Args:
         num_in_ch: channels of the input image.
-        num_feat: channels of the first stage (64).
+        num_feat: channels of the first conv (64).
         input_size: H = W of the input; one of 96, 128, 192, 256. Must equal the
             training crop ``data.gt_size``.
         dense_feat: width of the hidden dense layer: 100 (ESRGAN / BasicSR) or
             1024 (SRGAN paper).
+        variant: ``"basicsr"`` or ``"paper"``, as above.
     """
 
-    def __init__(self, num_in_ch: int = 3, num_feat: int = 64, input_size: int = 128, dense_feat: int = 100):
+    def __init__(self, num_in_ch: int = 3, num_feat: int = 64, input_size: int = 128, dense_feat: int = 100,
+                 variant: str = "basicsr"):
         super().__init__()
         check_int("num_in_ch", num_in_ch)
         check_int("num_feat", num_feat)
         check_int("dense_feat", dense_feat)
-        if isinstance(input_size, bool) or input_size not in VGG_STAGES:
-            raise ValueError(f"VGGDiscriminator input_size must be one of {sorted(VGG_STAGES)}, got {input_size!r}; "
-                             "set data.gt_size to one of these (or use the 'unet' discriminator, "
-                             "which takes any size)")
+        check_choice("variant", variant, VGG_VARIANTS)
+        if isinstance(input_size, bool) or input_size not in VGG_INPUT_SIZES:
+            raise ValueError(f"VGGDiscriminator input_size must be one of {list(VGG_INPUT_SIZES)}, got "
+                             f"{input_size!r}; set data.gt_size to one of these (or use the 'unet' "
+                             "discriminator, which takes any size)")
         self.num_in_ch = num_in_ch
         self.input_size = input_size
-        self.num_stages = VGG_STAGES[input_size]
-        self.config = dict(num_in_ch=num_in_ch, num_feat=num_feat, input_size=input_size, dense_feat=dense_feat)
+        self.variant = variant
+        self.config = dict(num_in_ch=num_in_ch, num_feat=num_feat, input_size=input_size, dense_feat=dense_feat,
+                           variant=variant)
 
-        channels = [num_feat * m for m in (1, 2, 4, 8, 8, 8)[:self.num_stages]]
-        self.conv0_0 = nn.Conv2d(num_in_ch, num_feat, 3, 1, 1, bias=True)
-        # convs followed by BN carry no bias: BN's shift replaces it
-        self.conv0_1 = nn.Conv2d(num_feat, num_feat, 4, 2, 1, bias=False)
-        self.bn0_1 = nn.BatchNorm2d(num_feat)
-        for i in range(1, self.num_stages):
-            c_in, c = channels[i - 1], channels[i]
-            setattr(self, f"conv{i}_0", nn.Conv2d(c_in, c, 3, 1, 1, bias=False))
-            setattr(self, f"bn{i}_0", nn.BatchNorm2d(c))
-            setattr(self, f"conv{i}_1", nn.Conv2d(c, c, 4, 2, 1, bias=False))
-            setattr(self, f"bn{i}_1", nn.BatchNorm2d(c))
+        layers = self._basicsr_layers(num_feat, input_size) if variant == "basicsr" else self._paper_layers(num_feat)
+        # (conv name, bn name or None) in forward order; the first conv has a bias and no BN
+        layer_names = []
+        c_in = num_in_ch
+        for conv_name, bn_name, c_out, kernel, stride in layers:
+            setattr(self, conv_name, nn.Conv2d(c_in, c_out, kernel, stride, 1, bias=bn_name is None))
+            if bn_name is not None:
+                setattr(self, bn_name, nn.BatchNorm2d(c_out))
+            layer_names.append((conv_name, bn_name))
+            c_in = c_out
+        self.layer_names = tuple(layer_names)
 
-        final = input_size // 2 ** self.num_stages
-        self.linear1 = nn.Linear(channels[-1] * final * final, dense_feat)
+        num_down = sum(stride == 2 for *_, stride in layers)
+        final = input_size // 2 ** num_down
+        self.linear1 = nn.Linear(c_in * final * final, dense_feat)
         self.linear2 = nn.Linear(dense_feat, 1)
         self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
+
+    @staticmethod
+    def _basicsr_layers(num_feat: int, input_size: int) -> list[tuple]:
+        """(conv name, bn name, out channels, kernel, stride) of VGGStyleDiscriminator."""
+        channels = [num_feat * m for m in (1, 2, 4, 8, 8, 8)[:BASICSR_STAGES[input_size]]]
+        layers = [("conv0_0", None, num_feat, 3, 1), ("conv0_1", "bn0_1", num_feat, 4, 2)]
+        for i, c in enumerate(channels[1:], start=1):
+            layers += [(f"conv{i}_0", f"bn{i}_0", c, 3, 1), (f"conv{i}_1", f"bn{i}_1", c, 4, 2)]
+        return layers
+
+    @staticmethod
+    def _paper_layers(num_feat: int) -> list[tuple]:
+        """(conv name, bn name, out channels, kernel, stride) of the SRGAN paper's discriminator."""
+        return [("conv0", None, num_feat, 3, 1)] + [
+            (f"conv{k}", f"bn{k}", num_feat * mult, 3, stride)
+            for k, (mult, stride) in enumerate(PAPER_BLOCKS, start=1)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, num_in_ch, input_size, input_size) float -> (N, 1) logits."""
@@ -73,11 +110,12 @@ class VGGDiscriminator(nn.Module):
             raise ValueError(f"VGGDiscriminator was built for {self.input_size}x{self.input_size} inputs but got "
                              f"{x.shape[-2]}x{x.shape[-1]}; data.gt_size must equal the discriminator "
                              "input_size")
-        feat = self.lrelu(self.conv0_0(x))
-        feat = self.lrelu(self.bn0_1(self.conv0_1(feat)))
-        for i in range(1, self.num_stages):
-            feat = self.lrelu(getattr(self, f"bn{i}_0")(getattr(self, f"conv{i}_0")(feat)))
-            feat = self.lrelu(getattr(self, f"bn{i}_1")(getattr(self, f"conv{i}_1")(feat)))
+        feat = x
+        for conv_name, bn_name in self.layer_names:
+            feat = getattr(self, conv_name)(feat)
+            if bn_name is not None:
+                feat = getattr(self, bn_name)(feat)
+            feat = self.lrelu(feat)
         feat = self.lrelu(self.linear1(feat.flatten(1)))
         return self.linear2(feat)
 
