@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import math
 import random
+import re
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
@@ -267,7 +269,10 @@ def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, f
         out["loss_g"] = loss_g.item()
         if s.ema is not None:
             s.ema.update(s.g_module)
-    s.sched_g.step()
+    with warnings.catch_warnings():
+        # During D warm-up G's schedule advances before G's first optimizer step, by design.
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+        s.sched_g.step()
 
     # ---- discriminator
     if gan:

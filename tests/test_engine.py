@@ -125,6 +125,7 @@ def test_d_learns_to_separate_real_from_fake():
     assert out["d_real"] > out["d_fake"]
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_adjustable_gradient_clipping_bounds_each_gradient_by_theta_over_lr():
     theta, lr_value = 1e-6, 1e-3
     cfg = load_config("vdsr_x4", overrides=["model.generator.num_feat=4", "model.generator.num_block=3",
