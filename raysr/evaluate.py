@@ -27,12 +27,19 @@ Every image gets a row, followed by the mean over images, and a bicubic baseline
      "bicubic": {"mean": {same keys}}}
 
 PSNR in dB, SSIM in [0, 1], LPIPS >= 0 (lower is better); sizes are GTmod sizes.
+PSNR of an SR image identical to its GT is infinite: the table prints ``inf``, the
+JSON ``null`` (JSON has no infinity), and so does a mean that includes it.
+
+Every GT image must be at least ``2 * scale + 11`` px on each side after GTmod (x4:
+19, so GT of 20x20 or more), so that SSIM's 11x11 window fits once ``scale`` px are
+ignored at each edge; all images are checked before any work starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -44,12 +51,14 @@ import torch
 from torch import nn
 
 from raysr import io as rio
+from raysr.data.validation import mod_crop
 from raysr.imageio import DecodedImage, ImageError, list_images, probe_image, read_image, to_uint8_rgb, write_image
 from raysr.lpips import BACKBONE_FILES, LpipsFn, load_lpips
-from raysr.metrics import psnr, ssim
+from raysr.metrics import SSIM_WINDOW, psnr, ssim
 from raysr.models import generator_name
 from raysr.ops.resize import imresize
-from raysr.upscale import DEVICES, InputError, Progress, cli, load_model, resolve_device, upscale_tensor
+from raysr.upscale import DEVICES, InputError, ScaleUnknownError, cli, load_model, resolve_device, upscale_tensor
+from raysr.util import Progress
 
 METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb")
 BICUBIC = "bicubic"
@@ -70,12 +79,6 @@ def dataset_key(stem: str, scale: int) -> str:
     """The stem with the usual benchmark decorations for ``scale`` removed:
     ``baby_LRBI_x4``, ``baby_HR_x4``, ``baby_x4``, ``babyx4`` and ``baby`` -> ``baby``."""
     return re.sub(rf"(?i)(?:[_-]?(?:LR|HR|GT)(?:BI|BD|DN)?)?(?:[_-]?x{scale})?$", "", stem) or stem
-
-
-def mod_crop(image: np.ndarray, scale: int) -> np.ndarray:
-    """(H, W, ...) -> top-left crop to a multiple of ``scale`` in H and W ("GTmod")."""
-    height, width = image.shape[:2]
-    return image[:height - height % scale, :width - width % scale]
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -146,8 +149,11 @@ def collect_samples(hr_dir: str, lr_dir: str | None, scale: int) -> list[Sample]
         try:
             info = probe_image(hr)
             size = (info.height - info.height % scale, info.width - info.width % scale)
-            if min(size) == 0:
-                raise ImageError(f"{hr}: {info.height}x{info.width} is smaller than the scale {scale}")
+            if min(size) < min_side(scale):
+                smallest = -(-min_side(scale) // scale) * scale  # the first multiple of scale that is enough
+                raise ImageError(f"{hr}: {info.height}x{info.width} (GTmod {size[0]}x{size[1]}) is too small: "
+                                 f"SSIM needs {SSIM_WINDOW}x{SSIM_WINDOW} px after ignoring {scale} px at each "
+                                 f"edge, so x{scale} needs GT of at least {smallest}x{smallest}; remove it from --hr")
             if lr is not None:
                 lr_info = probe_image(lr)
                 if (lr_info.height * scale, lr_info.width * scale) != size:
@@ -160,8 +166,13 @@ def collect_samples(hr_dir: str, lr_dir: str | None, scale: int) -> list[Sample]
         samples.append(Sample(name=Path(hr).name, hr=hr, lr=lr, size=size))
     if bad:
         raise InputError(f"{len(bad)} benchmark image(s) cannot be used, nothing was written:\n  "
-                         + "\n  ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+                         + "\n  ".join(bad))
     return samples
+
+
+def min_side(scale: int) -> int:
+    """Smallest GTmod side scored at ``scale``: SSIM's window plus ``scale`` ignored px per edge."""
+    return SSIM_WINDOW + 2 * scale
 
 
 def _load_pair(sample: Sample, scale: int) -> tuple[np.ndarray, np.ndarray]:
@@ -182,24 +193,21 @@ def evaluate(samples: Sequence[Sample], scale: int, model: nn.Module | None, lpi
     module docstring (without the descriptive top-level fields). ``save_sr``: folder
     for the uint8 SR outputs as ``<stem>.png``."""
     rows = []
-    progress = Progress(len(samples), "evaluate")
-    for sample in samples:
-        try:
-            hr, lr = _load_pair(sample, scale)
-        except (ImageError, rio.StorageError) as err:
-            raise InputError(f"{err}; stopped after {progress.done} of {len(samples)} images") from err
-        baseline = bicubic_sr(lr, scale)
-        if model is None:
-            sr = baseline
-        else:
-            sr = to_uint8(upscale_tensor(model, to_tensor(lr).to(device)))
-        if save_sr is not None:
-            write_image(rio.join(save_sr, Path(sample.name).stem + ".png"), DecodedImage(sr, "PNG"))
-        scores = score(sr, hr, scale, lpips_fn)
-        row = {"name": sample.name, "size": list(hr.shape[:2]), **scores}
-        row["bicubic"] = scores if model is None else score(baseline, hr, scale, lpips_fn)
-        rows.append(row)
-        progress.step(sample.name)
+    with Progress(len(samples), "evaluate", unit="images") as progress:
+        for sample in samples:
+            try:
+                hr, lr = _load_pair(sample, scale)
+            except (ImageError, rio.StorageError) as err:
+                raise InputError(f"{err}; stopped after {progress.done} of {len(samples)} images") from err
+            baseline = bicubic_sr(lr, scale)
+            sr = baseline if model is None else to_uint8(upscale_tensor(model, to_tensor(lr).to(device)))
+            if save_sr is not None:
+                write_image(rio.join(save_sr, Path(sample.name).stem + ".png"), DecodedImage(sr, "PNG"))
+            scores = score(sr, hr, scale, lpips_fn)
+            row = {"name": sample.name, "size": list(hr.shape[:2]), **scores}
+            row["bicubic"] = scores if model is None else score(baseline, hr, scale, lpips_fn)
+            rows.append(row)
+            progress.step(sample.name)
     return {"images": rows, "mean": mean_scores(rows),
             "bicubic": {"mean": mean_scores([r["bicubic"] for r in rows])}}
 
@@ -252,17 +260,26 @@ def _model_for(source: str, scale: int) -> nn.Module | None:
     if source == BICUBIC:
         return None
     try:
-        model = load_model(source)
-    except InputError as first:
-        # SRCNN / VDSR weights in BasicSR format do not record their scale; --scale supplies it
-        try:
-            model = load_model(source, scale=scale)
-        except InputError:
-            raise first from None
+        model = load_model(source, scale_option="--scale")
+    except ScaleUnknownError:
+        model = load_model(source, scale=scale)
+        print(f"raysr.evaluate: {source} does not record its upscaling factor ({type(model).__name__} weights); "
+              f"taking it from --scale {scale}", file=sys.stderr)
     if model.scale != scale:
         raise InputError(f"--model {source} is a x{model.scale} generator but --scale is {scale}; "
                          f"pass --scale {model.scale} or a x{scale} checkpoint")
     return model
+
+
+def json_safe(value):
+    """``value`` with every non-finite float (PSNR of identical images) replaced by None."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _check_outputs(args: argparse.Namespace, samples: Sequence[Sample]) -> None:
@@ -294,7 +311,7 @@ def _run(args: argparse.Namespace) -> int:
     print(format_table(report))
     if args.json:
         try:
-            rio.write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode())
+            rio.write_bytes(args.json, (json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n").encode())
         except OSError as err:
             raise InputError(f"cannot write --json {args.json}: {err}") from err
     return 0

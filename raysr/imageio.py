@@ -91,7 +91,8 @@ def _where(name: str) -> str:
 
 # --------------------------------------------------------------------------- reading
 
-def _is_png16(data: bytes) -> bool:
+def is_png16(data: bytes) -> bool:
+    """Whether ``data`` is a PNG with 16 bits per sample (Pillow would cut its colour to 8 bits)."""
     # IHDR is always the first chunk: signature(8) length(4) type(4) width(4) height(4) depth(1)
     return data[:8] == PNG_SIGNATURE and len(data) > 24 and data[12:16] == b"IHDR" and data[24] == 16
 
@@ -112,31 +113,64 @@ def _png_chunks(data: bytes, name: str):
 
 def _unfilter(raw: bytes, height: int, row_bytes: int, bpp: int, name: str) -> np.ndarray:
     """Undo PNG scanline filtering: ``raw`` is ``height`` rows of (filter byte + row_bytes);
-    returns (height, row_bytes) uint8. ``bpp``: bytes per complete pixel."""
+    returns (height, row_bytes) uint8. ``bpp``: bytes per complete pixel (divides row_bytes).
+
+    None / Sub / Up rows are whole-row numpy operations. Average and Paeth make each byte
+    depend on the one ``bpp`` to its left, so a row is sequential: runs of such rows are
+    swept diagonal by diagonal (:func:`_unfilter_run`), isolated ones byte by byte.
+    """
     stride = row_bytes + 1
     if len(raw) < height * stride:
         raise ImageError(f"{_where(name)}PNG image data is shorter than its header says; the file is incomplete")
     rows = np.frombuffer(raw, np.uint8, height * stride).reshape(height, stride)
+    kinds = rows[:, 0]
+    unknown = np.flatnonzero(kinds > 4)
+    if unknown.size:
+        row = int(unknown[0])
+        raise ImageError(f"{_where(name)}PNG row {row} has unknown filter type {kinds[row]}; the file is corrupt")
     out = np.empty((height, row_bytes), np.uint8)
-    prev = np.zeros(row_bytes, np.uint8)
-    for y in range(height):
-        kind, cur = rows[y, 0], rows[y, 1:]
-        if kind == 0:
-            line = cur.copy()
-        elif kind == 1:  # Sub: a running sum per byte lane, wrapping at 256
-            line = np.cumsum(cur.reshape(-1, bpp), axis=0, dtype=np.uint8).reshape(-1)
-        elif kind == 2:  # Up
-            line = cur + prev
-        elif kind in (3, 4):  # Average, Paeth: sequential along the row
-            line = np.frombuffer(_unfilter_sequential(kind, cur.tobytes(), prev.tobytes(), bpp), np.uint8)
+    zeros = np.zeros(row_bytes, np.uint8)  # PNG's row above the first
+
+    def above(y: int) -> np.ndarray:
+        return out[y - 1] if y else zeros
+
+    sequential = kinds >= 3
+    edges = [0, *(np.flatnonzero(np.diff(sequential)) + 1).tolist(), height]
+    for start, stop in zip(edges[:-1], edges[1:]):
+        if not sequential[start]:
+            _unfilter_rows(kinds[start:stop], rows[start:stop, 1:], above(start), bpp, out[start:stop])
+        elif stop - start < _MIN_RUN_ROWS:
+            for y in range(start, stop):
+                line = _unfilter_sequential(kinds[y], rows[y, 1:].tobytes(), above(y).tobytes(), bpp)
+                out[y] = np.frombuffer(line, np.uint8)
         else:
-            raise ImageError(f"{_where(name)}PNG row {y} has unknown filter type {kind}; the file is corrupt")
-        out[y] = line
-        prev = out[y]
+            for first in range(start, stop, _RUN_ROWS):
+                last = min(first + _RUN_ROWS, stop)
+                out[first:last] = _unfilter_run(kinds[first:last], rows[first:last, 1:], above(first), bpp)
     return out
 
 
+# Average/Paeth runs shorter than this are cheaper byte by byte than by diagonal sweeps;
+# longer ones are swept in chunks of _RUN_ROWS rows, which bounds the sweep's buffers.
+_MIN_RUN_ROWS = 8
+_RUN_ROWS = 512
+
+
+def _unfilter_rows(kinds: np.ndarray, data: np.ndarray, above: np.ndarray, bpp: int, out: np.ndarray) -> None:
+    """None / Sub / Up rows ``data`` (B, row_bytes) into ``out``, given the unfiltered row ``above``."""
+    prev = above
+    for y, (kind, cur) in enumerate(zip(kinds, data)):
+        if kind == 0:
+            out[y] = cur
+        elif kind == 1:  # Sub: a running sum per byte lane, wrapping at 256
+            out[y] = np.cumsum(cur.reshape(-1, bpp), axis=0, dtype=np.uint8).reshape(-1)
+        else:  # Up
+            out[y] = cur + prev
+        prev = out[y]
+
+
 def _unfilter_sequential(kind: int, cur: bytes, up: bytes, bpp: int) -> bytes:
+    """One Average (3) or Paeth (4) row, byte by byte."""
     line = bytearray(cur)
     for i in range(len(line)):
         left = line[i - bpp] if i >= bpp else 0
@@ -149,6 +183,44 @@ def _unfilter_sequential(kind: int, cur: bytes, up: bytes, bpp: int) -> bytes:
             pred = left if pa <= pb and pa <= pc else (up[i] if pb <= pc else upleft)
         line[i] = (line[i] + pred) & 0xFF
     return bytes(line)
+
+
+def _unfilter_run(kinds: np.ndarray, data: np.ndarray, above: np.ndarray, bpp: int) -> np.ndarray:
+    """Average / Paeth rows ``data`` (B, row_bytes) with filter types ``kinds`` (B,), given the
+    unfiltered row ``above`` them; returns (B, row_bytes) uint8.
+
+    Each pixel depends on its left, upper and upper-left neighbours only, so all pixels of
+    one anti-diagonal x + y = d follow from diagonals d-1 and d-2: B + W - 1 vector steps
+    replace B*W*bpp scalar ones.
+    """
+    height, row_bytes = data.shape
+    width = row_bytes // bpp
+    ndiag = height + width - 1
+    # diagonal-major copies: src[d, y] is filtered pixel (y, d - y); recon[d + 2, y + 1] is the
+    # reconstructed one, recon[:, 0] the row above and recon[0:2] the zeros left of column 0
+    src = np.zeros((ndiag, height, bpp), np.uint8)
+    for y in range(height):
+        src[y:y + width, y] = data[y].reshape(width, bpp)
+    recon = np.zeros((ndiag + 2, height + 1, bpp), np.int16)
+    recon[1:width + 1, 0] = above.reshape(width, bpp)
+    paeth_row = (kinds == 4)[:, None]
+    paeth_before = np.concatenate([[0], np.cumsum(paeth_row)])
+    for d in range(ndiag):
+        lo, hi = max(0, d - width + 1), min(height, d + 1)
+        left, up, upleft = recon[d + 1, lo + 1:hi + 1], recon[d + 1, lo:hi], recon[d, lo:hi]
+        paeths = paeth_before[hi] - paeth_before[lo]
+        if paeths == 0:
+            pred = (left + up) >> 1
+        else:
+            pa, pb, pc = np.abs(up - upleft), np.abs(left - upleft), np.abs(left + up - 2 * upleft)
+            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
+            if paeths < hi - lo:
+                pred = np.where(paeth_row[lo:hi], pred, (left + up) >> 1)
+        recon[d + 2, lo + 1:hi + 1] = (src[d, lo:hi] + pred) & 0xFF
+    out = np.empty((height, width, bpp), np.uint8)
+    for y in range(height):
+        out[y] = recon[y + 2:y + 2 + width, y + 1]
+    return out.reshape(height, row_bytes)
 
 
 def _decode_png16(data: bytes, name: str) -> tuple[np.ndarray, bytes | None]:
@@ -230,7 +302,7 @@ def decode_image(data: bytes, name: str = "") -> DecodedImage:
     im = _open(data, name)
     try:
         _check_frames(im, name)
-        if _is_png16(data):
+        if is_png16(data):
             pixels, icc = _decode_png16(data, name)
             orient = _ORIENT.get(im.getexif().get(_EXIF_ORIENTATION, 1))
             pixels = np.ascontiguousarray(orient(pixels)) if orient else pixels

@@ -18,8 +18,8 @@ import sys
 from collections.abc import Sequence
 
 from raysr import io as rio
-from raysr.checkpoint import SAVE_FORMATS, interpolate, save_generator
-from raysr.upscale import InputError, cli, load_model
+from raysr.checkpoint import SAVE_FORMATS, save_generator
+from raysr.upscale import InputError, check_model_scale, cli, load_model, mix_generators
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,23 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="checkpoint to write (path or s3:// URI)")
     parser.add_argument("--format", choices=SAVE_FORMATS, default="raysr",
                         help="raysr (records the architecture; default) or basicsr ({'params': ...})")
+    parser.add_argument("--model-scale", type=int, default=None, metavar="N",
+                        help="scale of checkpoints that do not record it (SRCNN/VDSR in BasicSR format)")
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.alpha <= 1.0:
         raise InputError(f"--alpha must be in [0, 1] (0 = --psnr, 1 = --gan), got {args.alpha}")
-    psnr_net = load_model(args.psnr, "--psnr", rgb_only=False)
-    gan_net = load_model(args.gan, "--gan", rgb_only=False)
+    check_model_scale(args.model_scale)
+    psnr_net = load_model(args.psnr, "--psnr", rgb_only=False, scale=args.model_scale)
+    gan_net = load_model(args.gan, "--gan", rgb_only=False, scale=args.model_scale)
     # replacing an input would lose the original weights; that is almost always a typo
     for option, source in (("--psnr", args.psnr), ("--gan", args.gan)):
         if source == args.output or (not rio.is_s3(source) and not rio.is_s3(args.output)
                                      and os.path.exists(args.output) and os.path.samefile(source, args.output)):
             raise InputError(f"--output {args.output} is the {option} checkpoint; write to a new file")
-    try:
-        mixed = interpolate(psnr_net, gan_net, args.alpha)
-    except ValueError as err:
-        raise InputError(f"--psnr and --gan cannot be interpolated: {err}") from err
+    mixed = mix_generators(psnr_net, gan_net, args.alpha, names=("--psnr", "--gan"))
     try:
         save_generator(mixed, args.output, fmt=args.format)
     except OSError as err:

@@ -153,7 +153,11 @@ def d_adv_loss(type: str, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     - ``ragan`` (ESRGAN eq. 2): with D_Ra(a, b) = σ(C(a) − E[C(b)]),
       (−E[log D_Ra(x_r, x_f)] − E[log(1 − D_Ra(x_f, x_r))]) / 2. The /2 is the
       official ESRGAN/BasicSR code's averaging, which its λ = 5e-3 was tuned with.
-      Gradients flow through both expectations, as in the paper and the original code.
+      D's gradients flow through both expectations, as in the paper and the original
+      ESRGAN (mmsr) code. Current BasicSR / Real-ESRGAN detach them instead: E[C(x_f)]
+      in the real term and E[C(x_r)] in the fake term, a workaround for in-place
+      BatchNorm errors under DDP (see their esrgan_model.py): the same loss value,
+      but D there learns only through the per-sample logits, not through the means.
     - ``lsgan`` (Mao et al., a=0, b=c=1, without the paper's ½ factors, as BasicSR's
       MSE-to-target form): E[(C(x_r) − 1)²] + E[C(x_f)²].
     - ``hinge``: E[relu(1 − C(x_r))] + E[relu(1 + C(x_f))].

@@ -179,6 +179,61 @@ def test_lr_folder_matched_by_stem(pattern, tmp_path, gt_folder):
         assert given["mean"][key] == pytest.approx(made["mean"][key], abs=0.02)
 
 
+def test_identical_images_give_json_null_not_infinity(tmp_path, capsys):
+    """A flat image survives bicubic down/up exactly: PSNR is infinite, which JSON cannot hold."""
+    save_png(tmp_path / "HR" / "flat.png", np.full((24, 28, 3), 77, np.uint8))
+    save_png(tmp_path / "HR" / "ramp.png", np.tile(np.arange(0, 240, 10, dtype=np.uint8)[:, None, None], (1, 28, 3)))
+    assert run(["--hr", tmp_path / "HR", "--scale", 2, "--model", "bicubic", "--json", tmp_path / "r.json"]) == 0
+    text = (tmp_path / "r.json").read_text()
+
+    def reject(constant):
+        raise AssertionError(f"invalid JSON constant {constant}")
+
+    report = json.loads(text, parse_constant=reject)
+    flat, ramp = report["images"]
+    assert flat["name"] == "flat.png" and flat["psnr_y"] is None and flat["psnr_rgb"] is None
+    assert flat["ssim_y"] == pytest.approx(1.0) and flat["bicubic"]["psnr_y"] is None
+    assert ramp["psnr_y"] > 20  # finite scores stay numbers
+    assert report["mean"]["psnr_y"] is None and report["mean"]["ssim_y"] > 0.5  # a mean over inf is inf
+    assert "inf" in capsys.readouterr().out  # the table shows it as it is
+
+
+def test_images_too_small_for_ssim_are_all_listed_before_any_work(tmp_path, make_image, capsys):
+    """x4: SSIM's 11x11 window after ignoring 4 px per edge needs GTmod sides >= 11 + 2*4 = 19, i.e. 20."""
+    for name, (h, w) in {"ok.png": (20, 21), "short.png": (19, 40), "narrow.png": (40, 18)}.items():
+        save_png(tmp_path / "HR" / name, make_image(h, w))
+    argv = ["--hr", tmp_path / "HR", "--scale", 4, "--model", "bicubic", "--json", tmp_path / "r.json",
+            "--save-sr", tmp_path / "sr"]
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert "2 benchmark image(s)" in err and "short.png" in err and "narrow.png" in err and "ok.png" not in err
+    assert "at least 20x20" in err  # the first multiple of 4 that is >= 19
+    assert not (tmp_path / "sr").exists() and not (tmp_path / "r.json").exists()
+    for name in ("short.png", "narrow.png"):
+        (tmp_path / "HR" / name).unlink()
+    assert run(argv) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["images"][0]["size"] == [20, 20]
+
+
+def test_scale_free_checkpoint_takes_the_scale_from_the_option(tmp_path, gt_folder, capsys):
+    """SRCNN weights in BasicSR format do not record the scale: --scale supplies it, and says so."""
+    hr_dir, images = gt_folder
+    model = tiny_generator("srcnn", 3)
+    save_generator(model, tmp_path / "srcnn.pth", fmt="basicsr")
+    assert run(["--hr", hr_dir, "--scale", 3, "--model", tmp_path / "srcnn.pth", "--json", tmp_path / "r.json",
+                "--save-sr", tmp_path / "sr", "--device", "cpu"]) == 0
+    assert "taking it from --scale 3" in capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["arch"] == "srcnn"
+    name = report["images"][0]["name"]
+    lr = to_u8(matlab_imresize(gtmod(images[name], 3), 1 / 3))
+    with torch.no_grad():
+        sr = model(torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255)
+    want = to_u8(sr[0].clamp(0, 1).permute(1, 2, 0).double().numpy() * 255)
+    saved = np.asarray(Image.open(tmp_path / "sr" / name))
+    assert np.abs(saved.astype(int) - want).max() <= 1
+
+
 def test_dataset_key_conventions():
     for stem in ("baby", "babyx4", "baby_x4", "baby-x4", "baby_LRBI_x4", "baby_HR_x4", "baby_GT", "baby_LR"):
         assert dataset_key(stem, 4) == "baby", stem
@@ -282,6 +337,7 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, gt_folder, make_image, ca
         (["--hr", hr_dir, "--scale", 2, "--model", x4], "x4"),
         (["--hr", hr_dir, "--scale", 4, "--model", tmp_path / "corrupt.pth"], "corrupt.pth"),
         (["--hr", hr_dir, "--scale", 4, "--model", tmp_path / "missing.pth"], "missing.pth"),
+        (["--hr", hr_dir, "--scale", 4, "--model", tmp_path], "is a directory"),
         (["--hr", tmp_path / "nowhere", "--scale", 4, "--model", "bicubic"], "not a directory"),
         (["--hr", tmp_path / "HRbad", "--scale", 4, "--model", "bicubic"], "a.png"),
         (["--hr", hr_dir, "--lr", tmp_path / "LR", "--scale", 4, "--model", "bicubic"], "img1"),

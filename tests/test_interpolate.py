@@ -65,9 +65,11 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, pair, capsys):
     out = tmp_path / "out.pth"
     psnr, gan = tmp_path / "psnr.pth", tmp_path / "gan.pth"
     cases = [
-        (["--psnr", psnr, "--gan", tmp_path / "other.pth", "--alpha", 0.5, "--output", out], "cannot be interpolated"),
+        (["--psnr", psnr, "--gan", tmp_path / "other.pth", "--alpha", 0.5, "--output", out],
+         "--psnr and --gan are different architectures"),
         (["--psnr", psnr, "--gan", tmp_path / "corrupt.pth", "--alpha", 0.5, "--output", out], "corrupt.pth"),
         (["--psnr", psnr, "--gan", tmp_path / "nope.pth", "--alpha", 0.5, "--output", out], "nope.pth"),
+        (["--psnr", psnr, "--gan", tmp_path, "--alpha", 0.5, "--output", out], "gan.pth"),  # a directory
         (["--psnr", psnr, "--gan", gan, "--alpha", 1.2, "--output", out], "[0, 1]"),
         (["--psnr", psnr, "--gan", gan, "--alpha", 0.5, "--output", gan], "--gan checkpoint"),
     ]
@@ -77,3 +79,20 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, pair, capsys):
         assert needle in capsys.readouterr().err, argv
         assert not out.exists()
     assert gan.read_bytes() == gan_bytes
+
+
+def test_scale_free_weights_need_model_scale(tmp_path, capsys):
+    """SRCNN weights in BasicSR format do not record the scale; the error names the flag that gives it."""
+    psnr, gan = tiny_generator("srcnn", 2, seed=1), tiny_generator("srcnn", 2, seed=2)
+    save_generator(psnr, tmp_path / "psnr.pth", fmt="basicsr")
+    save_generator(gan, tmp_path / "gan.pth", fmt="basicsr")
+    argv = ["--psnr", tmp_path / "psnr.pth", "--gan", tmp_path / "gan.pth", "--alpha", 0.5,
+            "--output", tmp_path / "mixed.pth"]
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert "--psnr" in err and "--model-scale N" in err and not (tmp_path / "mixed.pth").exists()
+    assert run(argv + ["--model-scale", 2]) == 0
+    mixed = load_generator(tmp_path / "mixed.pth")
+    assert mixed.scale == 2
+    key = "conv2.weight"
+    assert torch.allclose(mixed.state_dict()[key], (psnr.state_dict()[key] + gan.state_dict()[key]) / 2, atol=1e-7)

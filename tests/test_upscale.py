@@ -17,20 +17,22 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from raysr.checkpoint import save_generator
-from raysr.imageio import decode_image, encode_image
+from raysr.data.decode import decode_rgb
+from raysr.imageio import DecodedImage, ImageError, decode_image, encode_image
 from raysr.models import build_generator
 from raysr.ops.resize import imresize
-from raysr.upscale import main, upscale_tensor
+from raysr.upscale import DEFAULT_TILE_PAD, build_parser, main, upscale_image, upscale_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"rrdbnet": dict(num_feat=8, num_block=1, num_grow_ch=4), "srresnet": dict(num_feat=8, num_block=1),
         "srcnn": dict(num_feat=(8, 4), kernel_sizes=(5, 1, 3)), "vdsr": dict(num_feat=8, num_layer=4)}
 
 
-def tiny_generator(name: str = "rrdbnet", scale: int = 4, seed: int = 0) -> nn.Module:
-    """A small generator whose output varies inside [0, 1] (random init alone gives a near-constant image)."""
+def tiny_generator(name: str = "rrdbnet", scale: int = 4, seed: int = 0, **kwargs) -> nn.Module:
+    """A small generator (``kwargs`` override the TINY sizes) whose output varies inside [0, 1]
+    (random init alone gives a near-constant image)."""
     torch.manual_seed(seed)
-    model = build_generator(name, scale=scale, **TINY[name]).eval()
+    model = build_generator(name, scale=scale, **{**TINY[name], **kwargs}).eval()
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
         for conv in convs:
@@ -93,6 +95,20 @@ def test_tiled_equals_untiled(name, scale, size, tile, pad, make_image):
     assert whole.shape == (1, 3, size[0] * scale, size[1] * scale)
     assert whole.std() > 0.02  # a real image, not a constant
     assert (tiled - whole).abs().max() < 1e-5
+
+
+def test_full_depth_rrdbnet_tiles_within_one_level_at_the_default_pad(make_image):
+    """ESRGAN's 23-block RRDBNet sees ~700 LR px, far more than any pad: tiling changes
+    its output, and the default pad must keep that change under one 8-bit level."""
+    model = tiny_generator("rrdbnet", 4, num_feat=64, num_block=23, num_grow_ch=32)
+    lr = torch.from_numpy(make_image(48, 40, seed=3)).permute(2, 0, 1)[None].float() / 255
+    whole = upscale_tensor(model, lr)
+    assert whole.std() > 0.1
+    assert build_parser().parse_args(["--model", "m", "--input", "i", "--output", "o"]).tile_pad == DEFAULT_TILE_PAD
+    seam = (upscale_tensor(model, lr, tile=16) - whole).abs().max().item()
+    assert seam <= 1 / 255
+    # the test can fail: with too little context the tile borders show
+    assert (upscale_tensor(model, lr, tile=16, tile_pad=4) - whole).abs().max().item() > 1 / 255
 
 
 def test_bf16_autocast_on_cpu_is_close_but_not_fp32(make_image):
@@ -159,7 +175,9 @@ def test_srcnn_in_basicsr_format_needs_model_scale(tmp_path, make_image, capsys)
     save_generator(model, tmp_path / "g.pth", fmt="basicsr")  # BasicSR format does not record SRCNN's scale
     save_png(tmp_path / "a.png", make_image(8, 8))
     assert run(["--model", tmp_path / "g.pth", "--input", tmp_path / "a.png", "--output", tmp_path / "o"]) == 2
-    assert "scale" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "SRCNN" in err and "--model-scale N" in err and "load_generator" not in err
+    assert not (tmp_path / "o").exists()
     assert run(["--model", tmp_path / "g.pth", "--input", tmp_path / "a.png", "--output", tmp_path / "o",
                 "--model-scale", 3]) == 0
     assert Image.open(tmp_path / "o" / "a.png").size == (24, 24)
@@ -235,11 +253,50 @@ def test_alpha_is_upscaled_separately_with_bicubic(tmp_path, make_image, x2_mode
     assert_close_uint(got[..., 3], np.rint(want_alpha * 255))
 
 
-def png16(array: np.ndarray) -> bytes:
-    """A 16-bit PNG written independently of raysr: filter type 0 on every row."""
+def test_alpha_is_resized_in_float32(monkeypatch, make_image, x2_model):
+    """Alpha goes through bicubic in float32: float64 would double the resize buffers of large images."""
+    import raysr.upscale
+
+    model, _ = x2_model
+    seen = []
+
+    def spy(x, scale, *args, **kwargs):
+        seen.append(x.dtype)
+        return imresize(x, scale, *args, **kwargs)
+
+    monkeypatch.setattr(raysr.upscale, "imresize", spy)
+    pixels = np.dstack([make_image(9, 7, seed=4), make_image(9, 7, seed=5)[..., :1]])
+    for bits in (8, 16):
+        image = DecodedImage(pixels.astype(np.uint16) * 257 if bits == 16 else pixels, "PNG")
+        out = upscale_image([model], image)[0]
+        assert out.pixels.shape == (18, 14, 4) and out.bit_depth == bits
+    assert seen == [torch.float32, torch.float32]
+
+
+def filter_rows(rows: np.ndarray, bpp: int, kinds: np.ndarray) -> bytes:
+    """PNG scanlines (H, row_bytes) uint8 filtered with filter type ``kinds[y]`` on row y,
+    byte by byte from the PNG specification (section 9.2); bytes left of / above the image are 0."""
+    out = bytearray()
+    for y, kind in enumerate(kinds):
+        out.append(int(kind))
+        for i, raw in enumerate(rows[y].tolist()):
+            a = int(rows[y, i - bpp]) if i >= bpp else 0
+            b = int(rows[y - 1, i]) if y else 0
+            c = int(rows[y - 1, i - bpp]) if y and i >= bpp else 0
+            p = a + b - c
+            pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+            paeth = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+            out.append((raw - (0, a, b, (a + b) // 2, paeth)[kind]) % 256)
+    return bytes(out)
+
+
+def png16(array: np.ndarray, kinds: np.ndarray | None = None) -> bytes:
+    """A 16-bit PNG written independently of raysr, with the filter types ``kinds`` per row
+    (default: type 0 on every row)."""
     height, width, channels = array.shape
     color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
-    rows = b"".join(b"\0" + array[y].astype(">u2").tobytes() for y in range(height))
+    rows = np.ascontiguousarray(array, dtype=">u2").view(np.uint8).reshape(height, -1)
+    rows = filter_rows(rows, 2 * channels, np.zeros(height, np.int64) if kinds is None else kinds)
 
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
@@ -285,6 +342,39 @@ def test_png16_decoder_matches_pillow_on_adaptive_filters(make_image):
     buf = io.BytesIO()
     Image.fromarray(gray).save(buf, format="PNG")  # Pillow picks Sub/Up/Average/Paeth per row
     assert (decode_image(buf.getvalue()).pixels[..., 0] == gray).all()
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_png16_decoder_every_filter_and_run_length(channels, make_image):
+    """Runs of Average/Paeth rows longer than the 512-row sweep, short ones, isolated ones,
+    and None/Sub/Up runs between them, against a filter encoder written from the spec."""
+    runs = [(4, 530), (2, 3), (3, 1), (1, 2), (3, 9), (4, 7), (0, 1), (3, 20), (4, 1), (2, 40), (3, 2), (4, 30)]
+    kinds = np.concatenate([np.full(n, kind) for kind, n in runs])
+    image = make_image(len(kinds), 13, seed=channels).astype(np.uint16) * 257
+    image = np.dstack([image, image[..., :1] ^ 0x5A5A])[..., :channels]  # low bytes differ from high ones
+    image[::7] = 65535 - image[::7]  # large jumps make Paeth pick all three neighbours
+    got = decode_image(png16(image, kinds)).pixels
+    assert got.dtype == np.uint16 and (got == image).all()
+
+
+def test_png16_unknown_filter_type_is_reported(make_image):
+    data = bytearray(png16(make_image(4, 3, seed=1).astype(np.uint16)))
+    start = data.index(b"IDAT") + 4
+    end = data.index(b"IEND") - 8
+    raw = bytearray(zlib.decompress(bytes(data[start:end])))
+    raw[2 * (1 + 3 * 6)] = 5  # row 2's filter byte
+    body = zlib.compress(bytes(raw))
+    idat = struct.pack(">I", len(body)) + b"IDAT" + body + struct.pack(">I", zlib.crc32(b"IDAT" + body))
+    data[start - 8:end + 4] = idat
+    with pytest.raises(ImageError, match="row 2 has unknown filter type 5"):
+        decode_image(bytes(data))
+
+
+def test_shard_decoder_rounds_16bit_png_to_8bit(make_image):
+    """raysr.data's fast path must not let Pillow truncate 16-bit colour: v/257 rounded, not v >> 8."""
+    image = make_image(5, 6, seed=2).astype(np.uint16) * 256 + 200  # dark pixels round up to v + 1
+    assert (decode_rgb(png16(image)) == np.rint(image / 257.0)).all()
+    assert (decode_rgb(png16(image)) != image >> 8).any()
 
 
 def test_png16_adam7_interlaced(make_image):
@@ -381,6 +471,10 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, make_image, x2_model, cap
     save_png(tmp_path / "in" / "a.png", make_image(8, 8))
     (tmp_path / "in" / "b.png").write_text("this is not an image")
     (tmp_path / "bad.pth").write_bytes(b"\x00garbage" * 10)
+    save_generator(tiny_generator("rrdbnet", 2), tmp_path / "x2_rrdb.pth", fmt="raysr")
+    (tmp_path / "run").mkdir()
+    for name in ("generator.pth", "state.pt", "config.yaml"):
+        (tmp_path / "run" / name).write_bytes(b"")
     out = tmp_path / "out"
     cases = [
         (["--model", ckpt, "--input", tmp_path / "missing.png"], "no such file"),
@@ -391,6 +485,12 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, make_image, x2_model, cap
         (["--model", ckpt, "--input", tmp_path / "in" / "a.png", "--alpha", 0.5], "--model-b"),
         (["--model", ckpt, "--model-b", ckpt, "--alpha", 1.5, "--input", tmp_path / "in" / "a.png"], "[0, 1]"),
         (["--model", ckpt, "--input", tmp_path / "in" / "a.png", "--scale-out", -1], "--scale-out"),
+        (["--model", tmp_path / "run", "--input", tmp_path / "in" / "a.png"],
+         f"is a directory; pass the checkpoint file in it, e.g. {tmp_path / 'run' / 'generator.pth'} "
+         "(it holds generator.pth, state.pt)"),
+        (["--model", ckpt, "--model-b", tmp_path / "x2_rrdb.pth", "--alpha", 0.5, "--input", tmp_path / "in" / "a.png"],
+         "--model and --model-b differ in shape at 'conv_first.weight'"),
+        (["--model", ckpt, "--input", tmp_path / "in" / "a.png", "--model-scale", 0], "--model-scale"),
     ]
     for argv, needle in cases:
         assert run(argv + ["--output", out]) == 2, argv

@@ -14,7 +14,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from raysr.imageio import IMAGE_EXTENSIONS, PNG_SIGNATURE, ImageError, decode_image, to_uint8_rgb
+from raysr.imageio import IMAGE_EXTENSIONS, ImageError, decode_image, is_png16, to_uint8_rgb
 
 EXIF_ORIENTATION = 0x0112
 # Errors Pillow raises for data that is not a decodable image.
@@ -27,11 +27,6 @@ def is_image_name(name: str) -> bool:
     return "." + name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
 
 
-def _is_png16(data: bytes) -> bool:
-    # IHDR is the first chunk; byte 24 is its bit depth. Pillow cuts 16-bit colour to 8 bits.
-    return data[:8] == PNG_SIGNATURE and len(data) > 24 and data[24] == 16
-
-
 def decode_rgb(data: bytes, name: str = "") -> np.ndarray:
     """Decode image file bytes to an upright ``(H, W, 3)`` uint8 RGB array.
 
@@ -39,7 +34,7 @@ def decode_rgb(data: bytes, name: str = "") -> np.ndarray:
     for data that is not a readable image.
     """
     im = Image.open(io.BytesIO(data))
-    if im.mode == "RGB" and not _is_png16(data) and getattr(im, "n_frames", 1) == 1:
+    if im.mode == "RGB" and not is_png16(data) and getattr(im, "n_frames", 1) == 1:
         im.load()
         if im.getexif().get(EXIF_ORIENTATION, 1) == 1:
             return np.asarray(im)
