@@ -58,6 +58,7 @@ class Progress:
         self.start = time.monotonic()
         self.last: float | None = None  # time of the last line written; None: nothing written yet
         self.finished = False
+        self.drawn: tuple | None = None  # (done, info, name) of the last line written
 
     def step(self, name: str = "", count: int = 1) -> None:
         """``count`` more items are done (the last one called ``name``); draw if due."""
@@ -80,7 +81,8 @@ class Progress:
         if self.finished:
             return
         self.finished = True
-        if self.enabled:
+        # On a terminal the final line is redrawn and ended; in a log, only if it is not there yet.
+        if self.enabled and (self.tty or self.drawn != (self.done, self.info, self.name)):
             self._draw(time.monotonic())
             if self.tty:
                 self.stream.write("\n")
@@ -111,6 +113,7 @@ class Progress:
 
     def _draw(self, now: float) -> None:
         self.last = now
+        self.drawn = (self.done, self.info, self.name)
         text = self.line(now)
         # \x1b[K clears what a longer previous line left behind
         self.stream.write(f"\r{text}\x1b[K" if self.tty else text + "\n")

@@ -86,11 +86,21 @@ def test_interval_limits_lines_but_the_last_item_and_finish_always_show(clock):
     progress.finish()
     progress.finish()  # idempotent
     lines = out.getvalue().splitlines()
-    # the first update, the one reaching 5/5, and finish; nothing in between (4 s < 10 s)
-    assert [line.split("] ")[1].split(" |")[0] for line in lines] == ["1/5 images (20%)", "5/5 images (100%)",
-                                                                      "5/5 images (100%)"]
+    # the first update and the one reaching 5/5; nothing in between (4 s < 10 s), and finish
+    # adds no copy of a line already written
+    assert [line.split("] ")[1].split(" |")[0] for line in lines] == ["1/5 images (20%)", "5/5 images (100%)"]
     assert lines[-1] == (f"make_shards [{'#' * 24}] 5/5 images (100%) | 7 samples | 1 shards (0 reused) | "
                          "0.1 MiB | 1.0 images/s | 5.0s elapsed")
+
+
+def test_finish_rewrites_the_last_line_when_its_text_changed(clock):
+    out = io.StringIO()
+    progress = Progress(2, "make_shards", unit="images", stream=out)
+    progress.update(done=2)
+    progress.info = "3 shards"
+    progress.finish()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and "3 shards" in lines[-1] and "3 shards" not in lines[0]
 
 
 def test_a_terminal_line_is_rewritten_in_place_and_ended_once(clock):
