@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -116,7 +117,8 @@ def init_ray() -> None:
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
     else:
         # The dashboard (on 127.0.0.1:8265) also serves the state API Ray Train's controller polls.
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
+        # address="local": always a new instance, never one a stale /tmp/ray/ray_current_cluster names.
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
                  logging_level=logging.WARNING, log_to_driver=True)
 
 
@@ -538,6 +540,8 @@ class TensorBoard:
         if self.writer is not None:
             self.flush()
             self.writer.close()
+        if self.remote:  # the local copy of an s3:// run's events is uploaded; drop it
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,482 @@
+"""``python -m raysr.train`` on Ray: GAN phase on two CPU workers with checkpoints in S3, resume, config
+errors, and ``ray job submit`` to a ``ray start --head`` cluster.
+
+Real components throughout: a local Ray on 127.0.0.1 (the session's ``ray_local``), the
+moto S3 server, demo shards cut from scikit-image's sample photos. The networks are tiny
+(RRDBNet with 8 features and 1 block) so a TorchTrainer fit costs about half a minute.
+Every check compares what the run wrote against something computed here: the EMA
+recursion from consecutive checkpoints, a float64 PSNR, the HR pixels of the validation
+photo, the sums of squared weights of both DDP replicas.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import raysr.io as rio
+from raysr.checkpoint import load_generator
+from raysr.config import load_config
+from raysr.data import make_lr
+from raysr.demo import build_demo_data
+from raysr.ops import imresize
+from raysr.train import fit, main
+
+CHECKPOINT_FILES = {"state.pt", "generator.pth", "metrics.json", "comparison.png"}
+EMA_DECAY = 0.5  # large steps, so that the EMA recursion is far above float32 noise
+SCALE = 4
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> SimpleNamespace:
+    """Demo shards and validation photos, built once per session."""
+    train, val = build_demo_data(str(tmp_path_factory.mktemp("demo_data")))
+    return SimpleNamespace(train=train, val=val)
+
+
+def tiny_gan_overrides(data: SimpleNamespace, storage: str, name: str) -> list[str]:
+    """``--set`` values that turn the ESRGAN preset into a seconds-long GAN run on 2 CPU workers."""
+    return ["model.generator.num_feat=8", "model.generator.num_block=1", "model.generator.num_grow_ch=4",
+            "model.discriminator.num_feat=8", "model.discriminator.input_size=96", "data.gt_size=96",
+            "data.batch_size=2", "data.num_workers=0", "loss.perceptual.allow_random_weights=true",
+            "loss.perceptual.layers={conv2_2: 1.0}", f"train.ema_decay={EMA_DECAY}",
+            f"data.train={data.train}", f"data.val={data.val}", "run.num_workers=2",
+            f"run.storage={storage}", f"run.name={name}", "run.checkpoint_every=1", "run.val_every=1"]
+
+
+def report_recorder(path: Path):
+    """A Ray Train callback appending every report (all ranks' metrics, the checkpoint path) to ``path``.
+
+    Ray runs a copy of it inside its controller actor, so it hands results back through a file.
+    """
+    import ray.train
+
+    class RecordReports(ray.train.UserCallback):  # local class: pickled by value for the controller
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as f:
+                f.write(json.dumps({"metrics": metrics, "checkpoint": checkpoint.path if checkpoint else None}) + "\n")
+
+    return RecordReports()
+
+
+def read_reports(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run_gan(overrides: list[str], record: Path):
+    """fit() the esrgan_x4 preset with ``overrides``; returns Ray's Result and the recorded reports."""
+    result = fit(load_config(preset="esrgan_x4", overrides=overrides), callbacks=[report_recorder(record)])
+    assert result is not None, "training failed; its error is printed above"
+    return result, read_reports(record)
+
+
+def checkpoint_keys(bucket: str, run: str) -> dict[int, set[str]]:
+    """{step: file names} of every ``checkpoint_%08d`` directory of the run in the bucket."""
+    found: dict[int, set[str]] = {}
+    pages = rio.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"runs/{run}/")
+    for page in pages:
+        for obj in page.get("Contents", []):
+            parts = obj["Key"].split("/")
+            if len(parts) == 4 and parts[2].startswith("checkpoint_") and parts[3]:
+                found.setdefault(int(parts[2][len("checkpoint_"):]), set()).add(parts[3])
+    return found
+
+
+def download_checkpoint(bucket: str, run: str, step: int) -> dict:
+    """The four files of one checkpoint, read back from S3 and decoded."""
+    base = f"s3://{bucket}/runs/{run}/checkpoint_{step:08d}"
+
+    def load(name):
+        return torch.load(io.BytesIO(rio.read_bytes(f"{base}/{name}")), map_location="cpu", weights_only=True)
+
+    return {"state": load("state.pt"), "generator": load("generator.pth"),
+            "metrics": json.loads(rio.read_bytes(f"{base}/metrics.json")),
+            "comparison": np.asarray(Image.open(io.BytesIO(rio.read_bytes(f"{base}/comparison.png"))))}
+
+
+@pytest.fixture(scope="module")
+def gan_run(ray_local, s3_endpoint, demo_data, tmp_path_factory) -> SimpleNamespace:
+    """A 4-step GAN run on 2 workers, checkpointing every step to S3, read back right after it ends
+    (the resume test later adds to the same run)."""
+    bucket = "raysr-train-gan"
+    rio.s3_client().create_bucket(Bucket=bucket)
+    overrides = tiny_gan_overrides(demo_data, f"s3://{bucket}/runs", "gan2w")
+    record = tmp_path_factory.mktemp("gan_reports") / "reports.jsonl"
+    result, reports = run_gan(overrides + ["train.total_steps=4", "run.log_every=2"], record)
+    files = checkpoint_keys(bucket, "gan2w")
+    return SimpleNamespace(bucket=bucket, name="gan2w", overrides=overrides, result=result, reports=reports,
+                           files=files, ckpt={step: download_checkpoint(bucket, "gan2w", step) for step in files})
+
+
+def assert_weights_equal(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{what}: {key} differs"
+
+
+def assert_ema_recursion(ema_prev: dict, g_now: dict, ema_now: dict, what: str) -> None:
+    """ema_k = d * ema_(k-1) + (1 - d) * g_k, checked in float64."""
+    for key in ema_now:
+        expected = EMA_DECAY * ema_prev[key].double() + (1 - EMA_DECAY) * g_now[key].double()
+        torch.testing.assert_close(ema_now[key].double(), expected, rtol=0, atol=1e-6, msg=f"{what}: {key}")
+
+
+def sum_of_squares(state_dict: dict) -> float:
+    return float(sum(v.double().pow(2).sum() for v in state_dict.values()))
+
+
+def adam_steps(optimizer_state: dict) -> set[int]:
+    return {int(s["step"]) for s in optimizer_state["state"].values()}
+
+
+# --------------------------------------------------------------------------- two workers, GAN phase, S3
+
+
+def test_every_checkpoint_lands_in_s3_with_all_four_files(gan_run):
+    assert sorted(gan_run.files) == [1, 2, 3, 4]
+    for step, names in gan_run.files.items():
+        assert names == CHECKPOINT_FILES, f"checkpoint_{step:08d}"
+    assert gan_run.result.metrics["step"] == 4
+    assert gan_run.result.checkpoint.path.rstrip("/").endswith(f"{gan_run.bucket}/runs/gan2w/checkpoint_00000004")
+
+
+def test_metrics_json_has_the_step_and_finite_losses(gan_run):
+    rank0 = {r["metrics"][0]["step"]: r["metrics"][0] for r in gan_run.reports}
+    for step, ckpt in gan_run.ckpt.items():
+        m = ckpt["metrics"]
+        assert m["step"] == step
+        for key in ("loss_g", "loss_pix", "loss_percep", "loss_adv", "loss_d", "d_real", "d_fake", "lr",
+                    "psnr", "ssim", "psnr_bicubic", "ssim_bicubic", "crops_per_s", "data_wait_frac"):
+            assert math.isfinite(m[key]), f"step {step}: {key} = {m[key]}"
+        assert m["loss_g"] > 0 and m["loss_d"] > 0
+        assert 0 < m["ssim"] <= 1 and 0 < m["ssim_bicubic"] <= 1
+        assert 0 <= m["data_wait_frac"] <= 1 and m["skipped"] == 0
+        assert m["lr"] == pytest.approx(1e-4)  # esrgan_x4: Adam 1e-4, first halving at 50k
+        assert m == rank0[step], "metrics.json must hold what rank 0 reported for that step"
+
+
+def test_validation_psnr_is_the_y_channel_psnr_of_the_ema_generator(gan_run, demo_data):
+    """metrics.json's psnr, recomputed here in float64: SR of G_ema (generator.pth's params_ema) on the
+    held-out photos (GTmod, LR = 8-bit MATLAB bicubic), uint8-quantised, Y = 16 + 65.481 R + 128.553 G
+    + 24.966 B, scale pixels cropped; the bicubic baseline likewise."""
+    ckpt = gan_run.ckpt[4]
+    g = load_generator(f"s3://{gan_run.bucket}/runs/gan2w/checkpoint_00000004/generator.pth")
+    psnrs, bicubic_psnrs = [], []
+    for path in sorted(Path(demo_data.val).iterdir()):
+        hr_u8 = gt_mod(path)
+        hr = torch.from_numpy(hr_u8.transpose(2, 0, 1).copy()).float() / 255
+        lr = make_lr(hr, SCALE)
+        with torch.no_grad():
+            sr = g(lr[None])[0]
+        psnrs.append(psnr_y_reference(sr, hr_u8))
+        bicubic_psnrs.append(psnr_y_reference(imresize(lr, SCALE), hr_u8))
+    assert ckpt["metrics"]["psnr"] == pytest.approx(np.mean(psnrs), abs=0.01)
+    assert ckpt["metrics"]["psnr_bicubic"] == pytest.approx(np.mean(bicubic_psnrs), abs=0.01)
+
+
+def gt_mod(path: Path) -> np.ndarray:
+    """The (H,W,3) uint8 photo at ``path``, its bottom/right cut to multiples of SCALE (benchmarks' GTmod)."""
+    hr = np.asarray(Image.open(path).convert("RGB"))
+    return hr[:hr.shape[0] // SCALE * SCALE, :hr.shape[1] // SCALE * SCALE]
+
+
+def psnr_y_reference(sr: torch.Tensor, hr_u8: np.ndarray) -> float:
+    """PSNR (dB) on Y of (3,H,W) float ``sr`` vs (H,W,3) uint8 ``hr_u8``, crop SCALE, in float64."""
+    levels = np.round(np.clip(sr.double().numpy().transpose(1, 2, 0), 0, 1) * 255)
+
+    def y(rgb255):
+        rgb = rgb255.astype(np.float64) / 255
+        return (16 + 65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2])[SCALE:-SCALE, SCALE:-SCALE]
+
+    mse = np.mean((y(levels) - y(hr_u8)) ** 2)
+    return 10 * math.log10(255 ** 2 / mse)
+
+
+def test_comparison_png_is_bicubic_sr_hr_of_the_first_validation_photo(gan_run, demo_data):
+    hr = gt_mod(sorted(Path(demo_data.val).iterdir())[0])
+    size = 256
+    top, left = (hr.shape[0] - size) // 2, (hr.shape[1] - size) // 2
+    png = gan_run.ckpt[4]["comparison"]
+    assert png.shape == (size, 3 * size, 3)
+    np.testing.assert_array_equal(png[:, 2 * size:], hr[top:top + size, left:left + size])
+    assert not np.array_equal(png[:, :size], png[:, size:2 * size]), "bicubic and SR tiles are identical"
+
+
+def test_state_pt_holds_the_whole_training_state(gan_run):
+    state = gan_run.ckpt[4]["state"]
+    assert state["step"] == 4
+    assert {"g", "g_ema", "d", "opt_g", "opt_d", "sched_g", "sched_d", "rng", "config"} <= state.keys()
+    assert state["config"]["train"]["total_steps"] == 4
+    assert adam_steps(state["opt_g"]) == {4} and adam_steps(state["opt_d"]) == {4}
+    assert any(not torch.equal(state["g"][k], state["g_ema"][k]) for k in state["g"]), "EMA == G"
+    for step in (2, 3, 4):  # G_ema follows the EMA recursion over the checkpointed G of every step
+        assert_ema_recursion(gan_run.ckpt[step - 1]["state"]["g_ema"], gan_run.ckpt[step]["state"]["g"],
+                             gan_run.ckpt[step]["state"]["g_ema"], f"step {step}")
+
+
+def test_generator_pth_has_basicsr_params_and_params_ema(gan_run):
+    ckpt = gan_run.ckpt[4]
+    # BasicSR / Real-ESRGAN read "params" / "params_ema"; raysr adds the architecture beside them.
+    assert {"params", "params_ema"} <= set(ckpt["generator"])
+    assert ckpt["generator"]["arch"] == "rrdbnet"
+    assert {k: ckpt["generator"]["kwargs"][k] for k in ("num_feat", "num_block", "num_grow_ch", "scale")} == \
+        {"num_feat": 8, "num_block": 1, "num_grow_ch": 4, "scale": 4}
+    assert_weights_equal(ckpt["generator"]["params"], ckpt["state"]["g"], "params vs state.pt g")
+    assert_weights_equal(ckpt["generator"]["params_ema"], ckpt["state"]["g_ema"], "params_ema vs state.pt g_ema")
+    g = load_generator(f"s3://{gan_run.bucket}/runs/gan2w/checkpoint_00000004/generator.pth")
+    assert_weights_equal(g.state_dict(), ckpt["state"]["g_ema"], "load_generator (prefers params_ema)")
+    assert g(torch.rand(1, 3, 10, 12)).shape == (1, 3, 40, 48)
+
+
+def test_ddp_replicas_hold_identical_generator_weights(gan_run):
+    steps = [r["metrics"][0]["step"] for r in gan_run.reports]
+    assert steps == [1, 2, 3, 4]
+    assert [r["checkpoint"].rstrip("/").rsplit("/", 1)[-1] for r in gan_run.reports] == \
+        [f"checkpoint_{step:08d}" for step in steps]
+    for report in gan_run.reports:
+        rank0, rank1 = report["metrics"]
+        step = rank0["step"]
+        assert rank1["step"] == step
+        # The ranks trained on different crops (their losses differ), yet hold the same G: DDP synced it.
+        assert rank0["loss_g"] != rank1["loss_g"], f"step {step}: both ranks saw the same batch"
+        assert rank0["g_fingerprint"] == rank1["g_fingerprint"], f"step {step}: replicas diverged"
+        assert rank0["g_fingerprint"] == pytest.approx(sum_of_squares(gan_run.ckpt[step]["state"]["g"]), rel=1e-12)
+    fingerprints = [r["metrics"][0]["g_fingerprint"] for r in gan_run.reports]
+    assert len(set(fingerprints)) == 4, "G did not change between steps"
+
+
+def test_rerun_with_the_same_name_resumes_and_keeps_the_last_checkpoints(gan_run, tmp_path):
+    first = gan_run.ckpt
+    record = tmp_path / "reports.jsonl"
+    result, reports = run_gan(gan_run.overrides + ["train.total_steps=6", "run.log_every=1", "run.keep_checkpoints=3"],
+                              record)
+    # Steps 1-4 are not redone: the second run's first report is step 5.
+    assert [[m["step"] for m in r["metrics"]] for r in reports] == [[5, 5], [6, 6]]
+    assert result.metrics["step"] == 6
+    for report in reports:
+        assert report["metrics"][0]["g_fingerprint"] == report["metrics"][1]["g_fingerprint"]
+    # keep_checkpoints counts the first run's checkpoints too
+    files = checkpoint_keys(gan_run.bucket, gan_run.name)
+    assert sorted(files) == [4, 5, 6] and all(names == CHECKPOINT_FILES for names in files.values())
+    fifth, last = (download_checkpoint(gan_run.bucket, gan_run.name, s)["state"] for s in (5, 6))
+    assert last["step"] == 6
+    # Optimizers, schedules and the EMA continue from step 4 (fresh ones would count 2 steps, start EMA at G_4).
+    assert adam_steps(last["opt_g"]) == {6} and adam_steps(last["opt_d"]) == {6}
+    assert last["sched_g"]["last_epoch"] == 6 and last["sched_d"]["last_epoch"] == 6
+    assert_ema_recursion(first[4]["state"]["g_ema"], fifth["g"], fifth["g_ema"], "step 5 after resume")
+    # The checkpoint the run resumed from is still the one the first run wrote.
+    assert_weights_equal(download_checkpoint(gan_run.bucket, gan_run.name, 4)["state"]["g"], first[4]["state"]["g"],
+                         "checkpoint 4 after resume")
+
+
+# --------------------------------------------------------------------------- config errors: exit 2 before Ray
+
+
+@pytest.fixture
+def no_cached_vgg(tmp_path, monkeypatch):
+    """An empty torch hub cache: no VGG19 weights can be found."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+
+def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "model.generator.num_fet=8"], "unknown key model.generator.num_fet"),
+    (["--set", "data.batch_size=many"], "data.batch_size: expected an integer, got 'many'"),
+    (["--set", "train.phase=adversarial"], "train.phase: 'adversarial' is not allowed; choose one of ['psnr', 'gan']"),
+    (["--set", "data.gt_size=66"], "data.gt_size: 66 is not divisible by model.generator.scale 4"),
+    (["--preset", "esrgan_x4", "--set", "data.gt_size=96", "--set", "loss.perceptual.allow_random_weights=true"],
+     "data.gt_size (96) must equal model.discriminator.input_size (128)"),
+    (["--preset", "esrgan_x4"], "no torchvision vgg19 weights are cached"),
+    (["--set", "data.train=/nonexistent/raysr/shards"], "data.train: "),
+    (["--set", "data.val=/nonexistent/raysr/val"], "data.val: /nonexistent/raysr/val does not exist"),
+    (["--preset", "no_such_preset"], "unknown preset 'no_such_preset'"),
+])
+def test_config_errors_exit_2_with_one_message(capsys, no_cached_vgg, argv, message):
+    code, out, err = run_main(capsys, argv)
+    assert code == 2
+    assert out == ""
+    assert err.startswith("raysr.train: error: ") and message in err and "Traceback" not in err
+
+
+def test_missing_s3_data_exits_2_naming_the_path(capsys, s3_bucket):
+    for url in (f"s3://{s3_bucket}/no/such/shards", "s3://raysr-no-such-bucket-4f1a/shards"):
+        code, out, err = run_main(capsys, ["--set", f"data.train={url}"])
+        assert code == 2 and out == ""
+        assert err.startswith("raysr.train: error: data.train: ") and url.rsplit("/", 1)[0] in err, err
+
+
+def test_config_file_errors_exit_2(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  generator: {name: rrdbnet, scale: 5}\n")
+    code, _, err = run_main(capsys, ["--config", str(bad)])
+    assert code == 2 and "model.generator.scale: 5 is not supported by rrdbnet" in err
+    code, _, err = run_main(capsys, ["--config", str(tmp_path / "missing.yaml")])
+    assert code == 2 and "no such file" in err
+
+
+# The documented contract: every key the issue names must appear in the resolved config.
+DOCUMENTED_KEYS = {
+    "model.generator": "name num_feat num_block num_grow_ch scale variant",
+    "model.discriminator": "name num_feat input_size",
+    "data": "train val gt_size batch_size num_workers crops_per_image",
+    "train": "phase total_steps init_from ema_decay grad_clip d_init_steps",
+    "loss.pixel": "type weight",
+    "loss.perceptual": "layers before_relu criterion weight weights_path allow_random_weights",
+    "loss.adversarial": "type weight",
+    "optim.g": "lr betas weight_decay",
+    "optim.d": "lr betas weight_decay",
+    "optim.schedule": "type milestones gamma periods",
+    "run": "name storage num_workers use_gpu checkpoint_every val_every keep_checkpoints max_failures seed precision",
+}
+PRESETS = ["quickstart", "srcnn_x4", "vdsr_x4", "srresnet_x4", "srgan_x4", "esrgan_psnr_x4", "esrgan_x4"]
+
+
+def leaves(tree: dict, prefix: str = "") -> dict:
+    """{"a.b.c": value} for every non-mapping value in a nested mapping."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def preset_file(name: str) -> dict:
+    import raysr
+    return yaml.safe_load((Path(raysr.__file__).parent / "presets" / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_dry_runs_to_its_own_values(capsys, no_cached_vgg, name):
+    code, out, err = run_main(capsys, ["--preset", name, "--set", "loss.perceptual.allow_random_weights=true",
+                                       "--dry-run"])
+    assert code == 0, err
+    resolved = leaves(yaml.safe_load(out))
+    for key, value in leaves(preset_file(name)).items():
+        assert resolved[key] == value, f"{name}: {key}"
+    for section, keys in DOCUMENTED_KEYS.items():
+        for key in keys.split():
+            assert f"{section}.{key}" in resolved or any(k.startswith(f"{section}.{key}.") for k in resolved), \
+                f"{section}.{key} missing from the resolved config"
+
+
+def test_dry_run_applies_overrides_and_defaults_to_quickstart(capsys):
+    code, out, _ = run_main(capsys, ["--set", "loss.adversarial.weight=1e-3", "--set", "optim.g.betas=[0.5, 0.9]",
+                                     "--set", "run.name=mine", "--dry-run"])
+    assert code == 0
+    resolved = leaves(yaml.safe_load(out))
+    assert resolved["loss.adversarial.weight"] == 1e-3
+    assert resolved["optim.g.betas"] == [0.5, 0.9]
+    assert resolved["run.name"] == "mine"
+    assert resolved["model.generator.name"] == preset_file("quickstart")["model"]["generator"]["name"]
+    assert resolved["train.total_steps"] == preset_file("quickstart")["train"]["total_steps"]
+
+
+# --------------------------------------------------------------------------- the way users launch it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_to_a_ray_start_head_succeeds(demo_data, tmp_path):
+    """`ray start --head` on 127.0.0.1, then `ray job submit -- python -m raysr.train --preset quickstart …`.
+
+    Ray enables token authentication for clusters it starts (2.5x+); the CLI then needs
+    RAY_AUTH_MODE=token and the token, as users set them. Every port is chosen here, so the
+    session's own Ray and other clusters on the machine are never touched (no `ray stop`).
+    """
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # nothing to drain once the job is over
+    dashboard = free_port()
+    address = f"http://127.0.0.1:{dashboard}"
+    ports = {"--port": free_port(), "--dashboard-port": dashboard, "--dashboard-agent-listen-port": free_port(),
+             "--dashboard-agent-grpc-port": free_port(), "--metrics-export-port": free_port(),
+             "--runtime-env-agent-port": free_port(), "--ray-client-server-port": free_port(),
+             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
+    # A private temp dir: `ray start` records its address in <temp-dir>/ray_current_cluster and leaves
+    # it behind; in the shared /tmp/ray a later plain ray.init() would try to join the dead cluster.
+    # (Short path: Ray's unix sockets live under it.)
+    ray_temp = tempfile.mkdtemp(prefix="raysr_", dir="/tmp")
+    head_log = tmp_path / "ray_start.log"
+    with open(head_log, "w") as log:
+        head = subprocess.Popen(
+            ray_cli + ["start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                       "--num-cpus=2", "--disable-usage-stats", "--object-store-memory=200000000",
+                       f"--temp-dir={ray_temp}"] + [f"{flag}={port}" for flag, port in ports.items()],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert head.poll() is None, f"ray start exited early:\n{head_log.read_text()}"
+            listed = subprocess.run(ray_cli + ["job", "list", "--address", address], env=env, capture_output=True,
+                                    text=True)
+            if listed.returncode == 0:
+                break
+            assert time.monotonic() < deadline, f"the job server never answered:\n{listed.stderr[-2000:]}"
+            time.sleep(1)
+
+        storage = tmp_path / "runs"
+        sets = ["train.total_steps=4", "run.checkpoint_every=2", "run.val_every=2", "run.log_every=2",
+                "model.generator.num_feat=8", "model.generator.num_block=1", "data.gt_size=32", "data.batch_size=2",
+                "data.num_workers=0", f"data.train={demo_data.train}", f"data.val={demo_data.val}",
+                f"run.storage={storage}", "run.name=jobrun"]
+        entrypoint = [sys.executable, "-m", "raysr.train", "--preset", "quickstart"]
+        for item in sets:
+            entrypoint += ["--set", item]
+        # Without --no-wait, submit streams the job's output and exits 0 only if the job SUCCEEDED.
+        submitted = subprocess.run(ray_cli + ["job", "submit", "--address", address, "--submission-id", "raysr-job",
+                                              "--"] + entrypoint, env=env, capture_output=True, text=True, timeout=420)
+        output = submitted.stdout + submitted.stderr
+        assert submitted.returncode == 0, output[-4000:]
+        status = subprocess.run(ray_cli + ["job", "status", "--address", address, "raysr-job"], env=env,
+                                capture_output=True, text=True)
+        assert status.returncode == 0 and "succeeded" in (status.stdout + status.stderr).lower(), status.stdout
+    finally:
+        head.send_signal(signal.SIGTERM)  # --block: ray start stops every process it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)  # its own session (start_new_session): only what it started
+            head.wait()
+        shutil.rmtree(ray_temp, ignore_errors=True)
+
+    # The driver's console lines reach the user through `ray job submit`.
+    final = storage / "jobrun" / "checkpoint_00000004"
+    assert "raysr: finished jobrun at step 4/4" in output
+    assert f"raysr: generator  {final / 'generator.pth'}" in output
+    assert {p.name for p in final.iterdir()} == CHECKPOINT_FILES
+    assert json.loads((final / "metrics.json").read_text())["step"] == 4
+    g = load_generator(str(final / "generator.pth"))
+    assert type(g).__name__ == "SRResNet"
+    assert {k: g.config[k] for k in ("num_feat", "num_block", "scale", "variant")} == \
+        {"num_feat": 8, "num_block": 1, "scale": 4, "variant": "msrresnet"}
+    assert g(torch.rand(1, 3, 8, 8)).shape == (1, 3, 32, 32)
