@@ -33,6 +33,9 @@ S3_PORT = _free_port()
 S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
 os.environ.update(AWS_ENDPOINT_URL=S3_ENDPOINT, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                   AWS_DEFAULT_REGION="us-east-1")
+# moto knows AWS-managed IAM policies (the cluster guide attaches AmazonEC2FullAccess) only when
+# this is set before its IAM backend first loads, whichever test touches moto first.
+os.environ["MOTO_IAM_LOAD_MANAGED_POLICIES"] = "true"
 for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
     os.environ.pop(_var, None)
 
