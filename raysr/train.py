@@ -105,7 +105,6 @@ def run_dir(cfg: Config) -> str:
 
 def init_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS (set by ``ray job submit``), else start a local Ray on loopback."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local head on 127.0.0.1
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import logging
@@ -115,11 +114,17 @@ def init_ray() -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
-    else:
-        # The dashboard (on 127.0.0.1:8265) also serves the state API Ray Train's controller polls.
-        # address="local": always a new instance, never one a stale /tmp/ray/ray_current_cluster names.
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-                 logging_level=logging.WARNING, log_to_driver=True)
+        return
+    # A local instance binds to 127.0.0.1 only when Ray believes it is a single-machine install;
+    # on Linux it otherwise listens on every interface. Ray reads this once, when first imported,
+    # so set the variable (inherited by Ray's processes) and the already-read constant.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    # address="local": always a new instance, never one a stale /tmp/ray/ray_current_cluster names.
+    # The dashboard (127.0.0.1:8265) also serves the state API that Ray Train's controller polls.
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
+             logging_level=logging.WARNING, log_to_driver=True)
 
 
 def storage_args(storage: str) -> dict:

@@ -33,6 +33,8 @@ S3_PORT = _free_port()
 S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
 os.environ.update(AWS_ENDPOINT_URL=S3_ENDPOINT, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                   AWS_DEFAULT_REGION="us-east-1")
+# Keep every local Ray of the test session on 127.0.0.1 (Ray reads this when first imported).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # moto knows AWS-managed IAM policies (the cluster guide attaches AmazonEC2FullAccess) only when
 # this is set before its IAM backend first loads, whichever test touches moto first.
 os.environ["MOTO_IAM_LOAD_MANAGED_POLICIES"] = "true"
@@ -99,7 +101,6 @@ def ray_local():
 
     from raysr.train import init_ray
 
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.pop("RAY_ADDRESS", None)
     init_ray()
     yield ray
