@@ -203,7 +203,7 @@ def summarize(cfg: Config, result) -> None:
         where = result.checkpoint.path
         if is_s3(cfg.run.storage) and not where.startswith("s3://"):
             where = "s3://" + where
-        print(f"raysr: generator  {join(where, GENERATOR_FILE)}  (BasicSR layout: params, params_ema)")
+        print(f"raysr: generator  {join(where, GENERATOR_FILE)}  (params, params_ema as BasicSR; + architecture)")
         print(f"raysr: images     {join(where, COMPARISON_FILE)}  (bicubic | SR | HR)")
         print(f"raysr: metrics    {join(where, METRICS_FILE)}")
         print(f"raysr: upscale with  python -m raysr.upscale --model {join(where, GENERATOR_FILE)} "
