@@ -114,7 +114,15 @@ def _upload(uri: str, fileobj: BinaryIO, **kwargs) -> None:
         raise _explain(uri, err) from err
 
 
-def _replace_local(uri: str | os.PathLike, fill, mode: int | None = None) -> None:
+def _file_mode() -> int:
+    """The permissions ``open()`` would give a new file (0666 less the umask); mkstemp's 0600
+    would hide shards, checkpoints and images from the other users of a shared machine."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _replace_local(uri: str | os.PathLike, fill) -> None:
     """Write a local file through ``fill(file)`` into a temporary file, then rename it."""
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,8 +130,7 @@ def _replace_local(uri: str | os.PathLike, fill, mode: int | None = None) -> Non
     try:
         with os.fdopen(fd, "wb") as f:
             fill(f)
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -308,8 +315,7 @@ def write_stream(uri: str | os.PathLike, fileobj: BinaryIO, metadata: dict[str, 
         config = TransferConfig(multipart_threshold=MULTIPART_CHUNK_BYTES, multipart_chunksize=MULTIPART_CHUNK_BYTES)
         _upload(uri, fileobj, ExtraArgs={"Metadata": dict(metadata or {})}, Config=config)
     else:
-        # 0644: mkstemp's 0600 would hide a shared dataset from other users
-        _replace_local(uri, lambda f: shutil.copyfileobj(fileobj, f, STREAM_BUFFER_BYTES), mode=0o644)
+        _replace_local(uri, lambda f: shutil.copyfileobj(fileobj, f, STREAM_BUFFER_BYTES))
 
 
 def object_info(uri: str | os.PathLike) -> tuple[int, dict[str, str]] | None:
