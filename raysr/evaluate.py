@@ -193,21 +193,32 @@ def evaluate(samples: Sequence[Sample], scale: int, model: nn.Module | None, lpi
     module docstring (without the descriptive top-level fields). ``save_sr``: folder
     for the uint8 SR outputs as ``<stem>.png``."""
     rows = []
-    with Progress(len(samples), "evaluate", unit="images") as progress:
-        for sample in samples:
-            try:
-                hr, lr = _load_pair(sample, scale)
-            except (ImageError, rio.StorageError) as err:
-                raise InputError(f"{err}; stopped after {progress.done} of {len(samples)} images") from err
-            baseline = bicubic_sr(lr, scale)
-            sr = baseline if model is None else to_uint8(upscale_tensor(model, to_tensor(lr).to(device)))
-            if save_sr is not None:
-                write_image(rio.join(save_sr, Path(sample.name).stem + ".png"), DecodedImage(sr, "PNG"))
-            scores = score(sr, hr, scale, lpips_fn)
-            row = {"name": sample.name, "size": list(hr.shape[:2]), **scores}
-            row["bicubic"] = scores if model is None else score(baseline, hr, scale, lpips_fn)
-            rows.append(row)
-            progress.step(sample.name)
+    created: list[str] = []  # SR files this call added; removed again if it stops part-way
+    try:
+        with Progress(len(samples), "evaluate", unit="images") as progress:
+            for sample in samples:
+                try:
+                    hr, lr = _load_pair(sample, scale)
+                except (ImageError, rio.StorageError) as err:
+                    raise InputError(f"{err}; stopped after {progress.done} of {len(samples)} images, "
+                                     "nothing saved") from err
+                baseline = bicubic_sr(lr, scale)
+                sr = baseline if model is None else to_uint8(upscale_tensor(model, to_tensor(lr).to(device)))
+                if save_sr is not None:
+                    target = rio.join(save_sr, Path(sample.name).stem + ".png")
+                    is_new = not rio.exists(target)
+                    write_image(target, DecodedImage(sr, "PNG"))
+                    if is_new:
+                        created.append(target)
+                scores = score(sr, hr, scale, lpips_fn)
+                row = {"name": sample.name, "size": list(hr.shape[:2]), **scores}
+                row["bicubic"] = scores if model is None else score(baseline, hr, scale, lpips_fn)
+                rows.append(row)
+                progress.step(sample.name)
+    except BaseException:
+        for target in created:
+            rio.remove(target)
+        raise
     return {"images": rows, "mean": mean_scores(rows),
             "bicubic": {"mean": mean_scores([r["bicubic"] for r in rows])}}
 

@@ -146,6 +146,18 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
         _replace_local(uri, lambda f: f.write(data))
 
 
+def remove(uri: str | os.PathLike) -> None:
+    """Delete a local file or S3 object; one that does not exist is not an error."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().delete_object(Bucket=bucket, Key=key)
+        except Exception as err:
+            raise _explain(uri, err) from err
+        return
+    Path(uri).unlink(missing_ok=True)
+
+
 def open_read(uri: str | os.PathLike) -> BinaryIO:
     """A readable binary stream; S3 objects are streamed, not buffered whole."""
     if is_s3(uri):

@@ -348,3 +348,22 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, gt_folder, make_image, ca
         assert run(argv + out) == 2, argv
         assert needle in capsys.readouterr().err, argv
         assert not (tmp_path / "r.json").exists() and not (tmp_path / "sr").exists()
+
+
+def test_an_image_failing_mid_folder_removes_the_sr_files_of_this_run(tmp_path, make_image, capsys):
+    """The header of b.png reads fine (so the up-front checks pass) but its pixel data is cut off:
+    evaluate stops at b.png, and the SR of a.png it had already saved is taken back."""
+    hr_dir, sr_dir = tmp_path / "HR", tmp_path / "sr"
+    save_png(hr_dir / "a.png", make_image(40, 44, 1))
+    save_png(hr_dir / "b.png", make_image(40, 44, 2))
+    data = (hr_dir / "b.png").read_bytes()
+    (hr_dir / "b.png").write_bytes(data[:len(data) // 2])
+    sr_dir.mkdir()
+    (sr_dir / "earlier.png").write_bytes(b"an older result, not ours to delete")
+
+    assert run(["--hr", hr_dir, "--scale", 4, "--model", "bicubic", "--save-sr", sr_dir,
+                "--json", tmp_path / "r.json"]) == 2
+    err = capsys.readouterr().err
+    assert "b.png" in err and "nothing saved" in err
+    assert sorted(p.name for p in sr_dir.iterdir()) == ["earlier.png"]
+    assert not (tmp_path / "r.json").exists()
