@@ -263,6 +263,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     loader = TrainBatches(cfg, rank, world, seed=cfg.run.seed + state.step, device=device)
     val_set = load_validation(cfg.data.val, cfg.scale) if rank == 0 else None
+    baseline = bicubic_baseline(val_set, cfg.scale) if rank == 0 else None
     lpips_fn = load_lpips(device=device)[0] if rank == 0 else None
     board = TensorBoard(run_dir(cfg)) if rank == 0 else None
     meter = Meter()
@@ -279,15 +280,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if not (do_val or do_ckpt or step % cfg.run.log_every == 0):
             continue
         metrics = {"step": step, **meter.summary(), "skipped": loader.skipped(),
-                   "epoch_samples": loader.samples_seen()}
+                   "samples": loader.samples_seen()}
         if do_ckpt:  # replicas must hold identical weights; a drift here means DDP is broken
             metrics["g_fingerprint"] = weight_fingerprint(state.g_module)
         comparison = None
         if do_val and rank == 0:
             val_metrics, comparison = validate(state.g_eval, val_set, cfg.scale, device, state.perceptual, lpips_fn)
-            metrics.update(val_metrics)
+            metrics.update(val_metrics, **baseline)
         if rank == 0:
-            say(progress_line(cfg, metrics, meter))
+            say(progress_line(cfg, metrics))
             board.log(step, metrics, comparison)
         if do_ckpt:
             with tempfile.TemporaryDirectory() as tmp:
@@ -333,7 +334,6 @@ class Meter:
     """Running means of step scalars over the current log interval, plus throughput."""
 
     def __init__(self):
-        self.start = time.perf_counter()
         self.reset_interval()
 
     def reset_interval(self):
@@ -352,15 +352,14 @@ class Meter:
         self.busy += total
 
     def summary(self) -> dict:
-        out = {k: v / max(self.n, 1) for k, v in self.sums.items()}
-        out["lr"] = self.sums.get("lr", 0.0) / max(self.n, 1)
+        out = {k: v / max(self.n, 1) for k, v in self.sums.items()}  # losses, D outputs, lr
         out["crops_per_s"] = self.crops / self.busy if self.busy else 0.0
         out["data_wait_frac"] = self.wait / self.busy if self.busy else 0.0
         out["step_time_s"] = self.busy / max(self.n, 1)
         return out
 
 
-def progress_line(cfg: Config, m: dict, meter: Meter) -> str:
+def progress_line(cfg: Config, m: dict) -> str:
     step, total = m["step"], cfg.train.total_steps
     remaining = (total - step) * m.get("step_time_s", 0.0)
     parts = [f"step {step}/{total}"]
@@ -422,13 +421,26 @@ class TrainBatches:
         self.loader.close()
 
 
+def bicubic_baseline(val_set, scale: int) -> dict:
+    """psnr_bicubic/ssim_bicubic (Y, crop = scale) over ``val_set``: fixed for a run, so computed once."""
+    from raysr.metrics import psnr, ssim
+    from raysr.ops import imresize
+
+    sums = {"psnr_bicubic": 0.0, "ssim_bicubic": 0.0}
+    for i in range(len(val_set)):
+        _, lr, hr = val_set[i]
+        bicubic = imresize(lr, scale).clamp(0, 1)
+        sums["psnr_bicubic"] += psnr(bicubic, hr, crop_border=scale, y_channel=True)
+        sums["ssim_bicubic"] += ssim(bicubic, hr, crop_border=scale, y_channel=True)
+    return {k: v / len(val_set) for k, v in sums.items()}
+
+
 def validate(g, val_set, scale: int, device, perceptual=None, lpips_fn=None) -> tuple[dict, bytes | None]:
     """Validation metrics of ``g`` over ``val_set`` (full images, one at a time), plus a comparison PNG.
 
-    psnr/ssim (Y, crop = scale) of SR and of bicubic (``*_bicubic``); ``perceptual``:
-    the configured VGG perceptual loss between SR and HR, when one is configured;
-    ``lpips`` when LPIPS runs offline. The PNG shows the first image's centre
-    (at most 256 px of HR) as bicubic | SR | HR.
+    psnr/ssim (Y, crop = scale) of SR; ``perceptual``: the configured VGG perceptual
+    loss between SR and HR, when one is configured; ``lpips`` when LPIPS runs offline.
+    The PNG shows the first image's centre (at most 256 px of HR) as bicubic | SR | HR.
     """
     import torch
 
@@ -447,17 +459,15 @@ def validate(g, val_set, scale: int, device, perceptual=None, lpips_fn=None) -> 
         for i in range(len(val_set)):
             _, lr, hr = val_set[i]
             sr = g(lr[None].to(device)).float().clamp(0, 1)
-            bicubic = imresize(lr, scale).clamp(0, 1)
-            for suffix, img in (("", sr[0].cpu()), ("_bicubic", bicubic)):
-                add("psnr" + suffix, psnr(img, hr, crop_border=scale, y_channel=True))
-                add("ssim" + suffix, ssim(img, hr, crop_border=scale, y_channel=True))
+            add("psnr", psnr(sr[0].cpu(), hr, crop_border=scale, y_channel=True))
+            add("ssim", ssim(sr[0].cpu(), hr, crop_border=scale, y_channel=True))
             hr_dev = hr[None].to(device)
             if perceptual is not None:
                 add("perceptual", perceptual(sr, hr_dev).item())
             if lpips_fn is not None:
                 add("lpips", lpips_fn(sr, hr_dev)[0])
             if i == 0:
-                comparison = comparison_png(bicubic, sr[0].cpu(), hr)
+                comparison = comparison_png(imresize(lr, scale).clamp(0, 1), sr[0].cpu(), hr)
     g.train(was_training)
     return {k: v / len(val_set) for k, v in sums.items()}, comparison
 
@@ -466,12 +476,12 @@ def comparison_png(bicubic, sr, hr, size: int = 256) -> bytes:
     """PNG bytes of the centre ``size``² of three (3,H,W) [0,1] tensors side by side."""
     import io
 
+    import torch
     from PIL import Image
 
     _, height, width = hr.shape
     top, left = max(0, (height - size) // 2), max(0, (width - size) // 2)
     tiles = [t[:, top:top + size, left:left + size] for t in (bicubic, sr, hr)]
-    import torch
     row = torch.cat(tiles, dim=2).mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
     buf = io.BytesIO()
     Image.fromarray(row).save(buf, format="PNG")
