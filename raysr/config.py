@@ -255,16 +255,6 @@ def _build(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "layers":
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"a.b.c=value"`` -> (["a","b","c"], value parsed as YAML: 1e-3, true, [1,2], {conv5_4: 1})."""
     key, sep, raw = text.partition("=")
@@ -342,7 +332,7 @@ def load_config(preset: str | None = None, config_file: str | None = None,
 
 def config_from_dict(data: dict) -> Config:
     """A validated Config from its ``to_dict()`` form (used to restore a run's saved config)."""
-    cfg = _build(Config, _merge({}, data))
+    cfg = _build(Config, data)
     validate(cfg)
     return cfg
 
