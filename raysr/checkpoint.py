@@ -356,7 +356,7 @@ def save_generator(model: nn.Module, path: str | os.PathLike, fmt: str = "basics
     payload: dict = {"params": _cpu_state_dict(net)}
     if ema is not None:
         payload["params_ema"] = _cpu_state_dict(ema)
-        _check_compatible(payload["params"], payload["params_ema"], "model", "ema")
+        check_compatible(payload["params"], payload["params_ema"], "model", "ema")
     if fmt == "raysr":
         payload = {"format": "raysr", "version": RAYSR_FORMAT_VERSION, "arch": generator_name(net),
                    "kwargs": dict(net.config), **payload}
@@ -368,7 +368,7 @@ def save_generator(model: nn.Module, path: str | os.PathLike, fmt: str = "basics
 # --------------------------------------------------------------------------- interpolation
 
 
-def _check_compatible(sd_a: Mapping, sd_b: Mapping, name_a: str, name_b: str) -> None:
+def check_compatible(sd_a: Mapping, sd_b: Mapping, name_a: str, name_b: str) -> None:
     """ValueError naming the first parameter that ``sd_a`` and ``sd_b`` do not share with one shape."""
     for key in list(sd_a) + [k for k in sd_b if k not in sd_a]:
         if key not in sd_a or key not in sd_b:
@@ -395,7 +395,7 @@ def interpolate(a, b, alpha: float) -> nn.Module:
         raise ValueError(f"alpha must be a number in [0, 1] (0 = first network, 1 = second), got {alpha!r}")
     net_a, net_b = _as_generator(a), _as_generator(b)
     sd_a, sd_b = net_a.state_dict(), net_b.state_dict()
-    _check_compatible(sd_a, sd_b, "a", "b")
+    check_compatible(sd_a, sd_b, "a", "b")
     # equal shapes can still hide different networks (SRCNN x2 vs x4)
     if type(net_a) is not type(net_b):
         raise ValueError(f"cannot interpolate a {type(net_a).__name__} with a {type(net_b).__name__}")

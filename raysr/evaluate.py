@@ -57,7 +57,8 @@ from raysr.lpips import BACKBONE_FILES, LpipsFn, load_lpips
 from raysr.metrics import SSIM_WINDOW, psnr, ssim
 from raysr.models import generator_name
 from raysr.ops.resize import imresize
-from raysr.upscale import DEVICES, InputError, ScaleUnknownError, cli, load_model, resolve_device, upscale_tensor
+from raysr.cli import DEVICES, InputError, ScaleUnknownError, cli, load_model, resolve_device
+from raysr.upscale import upscale_tensor
 from raysr.util import Progress
 
 METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb")

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from raysr import io as rio
 from raysr.checkpoint import SAVE_FORMATS, save_generator
-from raysr.upscale import InputError, check_model_scale, cli, load_model, mix_generators
+from raysr.cli import InputError, check_model_scale, cli, load_model, mix_generators
 
 
 def build_parser() -> argparse.ArgumentParser:

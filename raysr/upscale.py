@@ -15,9 +15,8 @@ Everything that can be checked before the first write is checked first (options,
 every input's header, the checkpoints), each output is written atomically, and a
 bad input stops the run with exit code 2 and a message naming it.
 
-This module also holds the pieces ``raysr.evaluate`` and ``raysr.interpolate`` share:
-:class:`InputError`, :func:`cli`, :func:`resolve_device`, :func:`load_model`,
-:func:`mix_generators` and :func:`upscale_tensor`.
+:func:`upscale_tensor` (whole or tiled inference, padded to what the network takes) is
+also what ``raysr.evaluate`` and training's validation run the generator through.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,53 +33,16 @@ import torch
 from torch import nn
 
 from raysr import io as rio
-from raysr.checkpoint import _check_compatible, interpolate, load_generator
 from raysr.imageio import (DecodedImage, ImageError, from_float_rgb, is_under, list_images, probe_image,
                            read_image, relative_path, to_float_rgb, write_image)
 from raysr.ops.resize import imresize, weight_matrix
+from raysr.cli import DEVICES, InputError, check_model_scale, cli, load_model, mix_generators, resolve_device
 from raysr.util import Progress
 
-EXIT_BAD_INPUT = 2
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEVICES = ("auto", "cpu", "cuda")
 # LR pixels of context around each tile. A full-depth (23-block) RRDBNet x4 differs from
 # whole-image inference by <= 0.004/255 at 16 (0.3/255 at 8, 47/255 at 4); see the tests.
 DEFAULT_TILE_PAD = 16
-# what a directory listing suggests when --model names a folder (a training run's generator.pth first)
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt")
-
-
-class InputError(Exception):
-    """A problem with what the user passed (file, checkpoint, option); ``cli`` prints it
-    and exits with code 2."""
-
-
-class ScaleUnknownError(InputError):
-    """The checkpoint does not record its upscaling factor (SRCNN / VDSR weights in
-    BasicSR format, or an RRDBNet whose input channels are ambiguous): the user must give it."""
-
-
-def cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
-        argv: Sequence[str] | None) -> int:
-    """Parse ``argv`` and run the CLI body; an :class:`InputError` becomes
-    ``<prog>: error: ...`` on stderr and exit code 2, like argparse's own errors."""
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except InputError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an InputError."""
-    if name not in DEVICES:
-        raise InputError(f"--device must be one of {list(DEVICES)}, got {name!r}")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda but torch sees no CUDA GPU; use --device cpu (or auto)")
-    return torch.device(name)
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -89,75 +51,6 @@ def check_precision(precision: str, device: torch.device) -> None:
     if precision == "fp16" and device.type != "cuda":
         raise InputError("--precision fp16 needs a CUDA device (CPU autocast has no fp16); "
                          "use --precision bf16 or fp32 on CPU")
-
-
-def check_model_scale(scale: int | None) -> None:
-    """InputError unless ``--model-scale`` is absent or an integer >= 1."""
-    if scale is not None and scale < 1:
-        raise InputError(f"--model-scale must be an integer >= 1 (the checkpoint's upscaling factor), got {scale}")
-
-
-def load_model(source: str, option: str = "--model", rgb_only: bool = True, scale: int | None = None,
-               scale_option: str = "--model-scale") -> nn.Module:
-    """The generator in checkpoint ``source`` (eval mode, CPU).
-
-    option: the CLI flag that named ``source``, used in errors. scale: the upscaling
-    factor, for checkpoints that do not record it (None: read it from the checkpoint).
-    Raises InputError naming ``option`` and the reason if the file is missing, a
-    directory, corrupt, of an unknown layout, or (``rgb_only``) not RGB -> RGB;
-    :class:`ScaleUnknownError` naming ``scale_option`` if the scale must be given.
-    """
-    if not rio.is_s3(source):
-        path = Path(source)
-        if path.is_dir():
-            found = sorted(p.name for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
-            example = "generator.pth" if "generator.pth" in found or not found else found[0]
-            listing = f"it holds {', '.join(found[:4])}{', ...' if len(found) > 4 else ''}" if found else \
-                f"it holds no {'/'.join(CHECKPOINT_SUFFIXES)} file"
-            raise InputError(f"{option} {source} is a directory; pass the checkpoint file in it, "
-                             f"e.g. {path / example} ({listing})")
-        if not path.is_file():
-            raise InputError(f"{option} {source}: no such checkpoint file")
-    overrides = {"scale": scale} if scale is not None else {}
-    try:
-        model = load_generator(source, **overrides)
-    except Exception as err:  # torch.load and the layout checks raise many classes; all mean "bad checkpoint"
-        if scale is None and (arch := _arch_given_a_scale(source)):
-            raise ScaleUnknownError(
-                f"{option} {source}: these {arch} weights do not record the upscaling factor (SRCNN/VDSR "
-                f"weights in BasicSR format never do); pass {scale_option} N, the factor the network was "
-                "trained for") from err
-        raise InputError(f"{option} {source}: cannot load a generator ({type(err).__name__}: {err})") from err
-    config = getattr(model, "config", {})
-    channels = (config.get("num_in_ch", 3), config.get("num_out_ch", 3))
-    if rgb_only and channels != (3, 3):
-        raise InputError(f"{option} {source}: the generator maps {channels[0]} to {channels[1]} channels; "
-                         "raysr.upscale and raysr.evaluate run RGB -> RGB generators")
-    return model
-
-
-def _arch_given_a_scale(source: str) -> str | None:
-    """The architecture name if ``source`` loads once a scale is given, else None."""
-    try:
-        # any factor the architectures accept: this only asks whether the scale was all that was missing
-        return type(load_generator(source, scale=4)).__name__
-    except Exception:  # still unreadable: the caller reports the original error
-        return None
-
-
-def mix_generators(model: nn.Module, model_b: nn.Module, alpha: float,
-                   names: tuple[str, str] = ("--model", "--model-b")) -> nn.Module:
-    """ESRGAN network interpolation (1 - alpha) * model + alpha * model_b
-    (:func:`raysr.checkpoint.interpolate`), with errors naming the CLI options ``names``."""
-    hint = "ESRGAN interpolation mixes two trainings of one architecture, e.g. its PSNR and GAN stages"
-    try:
-        _check_compatible(model.state_dict(), model_b.state_dict(), *names)
-    except ValueError as err:
-        raise InputError(f"{err}; {hint}") from err
-    try:
-        return interpolate(model, model_b, alpha)
-    except ValueError as err:  # same tensors, different networks (e.g. SRCNN x2 and x4)
-        raise InputError(f"{names[0]} and {names[1]}: {err}; {hint}") from err
 
 
 def _forward(model: nn.Module, x: torch.Tensor, precision: str) -> torch.Tensor:
