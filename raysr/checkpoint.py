@@ -15,9 +15,8 @@ never runs code):
 * ESRGAN 2018 release: ``model.0`` (conv_first), ``model.1.sub.N.RDBk.convj.0``,
   ``model.1.sub.{num_block}`` (trunk conv), ``model.3/6/8/10``.
 * MMSR's MSRResNet: ``recon_trunk.N.conv1``, ``HRconv``.
-* A raysr training state (``state.pt`` of a run: ``step``, ``config``, ``g``,
-  ``opt_g``, … and ``g_ema`` when EMA is on): the generator is rebuilt from the
-  run's ``config["model"]["generator"]`` and loaded with ``g_ema``, else ``g``.
+* A run's ``state.pt`` (:mod:`raysr.run_checkpoint` owns its layout and reads the
+  generator out of it: the EMA copy when the run had one).
 
 ``params_ema`` is preferred over ``params``; ``module.`` (DDP) and ``_orig_mod.``
 (torch.compile) prefixes are dropped. Architecture hyper-parameters are read
@@ -35,12 +34,12 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from raysr.config import GeneratorConfig
-from raysr.engine import generator_from_config
+from raysr import run_checkpoint
 from raysr.io import read_bytes, write_bytes
-from raysr.models import GENERATORS, build_generator, generator_name
+from raysr.models import build_generator
+from raysr.weights import (RAYSR_FORMAT_VERSION, check_compatible, format_kwargs, generator_payload, is_state_dict,
+                           load_exact, sample_keys, strip_wrapper_prefixes, unwrap)
 
-RAYSR_FORMAT_VERSION = 1
 SAVE_FORMATS = ("basicsr", "raysr")
 SUPPORTED = ("raysr {'format': 'raysr', 'arch', 'kwargs', 'params'[, 'params_ema']}; "
              "BasicSR {'params'[, 'params_ema']} or a bare state dict with BasicSR names "
@@ -49,8 +48,6 @@ SUPPORTED = ("raysr {'format': 'raysr', 'arch', 'kwargs', 'params'[, 'params_ema
              "ESRGAN 2018 release (model.0, model.1.sub.N.RDB1.conv1.0, model.3/6/8/10); "
              "MMSR MSRResNet (recon_trunk.N.conv1, HRconv); "
              "raysr training state.pt {'step', 'config', 'g'[, 'g_ema'], ...}")
-# Prefixes wrappers put on every key: DistributedDataParallel and torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 # Older key layouts -> BasicSR names, as (pattern, replacement) rules applied to
 # whole keys; a key that no rule of its layout matches is an error.
@@ -109,20 +106,15 @@ def load_generator(source: str | os.PathLike | Mapping, **overrides) -> nn.Modul
             raise ValueError(f"raysr checkpoint version {version!r} is not supported (this raysr reads version "
                              f"{RAYSR_FORMAT_VERSION}); upgrade raysr")
         arch, kwargs = obj.get("arch"), dict(obj.get("kwargs") or {})
-        state = _strip_wrapper_prefixes(_pick_params(obj))
-    elif _is_training_state(obj):
-        model = _training_state_generator(obj["config"])
-        if overrides:
-            model = build_generator(generator_name(model), **{**model.config, **overrides})
-        state = _strip_wrapper_prefixes(dict(obj["g_ema"] if _is_state_dict(obj.get("g_ema")) else obj["g"]))
-        load_exact(model, state, f"{generator_name(model)}({_format_kwargs(model.config)})")
-        return model.eval()
+        state = strip_wrapper_prefixes(_pick_params(obj))
+    elif run_checkpoint.is_training_state(obj):
+        return run_checkpoint.generator_of(obj, **overrides)
     else:
-        state = _to_basicsr_names(_strip_wrapper_prefixes(_pick_params(obj)))
+        state = _to_basicsr_names(strip_wrapper_prefixes(_pick_params(obj)))
         arch, kwargs = _infer_arch(state, overrides)
     kwargs.update(overrides)
     model = build_generator(arch, **kwargs)
-    load_exact(model, state, f"{arch}({_format_kwargs(kwargs)})")
+    load_exact(model, state, f"{arch}({format_kwargs(kwargs)})")
     return model.eval()
 
 
@@ -140,55 +132,15 @@ def _read(uri: str | os.PathLike) -> object:
                          "trusted code and re-save its state_dict()") from err
 
 
-def _is_state_dict(obj) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
-def _is_training_state(obj: Mapping) -> bool:
-    """A raysr.engine.TrainState.state_dict(): the run's config plus generator weights under ``g``."""
-    return isinstance(obj.get("config"), Mapping) and _is_state_dict(obj.get("g"))
-
-
-def _training_state_generator(config: Mapping) -> nn.Module:
-    """The generator a run's saved config (``Config.to_dict()``) names, built as raysr.train built it."""
-    model_cfg = config.get("model")
-    g = model_cfg.get("generator") if isinstance(model_cfg, Mapping) else None
-    if not isinstance(g, Mapping):
-        raise ValueError(f"training state's config has no model.generator section (config keys: "
-                         f"{_sample(config)}); the state.pt is not from raysr.train")
-    if g.get("name") not in GENERATORS:
-        raise ValueError(f"training state's model.generator.name {g.get('name')!r} is not a raysr generator; "
-                         f"known: {sorted(GENERATORS)}")
-    try:
-        g_cfg = GeneratorConfig(**g)
-    except TypeError as err:  # a key this raysr's GeneratorConfig does not have
-        raise ValueError(f"training state's model.generator {dict(g)} does not fit this raysr version: {err}") from err
-    return generator_from_config(g_cfg)
-
-
 def _pick_params(obj: Mapping) -> dict[str, torch.Tensor]:
     """The state dict inside a checkpoint dict: params_ema, else params, else the dict itself."""
     for key in ("params_ema", "params"):
-        if _is_state_dict(obj.get(key)):
+        if is_state_dict(obj.get(key)):
             return dict(obj[key])
-    if _is_state_dict(obj):
+    if is_state_dict(obj):
         return dict(obj)
-    raise ValueError(f"unrecognised generator checkpoint: top-level keys {_sample(obj)} hold no state dict; "
+    raise ValueError(f"unrecognised generator checkpoint: top-level keys {sample_keys(obj)} hold no state dict; "
                      f"supported: {SUPPORTED}")
-
-
-def _strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        out[key] = value
-    return out
 
 
 def _to_basicsr_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -201,7 +153,7 @@ def _to_basicsr_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             new = next((re.sub(f"^{p}$", r, key) for p, r in rules if re.fullmatch(p, key)), None)
             if new is None:
                 raise ValueError(f"{layout} checkpoint has an unexpected parameter {key!r}; "
-                                 f"parameters found: {_sample(state)}")
+                                 f"parameters found: {sample_keys(state)}")
             if new in out:
                 raise ValueError(f"{layout} checkpoint maps two parameters to {new!r} "
                                  f"(the second is {key!r}); it is not a single {layout} network")
@@ -225,7 +177,7 @@ def _has(state: Mapping, pattern: str) -> bool:
 
 def _shape(state: Mapping, key: str) -> torch.Size:
     if key not in state:
-        raise ValueError(f"checkpoint lacks {key!r}; parameters found: {_sample(state)}")
+        raise ValueError(f"checkpoint lacks {key!r}; parameters found: {sample_keys(state)}")
     return state[key].shape
 
 
@@ -254,7 +206,7 @@ def _infer_arch(state: dict[str, torch.Tensor], overrides: Mapping) -> tuple[str
         return "vdsr", dict(num_in_ch=w[1], num_out_ch=_shape(state, "conv_last.weight")[0], num_feat=w[0],
                             num_layer=_body_count(state, r"body\.(\d+)\.weight") + 2,
                             scale=_required_scale("VDSR", overrides))
-    raise ValueError(f"unrecognised generator checkpoint layout; parameters found: {_sample(state)}; "
+    raise ValueError(f"unrecognised generator checkpoint layout; parameters found: {sample_keys(state)}; "
                      f"supported: {SUPPORTED}")
 
 
@@ -286,58 +238,7 @@ def _required_scale(arch: str, overrides: Mapping) -> int:
     return overrides["scale"]
 
 
-def load_exact(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    """``model.load_state_dict(state)`` with every key and shape required to match.
-
-    Raises ValueError listing (a sample of) the missing, unexpected and
-    mis-shaped parameters, so a wrong ``num_block`` or ``scale`` is obvious.
-    """
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(v.shape)}"
-                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or mismatched:
-        problems = [f"{label} {_sample(keys)}" for label, keys in
-                    (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
-        raise ValueError(f"weights do not fit {what}: " + "; ".join(problems)
-                         + ". Check the architecture arguments (pass overrides such as num_block=... or scale=...)")
-    model.load_state_dict(state, strict=True)
-
-
-def _sample(keys, limit: int = 8) -> str:
-    keys = list(keys)
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    return f"[{shown}{f', ... ({len(keys)} in all)' if len(keys) > limit else ''}]"
-
-
-def _format_kwargs(kwargs: Mapping) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-
-
 # --------------------------------------------------------------------------- saving
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain network inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _cpu_state_dict(net: nn.Module | Mapping) -> dict[str, torch.Tensor]:
-    if isinstance(net, nn.Module):
-        state = unwrap(net).state_dict()
-    elif _is_state_dict(net):
-        state = _strip_wrapper_prefixes(dict(net))
-    else:
-        raise ValueError(f"expected an nn.Module or a state dict of tensors, got {type(net).__name__} "
-                         "(for an EMA helper, pass its averaged module)")
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 def save_generator(model: nn.Module, path: str | os.PathLike, fmt: str = "basicsr",
@@ -352,31 +253,13 @@ def save_generator(model: nn.Module, path: str | os.PathLike, fmt: str = "basics
     """
     if fmt not in SAVE_FORMATS:
         raise ValueError(f"fmt must be one of {list(SAVE_FORMATS)}, got {fmt!r}")
-    net = unwrap(model)
-    payload: dict = {"params": _cpu_state_dict(net)}
-    if ema is not None:
-        payload["params_ema"] = _cpu_state_dict(ema)
-        check_compatible(payload["params"], payload["params_ema"], "model", "ema")
-    if fmt == "raysr":
-        payload = {"format": "raysr", "version": RAYSR_FORMAT_VERSION, "arch": generator_name(net),
-                   "kwargs": dict(net.config), **payload}
+    payload = generator_payload(model, ema, fmt)
     buf = io.BytesIO()
     torch.save(payload, buf)
     write_bytes(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- interpolation
-
-
-def check_compatible(sd_a: Mapping, sd_b: Mapping, name_a: str, name_b: str) -> None:
-    """ValueError naming the first parameter that ``sd_a`` and ``sd_b`` do not share with one shape."""
-    for key in list(sd_a) + [k for k in sd_b if k not in sd_a]:
-        if key not in sd_a or key not in sd_b:
-            lacking = name_a if key not in sd_a else name_b
-            raise ValueError(f"{name_a} and {name_b} are different architectures: {key!r} is missing from {lacking}")
-        if sd_a[key].shape != sd_b[key].shape:
-            raise ValueError(f"{name_a} and {name_b} differ in shape at {key!r}: "
-                             f"{tuple(sd_a[key].shape)} vs {tuple(sd_b[key].shape)}")
 
 
 def _as_generator(net) -> nn.Module:

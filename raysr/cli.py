@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from raysr import io as rio
-from raysr.checkpoint import check_compatible, interpolate, load_generator
+from raysr.checkpoint import interpolate, load_generator
+from raysr.weights import check_compatible
 
 EXIT_BAD_INPUT = 2
 DEVICES = ("auto", "cpu", "cuda")

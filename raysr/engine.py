@@ -11,41 +11,21 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import re
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 
-from raysr.config import Config, GeneratorConfig, OptimizerConfig, ScheduleConfig
+from raysr.config import Config, OptimizerConfig, ScheduleConfig
 from raysr.losses import PerceptualLoss, d_adv_loss, g_adv_loss, pixel_loss
-from raysr.models import build_discriminator, build_generator
+from raysr.models import discriminator_from_config, generator_from_config
 
 
 # --------------------------------------------------------------------------- building blocks
-
-
-def generator_from_config(g: GeneratorConfig) -> nn.Module:
-    """The generator a config names, with the constructor arguments that network takes."""
-    kwargs = {"srcnn": dict(scale=g.scale),
-              "vdsr": dict(num_feat=g.num_feat, num_layer=g.num_block, scale=g.scale),
-              "srresnet": dict(num_feat=g.num_feat, num_block=g.num_block, scale=g.scale, variant=g.variant),
-              "rrdbnet": dict(num_feat=g.num_feat, num_block=g.num_block, num_grow_ch=g.num_grow_ch,
-                              scale=g.scale)}[g.name]
-    return build_generator(g.name, **kwargs)
-
-
-def discriminator_from_config(cfg: Config) -> nn.Module:
-    d = cfg.model.discriminator
-    if d.name == "vgg":
-        return build_discriminator("vgg", num_feat=d.num_feat, input_size=d.input_size, dense_feat=d.dense_feat,
-                                   variant=d.variant)
-    return build_discriminator("unet", num_feat=d.num_feat)
 
 
 class EMA:
@@ -108,7 +88,7 @@ def autocast_for(device: torch.device, precision: str):
 
 @dataclass
 class TrainState:
-    """Everything a step touches and a checkpoint restores.
+    """Everything a step touches and a checkpoint restores (:mod:`raysr.run_checkpoint` owns that layout).
 
     ``g``/``d`` are what forward and backward run through (DDP wrappers on
     several workers); ``g_module``/``d_module`` the bare networks underneath.
@@ -131,52 +111,6 @@ class TrainState:
     def g_eval(self) -> nn.Module:
         """The generator to validate and export: the EMA copy when there is one."""
         return self.ema.module if self.ema is not None else self.g_module
-
-    def state_dict(self) -> dict:
-        out = {"step": self.step, "config": self.cfg.to_dict(),
-               "g": self.g_module.state_dict(), "opt_g": self.opt_g.state_dict(),
-               "sched_g": self.sched_g.state_dict(), "rng": rng_state()}
-        if self.ema is not None:
-            out["g_ema"] = self.ema.module.state_dict()
-        if self.d_module is not None:
-            out.update(d=self.d_module.state_dict(), opt_d=self.opt_d.state_dict(),
-                       sched_d=self.sched_d.state_dict())
-        return out
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.g_module.load_state_dict(state["g"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.sched_g.load_state_dict(state["sched_g"])
-        if self.ema is not None:
-            self.ema.module.load_state_dict(state.get("g_ema", state["g"]))
-        if self.d_module is not None:
-            if "d" not in state:
-                raise ValueError("the checkpoint has no discriminator (it is from a PSNR-phase run); "
-                                 "start the GAN run under a new run.name with train.init_from=<that checkpoint>")
-            self.d_module.load_state_dict(state["d"])
-            self.opt_d.load_state_dict(state["opt_d"])
-            self.sched_d.load_state_dict(state["sched_d"])
-        set_rng_state(state["rng"])
-
-
-def rng_state() -> dict:
-    """Python, NumPy, torch (and CUDA) RNG states, as types ``torch.load(weights_only=True)`` accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    out = {"python": random.getstate(), "torch": torch.get_rng_state(),
-           "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def build_state(cfg: Config, device: torch.device, wrap=lambda m, has_bn: m) -> TrainState:
@@ -201,7 +135,7 @@ def build_state(cfg: Config, device: torch.device, wrap=lambda m, has_bn: m) -> 
                        sched_g=build_scheduler(opt_g, cfg.optim.schedule),
                        ema=EMA(g_module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None)
     if cfg.train.phase == "gan":
-        d_module = discriminator_from_config(cfg).to(device)
+        d_module = discriminator_from_config(cfg.model.discriminator).to(device)
         if uses_bf16(device, cfg.run.precision):
             d_module = d_module.to(memory_format=torch.channels_last)
         opt_d = build_optimizer(d_module.parameters(), cfg.optim.d)

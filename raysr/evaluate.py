@@ -47,21 +47,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from raysr import io as rio
 from raysr.data.validation import mod_crop
 from raysr.imageio import DecodedImage, ImageError, list_images, probe_image, read_image, to_uint8_rgb, write_image
 from raysr.lpips import BACKBONE_FILES, LpipsFn, load_lpips
-from raysr.metrics import SSIM_WINDOW, psnr, ssim
+from raysr.metrics import SSIM_WINDOW
 from raysr.models import generator_name
-from raysr.ops.resize import imresize
+from raysr.scoring import bicubic_lr, bicubic_sr, mean_scores, score, super_resolve
 from raysr.cli import DEVICES, InputError, ScaleUnknownError, cli, load_model, resolve_device
-from raysr.upscale import upscale_tensor
 from raysr.util import Progress
 
-METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb")
 BICUBIC = "bicubic"
 
 
@@ -80,44 +77,6 @@ def dataset_key(stem: str, scale: int) -> str:
     """The stem with the usual benchmark decorations for ``scale`` removed:
     ``baby_LRBI_x4``, ``baby_HR_x4``, ``baby_x4``, ``babyx4`` and ``baby`` -> ``baby``."""
     return re.sub(rf"(?i)(?:[_-]?(?:LR|HR|GT)(?:BI|BD|DN)?)?(?:[_-]?x{scale})?$", "", stem) or stem
-
-
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255.0)
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(1, 3, H, W) float -> (H, W, 3) uint8, clamped to [0, 1] and rounded (MATLAB im2uint8)."""
-    return x[0].clamp(0, 1).mul(255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
-def bicubic_lr(hr: np.ndarray, scale: int) -> np.ndarray:
-    """(H, W, 3) uint8 GTmod -> (H/scale, W/scale, 3) uint8: MATLAB bicubic, rounded."""
-    return to_uint8(imresize(to_tensor(hr).double(), 1.0 / scale))
-
-
-def bicubic_sr(lr: np.ndarray, scale: int) -> np.ndarray:
-    """(h, w, 3) uint8 -> (h*scale, w*scale, 3) uint8: the bicubic baseline."""
-    return to_uint8(imresize(to_tensor(lr).double(), scale))
-
-
-def score(sr: np.ndarray, hr: np.ndarray, scale: int, lpips_fn: LpipsFn | None) -> dict[str, float | None]:
-    """PSNR/SSIM on Y and RGB (crop_border = scale) and LPIPS of uint8 (H, W, 3) images."""
-    out = {"psnr_y": psnr(sr, hr, crop_border=scale, y_channel=True),
-           "ssim_y": ssim(sr, hr, crop_border=scale, y_channel=True),
-           "psnr_rgb": psnr(sr, hr, crop_border=scale, y_channel=False),
-           "ssim_rgb": ssim(sr, hr, crop_border=scale, y_channel=False)}
-    out = {k: float(v) for k, v in out.items()}
-    out["lpips"] = float(lpips_fn(to_tensor(sr), to_tensor(hr))[0]) if lpips_fn else None
-    return out
-
-
-def mean_scores(rows: Sequence[dict]) -> dict[str, float | None]:
-    """Mean of each metric over images (the number papers report); None where missing."""
-    keys = METRICS + ("lpips",)
-    return {k: (float(np.mean([r[k] for r in rows])) if rows and rows[0].get(k) is not None else None)
-            for k in keys}
 
 
 def _normalized_index(files: Sequence[str], scale: int, option: str) -> dict[str, str]:
@@ -189,9 +148,10 @@ def _load_pair(sample: Sample, scale: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def evaluate(samples: Sequence[Sample], scale: int, model: nn.Module | None, lpips_fn: LpipsFn | None = None,
-             save_sr: str | None = None, device: torch.device | str = "cpu") -> dict:
+             save_sr: str | None = None) -> dict:
     """Score ``model`` (None = bicubic) on ``samples``; returns the report described in the
-    module docstring (without the descriptive top-level fields). ``save_sr``: folder
+    module docstring (without the descriptive top-level fields); ``model`` runs on the device
+    it is on. ``save_sr``: folder
     for the uint8 SR outputs as ``<stem>.png``."""
     rows = []
     created: list[str] = []  # SR files this call added; removed again if it stops part-way
@@ -204,7 +164,7 @@ def evaluate(samples: Sequence[Sample], scale: int, model: nn.Module | None, lpi
                     raise InputError(f"{err}; stopped after {progress.done} of {len(samples)} images, "
                                      "nothing saved") from err
                 baseline = bicubic_sr(lr, scale)
-                sr = baseline if model is None else to_uint8(upscale_tensor(model, to_tensor(lr).to(device)))
+                sr = baseline if model is None else super_resolve(model, lr)[0]
                 if save_sr is not None:
                     target = rio.join(save_sr, Path(sample.name).stem + ".png")
                     is_new = not rio.exists(target)
@@ -319,7 +279,7 @@ def _run(args: argparse.Namespace) -> int:
               "scale": args.scale, "crop_border": args.scale, "hr": args.hr, "lr": args.lr,
               "lr_source": "files" if args.lr else BICUBIC,
               "lpips": lpips_note if lpips_fn else None, "lpips_unavailable": None if lpips_fn else lpips_note}
-    report.update(evaluate(samples, args.scale, model, lpips_fn, args.save_sr, device))
+    report.update(evaluate(samples, args.scale, model, lpips_fn, args.save_sr))
     print(format_table(report))
     if args.json:
         try:

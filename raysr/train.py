@@ -16,23 +16,16 @@ writes checkpoints to ``<run.storage>/<run.name>``. Re-running with the same
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 
+from raysr import run_checkpoint
+from raysr.cli import add_config_args, say
 from raysr.config import Config, ConfigError, available_presets, config_from_dict, load_config
-from raysr.data.validation import load_validation
-from raysr.lpips import load_lpips
 from raysr.io import StorageError, is_s3, join
-
-STATE_FILE = "state.pt"
-GENERATOR_FILE = "generator.pth"
-METRICS_FILE = "metrics.json"
-COMPARISON_FILE = "comparison.png"
+from raysr.run_checkpoint import COMPARISON_FILE, GENERATOR_FILE, METRICS_FILE
 
 
 # --------------------------------------------------------------------------- command line
@@ -45,11 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="presets: " + ", ".join(available_presets()) + "\n"
                "keys: model.generator.*, model.discriminator.*, data.*, train.*, loss.*, optim.*, run.* "
                "(see README 'Configuration'; --dry-run prints them all)")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", help="built-in config (default: quickstart)")
-    source.add_argument("--config", help="YAML config file (e.g. best_config.yaml from raysr.tune)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one key, e.g. --set loss.adversarial.weight=1e-3 (repeatable)")
+    add_config_args(parser)
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config, exit")
     return parser
 
@@ -234,42 +223,48 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
     import torch
 
+    from raysr.data import load_validation, make_train_loader
+    from raysr.data.device_batches import DeviceBatches
     from raysr.engine import build_state, train_step
+    from raysr.lpips import load_lpips
+    from raysr.runlog import Meter, TensorBoard, progress_line
+    from raysr.scoring import bicubic_baseline, validate, validation_images
 
     cfg = config_from_dict(loop_config["cfg"])
     quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (DDP also broadcasts them)
 
-    def wrap(module, has_batchnorm):
-        if world == 1:
-            return module
-        ids = [device.index] if device.type == "cuda" else None
-        # BatchNorm statistics stay per replica (as BasicSR): syncing buffers every forward would
-        # also mix the real and fake batches' statistics of D.
-        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids,
-                                                         broadcast_buffers=not has_batchnorm)
+    # ---- build: identical initial weights on every rank (DDP also broadcasts them)
+    torch.manual_seed(cfg.run.seed)
+    state = build_state(cfg, device, lambda module, has_bn: ddp(module, has_bn, world, device))
 
-    state = build_state(cfg, device, wrap)
+    # ---- resume
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state.load_state_dict(torch.load(Path(d, STATE_FILE), map_location=device, weights_only=True))
+            run_checkpoint.restore(state, run_checkpoint.read_state(d, map_location=device))
         if rank == 0:
             say(f"raysr: resumed {cfg.run.name} at step {state.step}")
     torch.manual_seed(cfg.run.seed + 1000 * rank + state.step)
 
-    loader = TrainBatches(cfg, rank, world, seed=cfg.run.seed + state.step, device=device)
-    val_set = load_validation(cfg.data.val, cfg.scale) if rank == 0 else None
-    baseline = bicubic_baseline(val_set, cfg.scale) if rank == 0 else None
-    lpips_fn = load_lpips(device=device)[0] if rank == 0 else None
-    board = TensorBoard(run_dir(cfg)) if rank == 0 else None
+    loader = make_train_loader(
+        cfg.data.train, gt_size=cfg.data.gt_size, scale=cfg.scale, batch_size=cfg.data.batch_size, rank=rank,
+        world_size=world, num_workers=cfg.data.num_workers, seed=cfg.run.seed + state.step,
+        crops_per_image=cfg.data.crops_per_image, lr_on=cfg.data.lr_on)
+    batches = DeviceBatches(loader, device, cfg.scale, cfg.data.lr_on)
+    if rank == 0:  # rank 0 validates, logs and writes checkpoints
+        val_images = validation_images(load_validation(cfg.data.val, cfg.scale))
+        baseline = bicubic_baseline(val_images, cfg.scale)
+        lpips_fn = load_lpips(device=device)[0]
+        board = TensorBoard(run_dir(cfg))
     meter = Meter()
+
+    # ---- step, report, checkpoint
     while state.step < cfg.train.total_steps:
         t_wait = time.perf_counter()
-        lr, hr = loader.next()
+        lr, hr = batches.next()
         t_step = time.perf_counter()
         scalars = train_step(state, lr, hr)
         meter.add(scalars, batch=lr.shape[0] * world, wait=t_step - t_wait, total=time.perf_counter() - t_wait)
@@ -279,30 +274,41 @@ def train_loop_per_worker(loop_config: dict) -> None:
         do_ckpt = last or step % cfg.run.checkpoint_every == 0
         if not (do_val or do_ckpt or step % cfg.run.log_every == 0):
             continue
-        metrics = {"step": step, **meter.summary(), "skipped": loader.skipped(),
-                   "samples": loader.samples_seen()}
+        metrics = {"step": step, **meter.summary(), "skipped": batches.skipped(), "samples": batches.samples_seen()}
         if do_ckpt:  # replicas must hold identical weights; a drift here means DDP is broken
             metrics["g_fingerprint"] = weight_fingerprint(state.g_module)
         comparison = None
         if do_val and rank == 0:
-            val_metrics, comparison = validate(state.g_eval, val_set, cfg.scale, device, state.perceptual, lpips_fn)
+            val_metrics, comparison = validate(state.g_eval, val_images, cfg.scale, state.perceptual, lpips_fn)
             metrics.update(val_metrics, **baseline)
         if rank == 0:
-            say(progress_line(cfg, metrics))
+            say(progress_line(cfg.train.total_steps, metrics))
             board.log(step, metrics, comparison)
         if do_ckpt:
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
-                    write_checkpoint(tmp, state, metrics, comparison)
+                    run_checkpoint.write(tmp, state, metrics, comparison)
                     board.flush()
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
                                  checkpoint_dir_name=f"checkpoint_{step:08d}")
         else:
             ray.train.report(metrics)
         meter.reset_interval()
-    loader.close()
-    if board is not None:
+    batches.close()
+    if rank == 0:
         board.close()
+
+
+def ddp(module, has_batchnorm: bool, world: int, device):
+    """``module`` wrapped for data-parallel training (as is on a single worker)."""
+    import torch
+
+    if world == 1:
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    # BatchNorm statistics stay per replica (as BasicSR): syncing buffers every forward would
+    # also mix the real and fake batches' statistics of D.
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=not has_batchnorm)
 
 
 def weight_fingerprint(module) -> float:
@@ -321,242 +327,6 @@ def quiet_report_log() -> None:
     except ImportError:  # another Ray layout: keep its logging as it is
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
-def say(line: str) -> None:
-    """One line to the driver's console. Ray Train patches ``print`` on workers into its
-    logger (which would print it twice); writing to stdout goes straight to the driver."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-class Meter:
-    """Running means of step scalars over the current log interval, plus throughput."""
-
-    def __init__(self):
-        self.reset_interval()
-
-    def reset_interval(self):
-        self.sums: dict[str, float] = {}
-        self.n = 0
-        self.crops = 0
-        self.wait = 0.0
-        self.busy = 0.0
-
-    def add(self, scalars: dict, batch: int, wait: float, total: float):
-        for k, v in scalars.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.n += 1
-        self.crops += batch
-        self.wait += wait
-        self.busy += total
-
-    def summary(self) -> dict:
-        out = {k: v / max(self.n, 1) for k, v in self.sums.items()}  # losses, D outputs, lr
-        out["crops_per_s"] = self.crops / self.busy if self.busy else 0.0
-        out["data_wait_frac"] = self.wait / self.busy if self.busy else 0.0
-        out["step_time_s"] = self.busy / max(self.n, 1)
-        return out
-
-
-def progress_line(cfg: Config, m: dict) -> str:
-    step, total = m["step"], cfg.train.total_steps
-    remaining = (total - step) * m.get("step_time_s", 0.0)
-    parts = [f"step {step}/{total}"]
-    for key in ("loss_g", "loss_pix", "loss_percep", "loss_adv", "loss_d"):
-        if key in m:
-            parts.append(f"{key} {m[key]:.4g}")
-    if "psnr" in m:
-        parts.append(f"psnr {m['psnr']:.2f} (bicubic {m['psnr_bicubic']:.2f})")
-    parts += [f"lr {m['lr']:.2e}", f"{m['crops_per_s']:.1f} crops/s", f"data {100 * m['data_wait_frac']:.0f}%",
-              f"ETA {_duration(remaining)}"]
-    if m.get("skipped"):
-        parts.append(f"skipped {m['skipped']}")
-    return "raysr: " + " | ".join(parts)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
-    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
-
-
-# --------------------------------------------------------------------------- data, validation, checkpoints
-
-
-class TrainBatches:
-    """This rank's endless stream of (LR, HR) batches on ``device``, same count per rank per epoch."""
-
-    def __init__(self, cfg: Config, rank: int, world: int, seed: int, device):
-        from raysr.data import make_lr, make_train_loader
-
-        self.cfg, self.device = cfg, device
-        self._make_lr = make_lr
-        self.loader = make_train_loader(
-            cfg.data.train, gt_size=cfg.data.gt_size, scale=cfg.scale, batch_size=cfg.data.batch_size,
-            rank=rank, world_size=world, num_workers=cfg.data.num_workers, seed=seed,
-            crops_per_image=cfg.data.crops_per_image, lr_on=cfg.data.lr_on)
-        self._it = iter(self.loader)
-
-    def next(self):
-        try:
-            batch = next(self._it)
-        except StopIteration:  # end of an epoch: the stream is resampled, start the next one
-            self._it = iter(self.loader)
-            batch = next(self._it)
-        hr = batch[1].to(self.device, non_blocking=True)
-        if self.cfg.data.lr_on == "device":
-            return self._make_lr(hr, self.cfg.scale), hr
-        return batch[0].to(self.device, non_blocking=True), hr
-
-    def skipped(self) -> int:
-        return int(self.loader.stats().get("skipped", 0))
-
-    def samples_seen(self) -> int:
-        return int(self.loader.stats().get("samples", 0))
-
-    def close(self) -> None:
-        """Stop the DataLoader worker processes."""
-        self._it = None
-        self.loader.close()
-
-
-def bicubic_baseline(val_set, scale: int) -> dict:
-    """psnr_bicubic/ssim_bicubic (Y, crop = scale) over ``val_set``: fixed for a run, so computed once."""
-    from raysr.metrics import psnr, ssim
-    from raysr.ops import imresize
-
-    sums = {"psnr_bicubic": 0.0, "ssim_bicubic": 0.0}
-    for i in range(len(val_set)):
-        _, lr, hr = val_set[i]
-        bicubic = imresize(lr, scale).clamp(0, 1)
-        sums["psnr_bicubic"] += psnr(bicubic, hr, crop_border=scale, y_channel=True)
-        sums["ssim_bicubic"] += ssim(bicubic, hr, crop_border=scale, y_channel=True)
-    return {k: v / len(val_set) for k, v in sums.items()}
-
-
-def validate(g, val_set, scale: int, device, perceptual=None, lpips_fn=None) -> tuple[dict, bytes | None]:
-    """Validation metrics of ``g`` over ``val_set`` (full images, one at a time), plus a comparison PNG.
-
-    psnr/ssim (Y, crop = scale) of SR; ``perceptual``: the configured VGG perceptual
-    loss between SR and HR, when one is configured; ``lpips`` when LPIPS runs offline.
-    The PNG shows the first image's centre (at most 256 px of HR) as bicubic | SR | HR.
-    """
-    import torch
-
-    from raysr.metrics import psnr, ssim
-    from raysr.ops import imresize
-
-    was_training = g.training
-    g.eval()
-    sums: dict[str, float] = {}
-
-    def add(key, value):
-        sums[key] = sums.get(key, 0.0) + float(value)
-
-    comparison = None
-    with torch.no_grad():
-        for i in range(len(val_set)):
-            _, lr, hr = val_set[i]
-            sr = g(lr[None].to(device)).float().clamp(0, 1)
-            add("psnr", psnr(sr[0].cpu(), hr, crop_border=scale, y_channel=True))
-            add("ssim", ssim(sr[0].cpu(), hr, crop_border=scale, y_channel=True))
-            hr_dev = hr[None].to(device)
-            if perceptual is not None:
-                add("perceptual", perceptual(sr, hr_dev).item())
-            if lpips_fn is not None:
-                add("lpips", lpips_fn(sr, hr_dev)[0])
-            if i == 0:
-                comparison = comparison_png(imresize(lr, scale).clamp(0, 1), sr[0].cpu(), hr)
-    g.train(was_training)
-    return {k: v / len(val_set) for k, v in sums.items()}, comparison
-
-
-def comparison_png(bicubic, sr, hr, size: int = 256) -> bytes:
-    """PNG bytes of the centre ``size``² of three (3,H,W) [0,1] tensors side by side."""
-    import io
-
-    import torch
-    from PIL import Image
-
-    _, height, width = hr.shape
-    top, left = max(0, (height - size) // 2), max(0, (width - size) // 2)
-    tiles = [t[:, top:top + size, left:left + size] for t in (bicubic, sr, hr)]
-    row = torch.cat(tiles, dim=2).mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(row).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_checkpoint(directory: str, state, metrics: dict, comparison: bytes | None) -> None:
-    """The four files of a checkpoint: full state, BasicSR-layout generator, metrics, comparison image."""
-    import torch
-
-    from raysr.checkpoint import save_generator
-
-    torch.save(state.state_dict(), os.path.join(directory, STATE_FILE))
-    # raysr's format is BasicSR's ("params", "params_ema") plus the architecture and its arguments,
-    # so BasicSR reads it and raysr.upscale needs no --model-scale for SRCNN/VDSR.
-    save_generator(state.g_module, os.path.join(directory, GENERATOR_FILE), fmt="raysr",
-                   ema=state.ema.module if state.ema is not None else None)
-    with open(os.path.join(directory, METRICS_FILE), "w") as f:
-        json.dump(metrics, f, indent=2, sort_keys=True)
-    if comparison is not None:
-        with open(os.path.join(directory, COMPARISON_FILE), "wb") as f:
-            f.write(comparison)
-
-
-class TensorBoard:
-    """Scalars and comparison images as TensorBoard events under ``<run>/tensorboard``.
-
-    Uses tensorboardX (installed with ray) or torch's writer when tensorboard
-    is installed; does nothing without either. For s3:// runs the events are
-    written locally and uploaded at every checkpoint.
-    """
-
-    def __init__(self, run: str):
-        self.remote = join(run, "tensorboard") if is_s3(run) else None
-        self.local = tempfile.mkdtemp(prefix="raysr_tb_") if self.remote else os.path.join(run, "tensorboard")
-        self.writer = None
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                return
-        self.writer = SummaryWriter(self.local)
-
-    def log(self, step: int, metrics: dict, comparison: bytes | None) -> None:
-        if self.writer is None:
-            return
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key != "step":
-                self.writer.add_scalar(key, value, step)
-        if comparison is not None:
-            import io
-
-            import numpy as np
-            from PIL import Image
-            image = np.asarray(Image.open(io.BytesIO(comparison)))
-            self.writer.add_image("val/bicubic_sr_hr", image, step, dataformats="HWC")
-
-    def flush(self) -> None:
-        if self.writer is None:
-            return
-        self.writer.flush()
-        if self.remote:
-            from raysr.io import write_bytes
-            for path in Path(self.local).rglob("*"):
-                if path.is_file():
-                    write_bytes(join(self.remote, str(path.relative_to(self.local))), path.read_bytes())
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.flush()
-            self.writer.close()
-        if self.remote:  # the local copy of an s3:// run's events is uploaded; drop it
-            shutil.rmtree(self.local, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from torch import nn
 import raysr.io
 from raysr.checkpoint import interpolate, load_generator, save_generator
 from raysr.config import load_config
+from raysr import run_checkpoint
 from raysr.engine import build_state
 from raysr.models import SRCNN, VDSR, RRDBNet, SRResNet, build_generator
 
@@ -266,7 +267,7 @@ def training_state(tmp_path, arch: str, ema_decay: float) -> tuple[str, dict]:
     randomized(state.g_module, seed=1)
     if state.ema is not None:
         randomized(state.ema.module, seed=2)
-    sd = state.state_dict()
+    sd = run_checkpoint.state_dict(state)
     return save(sd, tmp_path / "state.pt"), sd
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from raysr.config import ScheduleConfig, load_config
+from raysr import run_checkpoint
 from raysr.engine import EMA, build_state, lr_factor, train_step
 
 TINY_PSNR = ["model.generator.num_feat=8", "model.generator.num_block=1", "data.gt_size=32",
@@ -157,13 +158,13 @@ def test_resume_from_state_dict_continues_exactly():
     a = build_state(cfg, torch.device("cpu"))
     for i in range(2):
         train_step(a, *batch(10 + i, gt=96))
-    saved = copy.deepcopy(a.state_dict())
+    saved = copy.deepcopy(run_checkpoint.state_dict(a))
     for i in range(2, 4):
         train_step(a, *batch(10 + i, gt=96))
 
     torch.manual_seed(123)  # different init: everything must come from the state dict
     b = build_state(cfg, torch.device("cpu"))
-    b.load_state_dict(saved)
+    run_checkpoint.restore(b, saved)
     assert b.step == 2
     for i in range(2, 4):
         train_step(b, *batch(10 + i, gt=96))
@@ -176,10 +177,10 @@ def test_resume_from_state_dict_continues_exactly():
 def test_gan_state_refuses_a_psnr_checkpoint_with_advice():
     psnr_cfg = load_config("esrgan_psnr_x4", overrides=["model.generator.num_feat=8", "model.generator.num_block=1",
                                                         "model.generator.num_grow_ch=4"])
-    psnr_state = build_state(psnr_cfg, torch.device("cpu")).state_dict()
+    psnr_state = run_checkpoint.state_dict(build_state(psnr_cfg, torch.device("cpu")))
     gan = build_state(load_config("esrgan_x4", overrides=TINY_GAN), torch.device("cpu"))
     with pytest.raises(ValueError, match="init_from"):
-        gan.load_state_dict(psnr_state)
+        run_checkpoint.restore(gan, psnr_state)
 
 
 def test_bf16_channels_last_path_runs_on_cpu_and_tracks_fp32():

@@ -329,12 +329,12 @@ def test_srgan_paper_discriminator_full_width_is_6x6x512_at_96():
 
 def test_srgan_preset_builds_the_paper_discriminator():
     from raysr.config import ConfigError, load_config
-    from raysr.engine import discriminator_from_config
+    from raysr.models import discriminator_from_config
 
     random_vgg = ["loss.perceptual.allow_random_weights=true"]
-    d = discriminator_from_config(load_config("srgan_x4", overrides=random_vgg))
+    d = discriminator_from_config(load_config("srgan_x4", overrides=random_vgg).model.discriminator)
     assert d.config == dict(num_in_ch=3, num_feat=64, input_size=96, dense_feat=1024, variant="paper")
-    assert discriminator_from_config(load_config("esrgan_x4", overrides=random_vgg)).config["variant"] == "basicsr"
+    assert discriminator_from_config(load_config("esrgan_x4", overrides=random_vgg).model.discriminator).config["variant"] == "basicsr"
     with pytest.raises(ConfigError, match=r"model.discriminator.variant: 'paper' applies to the vgg discriminator"):
         load_config("srgan_x4", overrides=random_vgg + ["model.discriminator.name=unet"])
 

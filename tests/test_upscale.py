@@ -21,7 +21,8 @@ from raysr.data.decode import decode_rgb
 from raysr.imageio import DecodedImage, ImageError, decode_image, encode_image
 from raysr.models import build_generator
 from raysr.ops.resize import imresize
-from raysr.upscale import DEFAULT_TILE_PAD, build_parser, main, upscale_image, upscale_tensor
+from raysr.inference import DEFAULT_TILE_PAD, upscale_tensor
+from raysr.upscale import build_parser, main, upscale_image
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"rrdbnet": dict(num_feat=8, num_block=1, num_grow_ch=4), "srresnet": dict(num_feat=8, num_block=1),

@@ -58,6 +58,25 @@ def build_discriminator(name: str, **kwargs) -> nn.Module:
     return _build("discriminator", DISCRIMINATORS, name, kwargs)
 
 
+def generator_from_config(g) -> nn.Module:
+    """The generator a ``model.generator`` config section names (``raysr.config.GeneratorConfig``
+    or anything with its fields), built with the arguments that network takes."""
+    kwargs = {"srcnn": dict(scale=g.scale),
+              "vdsr": dict(num_feat=g.num_feat, num_layer=g.num_block, scale=g.scale),
+              "srresnet": dict(num_feat=g.num_feat, num_block=g.num_block, scale=g.scale, variant=g.variant),
+              "rrdbnet": dict(num_feat=g.num_feat, num_block=g.num_block, num_grow_ch=g.num_grow_ch,
+                              scale=g.scale)}[g.name]
+    return build_generator(g.name, **kwargs)
+
+
+def discriminator_from_config(d) -> nn.Module:
+    """The discriminator a ``model.discriminator`` config section names (``DiscriminatorConfig``)."""
+    if d.name == "vgg":
+        return build_discriminator("vgg", num_feat=d.num_feat, input_size=d.input_size, dense_feat=d.dense_feat,
+                                   variant=d.variant)
+    return build_discriminator("unet", num_feat=d.num_feat)
+
+
 def generator_name(model: nn.Module) -> str:
     """The registry name of a generator instance (``rrdbnet`` for an RRDBNet)."""
     for name, cls in GENERATORS.items():
@@ -67,6 +86,7 @@ def generator_name(model: nn.Module) -> str:
                      f"{ {n: c.__name__ for n, c in GENERATORS.items()} }")
 
 
-__all__ = ["GENERATORS", "DISCRIMINATORS", "build_generator", "build_discriminator", "generator_name",
+__all__ = ["GENERATORS", "DISCRIMINATORS", "build_generator", "build_discriminator", "generator_from_config",
+           "discriminator_from_config", "generator_name",
            "SRCNN", "VDSR", "SRResNet", "RRDBNet", "VGGDiscriminator", "UNetDiscriminatorSN",
            "VGGFeatureExtractor"]

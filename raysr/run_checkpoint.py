@@ -1,0 +1,146 @@
+"""A training run's checkpoint: the folder ``<run>/checkpoint_NNNNNNNN/`` and what ``state.pt`` holds.
+
+    state.pt        {"step", "config", "g", "opt_g", "sched_g", "rng"[, "g_ema"][, "d", "opt_d", "sched_d"]}
+    generator.pth   raysr's generator file (BasicSR's params / params_ema + the architecture)
+    metrics.json    the metrics reported at that step
+    comparison.png  bicubic | SR | HR of the first validation image (when that step validated)
+
+This module is the one place that knows this layout: it builds ``state.pt`` from the
+training state it is given (:class:`raysr.engine.TrainState`, used by its attributes
+only, so nothing here imports the engine), writes the folder, restores a training
+state for resume, and reads the generator back out for ``raysr.checkpoint.load_generator``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from raysr.config import GeneratorConfig
+from raysr.models import GENERATORS, build_generator, generator_from_config, generator_name
+from raysr.weights import format_kwargs, generator_payload, is_state_dict, load_exact, sample_keys, \
+    strip_wrapper_prefixes
+
+STATE_FILE = "state.pt"
+GENERATOR_FILE = "generator.pth"
+METRICS_FILE = "metrics.json"
+COMPARISON_FILE = "comparison.png"
+
+
+# --------------------------------------------------------------------------- state.pt
+
+
+def state_dict(state) -> dict:
+    """What ``state.pt`` holds for a training state: step, the run's config, G (+ EMA) and its
+    optimizer/schedule, D and its optimizer/schedule in the GAN phase, and every RNG."""
+    out = {"step": state.step, "config": state.cfg.to_dict(),
+           "g": state.g_module.state_dict(), "opt_g": state.opt_g.state_dict(),
+           "sched_g": state.sched_g.state_dict(), "rng": rng_state()}
+    if state.ema is not None:
+        out["g_ema"] = state.ema.module.state_dict()
+    if state.d_module is not None:
+        out.update(d=state.d_module.state_dict(), opt_d=state.opt_d.state_dict(), sched_d=state.sched_d.state_dict())
+    return out
+
+
+def restore(state, saved: Mapping) -> None:
+    """Load a ``state.pt`` dict into a freshly built training state (same config), RNGs included.
+
+    Raises ValueError when a GAN-phase state is given a PSNR-phase checkpoint.
+    """
+    if state.d_module is not None and "d" not in saved:
+        raise ValueError("the checkpoint has no discriminator (it is from a PSNR-phase run); "
+                         "start the GAN run under a new run.name with train.init_from=<that checkpoint>")
+    state.step = int(saved["step"])
+    state.g_module.load_state_dict(saved["g"])
+    state.opt_g.load_state_dict(saved["opt_g"])
+    state.sched_g.load_state_dict(saved["sched_g"])
+    if state.ema is not None:
+        state.ema.module.load_state_dict(saved.get("g_ema", saved["g"]))
+    if state.d_module is not None:
+        state.d_module.load_state_dict(saved["d"])
+        state.opt_d.load_state_dict(saved["opt_d"])
+        state.sched_d.load_state_dict(saved["sched_d"])
+    set_rng_state(saved["rng"])
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) RNG states, as types ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    out = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(saved: Mapping) -> None:
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in saved["python"]))
+    kind, keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(saved["torch"])
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+
+
+# --------------------------------------------------------------------------- the folder
+
+
+def write(directory: str, state, metrics: dict, comparison: bytes | None) -> None:
+    """The files of one checkpoint into the local folder ``directory`` (Ray Train uploads it)."""
+    torch.save(state_dict(state), os.path.join(directory, STATE_FILE))
+    ema = state.ema.module if state.ema is not None else None
+    torch.save(generator_payload(state.g_module, ema, fmt="raysr"), os.path.join(directory, GENERATOR_FILE))
+    with open(os.path.join(directory, METRICS_FILE), "w") as f:
+        json.dump(metrics, f, indent=2, sort_keys=True)
+    if comparison is not None:
+        with open(os.path.join(directory, COMPARISON_FILE), "wb") as f:
+            f.write(comparison)
+
+
+def read_state(directory: str, map_location) -> dict:
+    """The ``state.pt`` of a checkpoint folder, tensors on ``map_location`` (never unpickles code)."""
+    return torch.load(os.path.join(directory, STATE_FILE), map_location=map_location, weights_only=True)
+
+
+# --------------------------------------------------------------------------- the generator of a state.pt
+
+
+def is_training_state(obj: Mapping) -> bool:
+    """Whether a loaded dict is a ``state.pt``: the run's config plus generator weights under ``g``."""
+    return isinstance(obj.get("config"), Mapping) and is_state_dict(obj.get("g"))
+
+
+def generator_of(saved: Mapping, **overrides) -> nn.Module:
+    """The generator of a ``state.pt`` dict (EMA weights when present, else G), rebuilt from the
+    run's ``config["model"]["generator"]``; ``overrides`` replace constructor arguments. Eval mode."""
+    model = _generator_for(saved["config"])
+    if overrides:
+        model = build_generator(generator_name(model), **{**model.config, **overrides})
+    weights = strip_wrapper_prefixes(dict(saved["g_ema"] if is_state_dict(saved.get("g_ema")) else saved["g"]))
+    load_exact(model, weights, f"{generator_name(model)}({format_kwargs(model.config)})")
+    return model.eval()
+
+
+def _generator_for(config: Mapping) -> nn.Module:
+    """The generator a run's saved config (``Config.to_dict()``) names, built as raysr.train built it."""
+    model_cfg = config.get("model")
+    g = model_cfg.get("generator") if isinstance(model_cfg, Mapping) else None
+    if not isinstance(g, Mapping):
+        raise ValueError(f"training state's config has no model.generator section (config keys: "
+                         f"{sample_keys(config)}); the state.pt is not from raysr.train")
+    if g.get("name") not in GENERATORS:
+        raise ValueError(f"training state's model.generator.name {g.get('name')!r} is not a raysr generator; "
+                         f"known: {sorted(GENERATORS)}")
+    unknown = sorted(set(g) - {f.name for f in dataclasses.fields(GeneratorConfig)})
+    if unknown:
+        raise ValueError(f"training state's model.generator {dict(g)} does not fit this raysr version: "
+                         f"unknown keys {unknown}")
+    return generator_from_config(GeneratorConfig(**g))
