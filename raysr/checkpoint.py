@@ -1,8 +1,9 @@
 """Generator checkpoints: load the formats found in the wild, save our own, interpolate.
 
 ``load_generator`` reads, from a local path, an ``s3://`` URI or an already
-loaded dict, and always with ``torch.load(weights_only=True)`` (a checkpoint
-never runs code):
+loaded dict, and always with ``torch.load(weights_only=True)`` or safetensors (a
+checkpoint never runs code). Each layout below may also come as a ``.safetensors``
+file (a flat state dict; raysr's keeps its architecture in the metadata):
 
 * raysr: ``{"format": "raysr", "version": 1, "arch": "rrdbnet", "kwargs": {...},
   "params": state_dict, "params_ema": state_dict (optional)}``; the network is
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -120,6 +122,8 @@ def load_generator(source: str | os.PathLike | Mapping, **overrides) -> nn.Modul
 
 def _read(uri: str | os.PathLike) -> object:
     data = read_bytes(uri)
+    if is_safetensors(data):
+        return _from_safetensors(data, uri)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # pickle and zip errors come in many classes
@@ -238,6 +242,52 @@ def _required_scale(arch: str, overrides: Mapping) -> int:
     return overrides["scale"]
 
 
+# --------------------------------------------------------------------------- safetensors
+
+
+def is_safetensors(data: bytes) -> bool:
+    """Whether ``data`` is a safetensors file: an 8-byte little-endian header length, then that
+    many bytes of JSON (``{...}``). torch files are zip or pickle archives and never start so."""
+    if len(data) < 10:
+        return False
+    size = int.from_bytes(data[:8], "little")
+    return 2 <= size <= len(data) - 8 and data[8:9] == b"{"
+
+
+def _from_safetensors(data: bytes, uri) -> dict:
+    """A safetensors generator as a dict :func:`load_generator` reads: raysr's format when the
+    file's metadata records it (see :func:`save_generator`), else the bare state dict."""
+    from safetensors.torch import load
+
+    try:
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        state = load(data)
+    except Exception as err:  # safetensors raises its own error classes for a damaged file
+        raise ValueError(f"{uri} is not a readable safetensors file ({type(err).__name__}: {err})") from err
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != "raysr":
+        return state
+    try:
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(meta["kwargs"]).items()}
+        version = int(meta["version"])
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"{uri}: raysr safetensors metadata is damaged ({meta}); re-export the generator") from err
+    return {"format": "raysr", "version": version, "arch": meta.get("arch"), "kwargs": kwargs, "params": state}
+
+
+def _to_safetensors(payload: dict) -> bytes:
+    """One flat state dict plus string metadata: the EMA weights when the payload has them (what
+    inference wants, and what chaiNNer / traiNNer-redux files hold), else ``params``."""
+    from safetensors.torch import save
+
+    which = "params_ema" if "params_ema" in payload else "params"
+    meta = None
+    if payload.get("format") == "raysr":
+        meta = {"format": "raysr", "version": str(payload["version"]), "arch": payload["arch"],
+                "kwargs": json.dumps(payload["kwargs"]), "weights": which}
+    return save({k: v.contiguous() for k, v in payload[which].items()}, metadata=meta)
+
+
 # --------------------------------------------------------------------------- saving
 
 
@@ -250,10 +300,18 @@ def save_generator(model: nn.Module, path: str | os.PathLike, fmt: str = "basics
     ``kwargs`` so ``load_generator`` rebuilds the network without guessing.
     ema: an EMA copy (module or state dict) stored as ``params_ema``, which
     ``load_generator`` prefers.
+
+    A path ending in ``.safetensors`` writes a safetensors file instead: one state dict
+    (the EMA weights if ``ema`` is given, else the model's), with fmt ``"raysr"`` the
+    architecture in its metadata; fmt ``"basicsr"`` gives the bare state dict that
+    chaiNNer and the community trainers exchange.
     """
     if fmt not in SAVE_FORMATS:
         raise ValueError(f"fmt must be one of {list(SAVE_FORMATS)}, got {fmt!r}")
     payload = generator_payload(model, ema, fmt)
+    if str(path).endswith(".safetensors"):
+        write_bytes(path, _to_safetensors(payload))
+        return
     buf = io.BytesIO()
     torch.save(payload, buf)
     write_bytes(path, buf.getvalue())

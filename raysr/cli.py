@@ -21,7 +21,7 @@ from raysr.weights import check_compatible
 EXIT_BAD_INPUT = 2
 DEVICES = ("auto", "cpu", "cuda")
 # what a directory listing suggests when --model names a folder (a training run's generator.pth first)
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt")
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 
 
 def say(line: str) -> None:

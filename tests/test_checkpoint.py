@@ -347,3 +347,62 @@ def test_interpolate_errors(b, alpha, message):
 def test_interpolate_refuses_same_shapes_different_scale():
     with pytest.raises(ValueError, match="built differently"):
         interpolate(SRCNN(scale=2), SRCNN(scale=4), 0.5)
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+@pytest.mark.parametrize("model", [
+    SRCNN(num_feat=(6, 4), scale=2),
+    VDSR(num_feat=5, num_layer=3, scale=3),
+    SRResNet(num_feat=5, num_block=2, scale=3, variant="paper"),
+    RRDBNet(num_feat=5, num_block=1, num_grow_ch=2, scale=2),
+], ids=["srcnn", "vdsr", "srresnet-paper", "rrdbnet-x2"])
+def test_safetensors_raysr_format_round_trips_each_generator(model, tmp_path):
+    from safetensors import safe_open
+
+    g, ema = randomized(model, seed=3), randomized(copy_of(model), seed=4)
+    path = tmp_path / "g.safetensors"
+    save_generator(g, path, fmt="raysr", ema=ema)
+    with safe_open(str(path), framework="pt") as f:  # an ordinary safetensors file: the EMA weights, bare names
+        assert set(f.keys()) == set(ema.state_dict())
+        assert f.metadata()["arch"] == type(g).__name__.lower() and f.metadata()["weights"] == "params_ema"
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in ema.state_dict().items())
+    same_network(load_generator(path), ema)
+
+
+def copy_of(model: nn.Module) -> nn.Module:
+    return type(model)(**model.config)
+
+
+def test_safetensors_from_other_tools_load_like_their_pth(tmp_path):
+    """A bare state dict written by safetensors itself (as chaiNNer / traiNNer-redux ship
+    RRDBNet and ESRGAN-named weights) loads like the same dict in a .pth."""
+    from safetensors.torch import save_file
+
+    g = rrdbnet(seed=6)
+    save_file(to_esrgan_repo_names(g.state_dict()), str(tmp_path / "esrgan.safetensors"))
+    same_network(load_generator(tmp_path / "esrgan.safetensors"), g)
+    save_generator(g, tmp_path / "basicsr.safetensors", fmt="basicsr")  # no metadata: inferred from shapes
+    same_network(load_generator(tmp_path / "basicsr.safetensors"), g)
+    # the extension is not what decides: content does
+    (tmp_path / "renamed.pth").write_bytes((tmp_path / "basicsr.safetensors").read_bytes())
+    same_network(load_generator(tmp_path / "renamed.pth"), g)
+
+
+def test_damaged_safetensors_is_a_clear_error(tmp_path):
+    save_generator(rrdbnet(), tmp_path / "g.safetensors", fmt="raysr")
+    data = (tmp_path / "g.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut.safetensors is not a readable safetensors file"):
+        load_generator(tmp_path / "cut.safetensors")
+
+
+def test_init_from_reads_a_safetensors_generator(tmp_path):
+    cfg_keys = ["model.generator.name=rrdbnet", "model.generator.num_feat=6", "model.generator.num_block=2",
+                "model.generator.num_grow_ch=3", "data.gt_size=32"]
+    source = rrdbnet(seed=8)
+    save_generator(source, tmp_path / "psnr.safetensors", fmt="raysr")
+    cfg = load_config("quickstart", overrides=cfg_keys + [f"train.init_from={tmp_path / 'psnr.safetensors'}"])
+    state = build_state(cfg, torch.device("cpu"))
+    same_network(state.g_module.eval(), source)

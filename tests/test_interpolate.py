@@ -96,3 +96,20 @@ def test_scale_free_weights_need_model_scale(tmp_path, capsys):
     assert mixed.scale == 2
     key = "conv2.weight"
     assert torch.allclose(mixed.state_dict()[key], (psnr.state_dict()[key] + gan.state_dict()[key]) / 2, atol=1e-7)
+
+
+def test_safetensors_in_and_out(tmp_path, pair):
+    """--gan given as .safetensors and --output written as .safetensors (the chaiNNer format)."""
+    from safetensors.torch import load_file
+
+    psnr_sd, gan_sd = pair
+    save_generator(load_generator(tmp_path / "gan.pth"), tmp_path / "gan.safetensors", fmt="basicsr")
+    out = tmp_path / "mixed.safetensors"
+    assert run(["--psnr", tmp_path / "psnr.pth", "--gan", tmp_path / "gan.safetensors", "--alpha", 0.25,
+                "--output", out]) == 0
+    saved = load_file(str(out))
+    assert set(saved) == set(psnr_sd)
+    key = "body.0.rdb1.conv1.weight"
+    assert torch.allclose(saved[key].double(), 0.75 * psnr_sd[key].double() + 0.25 * gan_sd[key].double(),
+                          atol=1e-7)
+    assert load_generator(out).scale == 4  # the architecture travels in the metadata

@@ -145,6 +145,8 @@ def test_every_checkpoint_layout_upscales_identically(tmp_path, make_image):
     model = tiny_generator("rrdbnet", 4, seed=1)
     save_generator(model, tmp_path / "basicsr.pth", fmt="basicsr")
     save_generator(model, tmp_path / "raysr.pth", fmt="raysr")
+    save_generator(model, tmp_path / "raysr.safetensors", fmt="raysr")
+    save_generator(model, tmp_path / "basicsr.safetensors", fmt="basicsr")
     params = {k: v.clone() for k, v in model.state_dict().items()}
     for layout, state in to_esrgan_layouts(params, num_block=1).items():
         torch.save(state, tmp_path / f"{layout}.pth")
@@ -152,9 +154,10 @@ def test_every_checkpoint_layout_upscales_identically(tmp_path, make_image):
     image = make_image(14, 18, seed=2)
     save_png(tmp_path / "in" / "photo.png", image)
     want = expected_sr(model, image)
-    for layout in ("basicsr", "raysr", "esrgan_new", "esrgan_2018", "ema"):
+    for layout in ("basicsr.pth", "raysr.pth", "esrgan_new.pth", "esrgan_2018.pth", "ema.pth", "raysr.safetensors",
+                   "basicsr.safetensors"):
         out = tmp_path / f"out_{layout}"
-        assert run(["--model", tmp_path / f"{layout}.pth", "--input", tmp_path / "in", "--output", out]) == 0
+        assert run(["--model", tmp_path / layout, "--input", tmp_path / "in", "--output", out]) == 0
         got = np.asarray(Image.open(out / "photo.png"))
         assert got.shape == (56, 72, 3)
         assert_close_uint(got, want)
