@@ -192,6 +192,19 @@ def test_validation_psnr_is_the_y_channel_psnr_of_the_ema_generator(gan_run, dem
     assert ckpt["metrics"]["psnr_bicubic"] == pytest.approx(np.mean(bicubic_psnrs), abs=0.01)
 
 
+def test_validation_psnr_equals_raysr_evaluate_on_the_same_folder(gan_run, demo_data, tmp_path):
+    """What a run reports is what ``raysr.evaluate`` says of its generator.pth on the validation folder."""
+    from raysr.evaluate import main as evaluate_main
+
+    model = f"s3://{gan_run.bucket}/runs/gan2w/checkpoint_00000004/generator.pth"
+    assert evaluate_main(["--hr", demo_data.val, "--scale", str(SCALE), "--model", model,
+                          "--json", str(tmp_path / "e.json"), "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "e.json").read_text())
+    metrics = gan_run.ckpt[4]["metrics"]
+    assert metrics["psnr"] == report["mean"]["psnr_y"] and metrics["ssim"] == report["mean"]["ssim_y"]
+    assert metrics["psnr_bicubic"] == report["bicubic"]["mean"]["psnr_y"]
+
+
 def gt_mod(path: Path) -> np.ndarray:
     """The (H,W,3) uint8 photo at ``path``, its bottom/right cut to multiples of SCALE (benchmarks' GTmod)."""
     hr = np.asarray(Image.open(path).convert("RGB"))
