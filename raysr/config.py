@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -255,33 +256,49 @@ def _build(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"a.b.c=value"`` -> (["a","b","c"], value parsed as YAML: 1e-3, true, [1,2], {conv5_4: 1})."""
+class _Loader(yaml.SafeLoader):
+    """PyYAML's YAML 1.1, plus the floats YAML 1.1 reads as strings: an exponent without a dot or
+    without a sign (``1e-3``, ``5E-5``, ``1.0e3``). People type them as numbers; quoted, they stay strings."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+.0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text (a config file, a ``--set`` value, a search space) with ``1e-3`` read as the float
+    0.001 at any depth, where plain YAML 1.1 gives the string '1e-3'. Raises ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b.c=value"`` -> ("a.b.c", value parsed by :func:`load_yaml`: 1e-3, true, [1,2], {conv5_4: 1})."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set loss.adversarial.weight=1e-3")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {text!r}: value is not valid YAML ({err.problem})") from err
-    # YAML 1.1 reads "1e-3" as a string; accept the float spelling people type.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value.lower() for c in "e.") and value.strip() != "." else value
-        except ValueError:
-            pass
-    return key.strip().split("."), value
+    return key.strip(), value
 
 
-def _set_path(data: dict, path: list[str], value: Any) -> None:
+def set_key(data: dict, key: str, value: Any) -> None:
+    """Set the dotted ``key`` (``loss.adversarial.weight``) in the nested mapping ``data`` (a config's
+    ``to_dict()`` form), adding missing sections; whether the key exists is checked when the config is built.
+
+    Raises ConfigError when a section on the way holds a value (``a.b.c`` where ``a.b`` is 3).
+    """
+    *sections, leaf = key.split(".")
     node = data
-    for part in path[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[path[-1]] = value
+    for i, name in enumerate(sections):
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):
+            section = ".".join(sections[:i + 1])
+            raise ConfigError(f"unknown key {key}: {section} is a value, not a section (it holds {node!r}); "
+                              "check the key's spelling")
+    node[leaf] = value
 
 
 def available_presets() -> list[str]:
@@ -298,7 +315,7 @@ def preset_text(name: str) -> str:
 
 def _read_yaml(text: str, origin: str) -> dict:
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{origin} is not valid YAML: {err}") from err
     if data is None:
@@ -323,8 +340,7 @@ def load_config(preset: str | None = None, config_file: str | None = None,
         name = preset or DEFAULT_PRESET
         data = _read_yaml(preset_text(name), f"preset {name}")
     for text in overrides:
-        path, value = parse_override(text)
-        _set_path(data, path, value)
+        set_key(data, *parse_override(text))
     cfg = _build(Config, data)
     validate(cfg)
     return cfg

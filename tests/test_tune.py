@@ -23,7 +23,10 @@ from PIL import Image
 
 from conftest import synthetic_image
 from raysr.config import ConfigError, load_config
-from raysr.tune import (TrialRow, asha_schedule, main, pareto_front, parse_space, rank_trials, trial_resources)
+from raysr.tune.cli import main
+from raysr.tune.report import TrialRow, pareto_front, rank_trials
+from raysr.tune.space import parse_space, trial_config
+from raysr.tune.trial import asha_schedule, trial_resources
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = "optim.g.lr: {loguniform: [1.0e-4, 1.0e-3]}\nmodel.generator.num_block: {choice: [1, 2]}\n"
@@ -91,8 +94,25 @@ def test_space_distributions_sample_what_the_file_says():
         {"a.lr": 0.5, "a.w": 0.0, "a.n": 2, "a.layers": {"conv5_4": 1.0}, "a.depth": 6}
 
 
+def test_space_numbers_read_as_people_type_them():
+    # YAML 1.1 reads 1e-1, 5E-5 and 1.0e0 (an exponent without a dot or a sign) as strings; at any depth
+    # of a space they are the numbers written
+    space = parse_space("loss.perceptual.layers: {choice: [{conv2_2: 1e-1}, {conv5_4: 1.0e0}]}\n"
+                        "optim.g.lr: {loguniform: [5E-5, 1.0e-3]}\n", "inline")
+    layers, lr = space.dims
+    assert layers.values == ({"conv2_2": 0.1}, {"conv5_4": 1.0}) and lr.values == (5e-5, 1e-3)
+
+
+def test_trial_key_below_a_value_names_the_key():
+    base = load_config(preset="quickstart").to_dict()
+    with pytest.raises(ConfigError, match=r"^unknown key model\.generator\.num_block\.depth: "
+                                          r"model\.generator\.num_block is a value, not a section"):
+        trial_config(base, {"model.generator.num_block.depth": 2})
+
+
 BAD_SPACES = [
     ("model.generator.nm_block: {choice: [1, 2]}", "unknown key model.generator.nm_block"),
+    ("model.generator.num_block.depth: {choice: [1, 2]}", "model.generator.num_block is a value, not a section"),
     ("model.generator.num_block: {choice: [0, 2]}", "model.generator.num_block: 0 must be > 0"),
     ("model.generator.num_block: {uniform: [4, 23]}", "is an integer but uniform samples fractions"),
     ("optim.g.lr: {loguniform: [1.0e-2, 1.0e-4]}", "bounds must be increasing"),
@@ -136,7 +156,7 @@ SHIPPED = {  # space file -> (preset it is written for, expected distributions f
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_spaces_validate_against_their_presets(name):
-    from raysr.tune import build_parser, prepare
+    from raysr.tune.cli import build_parser, prepare
 
     preset, expected = SHIPPED[name]
     args = build_parser().parse_args(["--space", str(REPO / "tune_spaces" / f"{name}.yaml"), "--preset", preset,

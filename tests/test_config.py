@@ -1,0 +1,46 @@
+"""raysr.config's YAML numbers and dotted keys, as ``--set`` and config files reach them."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from raysr.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("text,value", [("1e-3", 0.001), ("5E-5", 0.00005), ("+2e2", 200.0), ("1.0e0", 1.0),
+                                        ("0.5", 0.5), ("3", 3.0)])
+def test_set_reads_floats_as_typed(text, value):
+    assert yaml.safe_load(text) in (value, text)  # YAML 1.1 alone leaves some of these as strings
+    assert load_config(overrides=[f"loss.adversarial.weight={text}"]).loss.adversarial.weight == value
+
+
+def test_set_reads_floats_inside_lists_and_mappings():
+    cfg = load_config(overrides=["optim.g.betas=[0.5, 9e-1]", "loss.perceptual.layers={conv2_2: 1e-1}"])
+    assert cfg.optim.g.betas == (0.5, 0.9) and cfg.loss.perceptual.layers == {"conv2_2": 0.1}
+
+
+@pytest.mark.parametrize("text,name", [("a.b", "a.b"), ("1e", "1e"), ("e3", "e3"), ("'1e3'", "1e3")])
+def test_set_keeps_strings_that_are_not_numbers_or_are_quoted(text, name):
+    assert load_config(overrides=[f"run.name={text}"]).run.name == name
+
+
+def test_config_file_reads_floats_as_typed(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("loss:\n  adversarial: {weight: 1e-3}\noptim:\n  g: {lr: 2E-4}\n")
+    cfg = load_config(config_file=str(path))
+    assert cfg.loss.adversarial.weight == 0.001 and cfg.optim.g.lr == 0.0002
+
+
+def test_set_below_a_value_names_the_key():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["model.generator.num_block.depth=3"])
+    assert str(err.value).startswith("unknown key model.generator.num_block.depth: "
+                                     "model.generator.num_block is a value, not a section")
+
+
+def test_set_never_silently_replaces_a_value_with_a_section():
+    # an earlier --set made model.generator a value: the later key below it is refused, not merged into
+    # a fresh section that would drop the preset's generator
+    with pytest.raises(ConfigError, match="model.generator is a value, not a section"):
+        load_config(overrides=["model.generator=3", "model.generator.num_block=2"])
