@@ -2,8 +2,9 @@
 
 * ``python -m raysr.data.make_shards`` — sub-image shards + manifest.parquet
   (:mod:`raysr.data.make_shards`).
-* :func:`resolve_shards`, :func:`read_manifest` — URL lists, brace patterns,
-  directories, manifests; local or s3:// (:mod:`raysr.data.sources`).
+* :func:`resolve_shards` — URL lists, brace patterns, directories, manifests;
+  local or s3:// (:mod:`raysr.data.sources`).
+* :func:`read_manifest` — the ``manifest.parquet`` table (:mod:`raysr.data.manifest`).
 * :func:`iter_pairs` — ``(lr, hr)`` pairs in this process, to look at the data;
   :func:`iter_images` — the decoded HR samples (:mod:`raysr.data.stream`).
 * :func:`make_train_loader` — a rank's batches, same count on every rank
@@ -12,7 +13,8 @@
 """
 
 from raysr.data.loader import TrainLoader, epoch_batches, make_train_loader
-from raysr.data.sources import Manifest, ShardList, read_manifest, resolve_shards
+from raysr.data.manifest import Manifest, read_manifest
+from raysr.data.sources import ShardList, resolve_shards
 from raysr.data.stream import DataStats, iter_batches, iter_images, iter_pairs, make_lr
 from raysr.data.validation import ValidationSet, load_validation, mod_crop
 
