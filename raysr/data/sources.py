@@ -9,8 +9,9 @@ A shard source is one string or a list of strings, each of which is
 * a directory or S3 prefix: its ``manifest.parquet`` if it has one, else every
   shard file below it.
 
-The manifest also tells how many samples each shard holds, which fixes the
-number of batches per epoch before a byte of image data is read.
+Shards need no manifest (any WebDataset tars train, see
+:mod:`raysr.data.samples`); where one is found, it tells how many samples each
+shard holds, before a byte of image data is read.
 
 Importing this module registers an ``s3://`` opener with WebDataset
 (``webdataset.gopen.gopen_schemes``), so ``webdataset.WebDataset("s3://…")``
@@ -114,6 +115,11 @@ def resolve_shards(shards: str | Sequence[str]) -> ShardList:
         urls += found
     urls = list(dict.fromkeys(urls))
     return ShardList(urls=urls, samples=_known_counts(urls, manifests))
+
+
+def as_shard_list(shards) -> ShardList:
+    """``shards`` if it is already a ShardList, else :func:`resolve_shards` of it."""
+    return shards if isinstance(shards, ShardList) else resolve_shards(shards)
 
 
 def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
