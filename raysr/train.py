@@ -52,11 +52,12 @@ def resolve(args: argparse.Namespace) -> Config:
 
 def check_data_paths(cfg: Config) -> None:
     """Fail before Ray starts when the training or validation data cannot be found."""
-    from raysr.data import resolve_shards
+    from raysr.data import check_train_shards, resolve_shards
 
     if cfg.data.train:
         try:
             urls = resolve_shards(cfg.data.train)
+            check_train_shards(urls, cfg.data.gt_size)
         except (StorageError, ValueError, OSError) as err:
             raise ConfigError(f"data.train: {err}") from err
         if not urls:

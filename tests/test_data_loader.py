@@ -1,4 +1,5 @@
-"""make_train_loader: equal batches on every rank, LR in the loader or on the device, counters."""
+"""make_train_loader: equal batches on every rank, an endless stream without a manifest, LR in the loader or on
+the device, counters."""
 
 from __future__ import annotations
 
@@ -84,17 +85,24 @@ def test_bad_shards_are_counted_not_fatal(uneven, tmp_path):
     assert stats["samples"] > 0 and stats["bad_shards"] == 0
 
 
-def test_epoch_length_needs_a_manifest_or_a_number(uneven, tmp_path):
-    shards, _ = uneven
+def test_without_a_manifest_the_stream_is_endless_and_epochs_are_optional(uneven, tmp_path):
+    shards, report = uneven
     plain = [str(p) for p in sorted(shards.glob("*.tar"))]
     for p in plain:  # the same shards without their manifest
         (tmp_path / p.rsplit("/", 1)[1]).write_bytes(open(p, "rb").read())
-    with pytest.raises(ValueError, match="pass batches_per_epoch"):
-        make_train_loader(str(tmp_path), 32, 4, 4, num_workers=0)
+    endless = make_train_loader(str(tmp_path), 32, 4, 4, num_workers=0, shuffle_buffer=4)
+    assert endless.num_samples is None and endless.batches_per_epoch is None
+    with pytest.raises(TypeError, match="endless"):
+        len(endless)
+    batches = iter(endless)
+    for _ in range(3 * report.samples // 4 + 1):  # more than three passes over the 13 samples
+        lr, hr = next(batches)
+        assert_lr_matches(lr[0], hr[0], 4)
     assert len(make_train_loader(str(tmp_path), 32, 4, 4, num_workers=0, batches_per_epoch=7)) == 7
+    assert len(list(make_train_loader(str(tmp_path), 32, 4, 4, num_workers=0, batches_per_epoch=7))) == 7
     assert epoch_batches(100, 3, 4, 16, None) == 4  # 300 crops // 64
-    with pytest.raises(ValueError, match="fewer than one batch"):
-        epoch_batches(10, 1, 2, 16, None)
+    assert epoch_batches(10, 1, 2, 16, None) == 1  # less than one batch: the stream repeats it
+    assert epoch_batches(None, 1, 2, 16, None) is None and epoch_batches(None, 1, 2, 16, 5) == 5
 
 
 @pytest.mark.parametrize("kwargs, message", [

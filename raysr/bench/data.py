@@ -10,6 +10,8 @@ the sub-image with PIL, take a random ``gt_size`` crop, make LR with a numpy
 MATLAB ``imresize`` that computes its weights per call and loops over output
 rows and channels (:func:`raysr.bench.imresize.numpy_imresize`). The first
 batch (worker start, shuffle-buffer fill) is timed separately as ``startup_s``.
+Any WebDataset shards work; the dataset size (``dataset_samples``) comes from a
+``manifest.parquet`` when there is one, else it is reported as unknown (null).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from PIL import Image
 from raysr import io as rio
 from raysr.bench.imresize import numpy_imresize
 from raysr.data import make_lr, make_train_loader, resolve_shards
-from raysr.data.decode import is_image_name
-from raysr.data.stream import DEFAULT_SHUFFLE_BUFFER, tar_samples
+from raysr.data.samples import image_member, tar_samples
+from raysr.data.stream import DEFAULT_SHUFFLE_BUFFER
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,17 +51,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
 
 
-def _encoded_images(shards, count: int) -> list[bytes]:
-    """The encoded image members of the first ``count`` samples of the shards."""
+def _encoded_images(shard_list, count: int) -> list[bytes]:
+    """The encoded image members of the first ``count`` samples of the shards that have one."""
     found = []
-    for url in resolve_shards(shards).urls:
+    for url in shard_list.urls:
         with rio.open_stream(url) as stream:
             for _, files in tar_samples(stream):
-                found += [data for ext, data in files.items() if is_image_name(ext)][:1]
+                ext = image_member(files)
+                if ext is not None:
+                    found.append(files[ext])
                 if len(found) >= count:
                     return found
     if not found:
-        raise ValueError(f"no image samples in {shards}")
+        raise ValueError(f"no image samples in {shard_list.urls[0]} ... ({len(shard_list)} shards)")
     return found
 
 
@@ -76,9 +80,9 @@ def measure_baseline(encoded: list[bytes], gt_size: int, scale: int, crops: int,
     return crops / (time.perf_counter() - start)
 
 
-def measure_pipeline(args: argparse.Namespace) -> dict:
+def measure_pipeline(args: argparse.Namespace, shard_list) -> dict:
     """Crops/s of make_train_loader over ``args.batches`` batches after a warm-up batch."""
-    loader = make_train_loader(args.shards, args.gt_size, args.scale, args.batch_size, num_workers=args.workers,
+    loader = make_train_loader(shard_list, args.gt_size, args.scale, args.batch_size, num_workers=args.workers,
                                seed=args.seed, crops_per_image=args.crops_per_image,
                                batches_per_epoch=args.batches + 1, lr_on=args.lr_on,
                                shuffle_buffer=args.shuffle_buffer)
@@ -128,13 +132,16 @@ def run(args: argparse.Namespace) -> int:
         return _error(problem)
     torch.set_num_threads(1)  # per-core figures: this process uses one core, as each loader worker does
     try:
-        baseline = measure_baseline(_encoded_images(args.shards, 8), args.gt_size, args.scale, args.baseline_crops,
+        shard_list = resolve_shards(args.shards)
+        baseline = measure_baseline(_encoded_images(shard_list, 8), args.gt_size, args.scale, args.baseline_crops,
                                     args.seed)
-        ours = measure_pipeline(args)
+        ours = measure_pipeline(args, shard_list)
     except (ValueError, rio.StorageError) as err:
         return _error(str(err))
     cores = max(1, args.workers)
     speedup = ours["crops_per_s_per_core"] / baseline
+    size = f"{shard_list.num_samples} samples" if shard_list.num_samples is not None else "size unknown (no manifest)"
+    print(f"dataset: {len(shard_list)} shards, {size}")
     print(f"raysr.data ({args.workers} workers, {args.crops_per_image} crop(s)/image, LR on {args.lr_on}): "
           f"{ours['crops_per_s']:.1f} crops/s = {ours['crops_per_s_per_core']:.1f} per core ({cores} core(s)); "
           f"startup {ours['startup_s']:.1f} s; {ours['samples']} samples, {ours['skipped']} skipped")
@@ -144,5 +151,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**ours, "baseline_crops_per_s": baseline, "speedup_per_core": speedup,
                           "workers": args.workers, "batches": args.batches, "batch_size": args.batch_size,
                           "gt_size": args.gt_size, "scale": args.scale, "crops_per_image": args.crops_per_image,
-                          "lr_on": args.lr_on}))
+                          "lr_on": args.lr_on, "shards": len(shard_list),
+                          "dataset_samples": shard_list.num_samples}))
     return 0

@@ -2,20 +2,26 @@
 
 * ``python -m raysr.data.make_shards`` — sub-image shards + manifest.parquet
   (:mod:`raysr.data.make_shards`).
-* :func:`resolve_shards`, :func:`read_manifest` — URL lists, brace patterns,
-  directories, manifests; local or s3:// (:mod:`raysr.data.sources`).
+* :func:`resolve_shards` — URL lists, brace patterns, directories, manifests;
+  local or s3:// (:mod:`raysr.data.sources`).
+* :func:`read_manifest` — the ``manifest.parquet`` table (:mod:`raysr.data.manifest`).
 * :func:`iter_pairs` — ``(lr, hr)`` pairs in this process, to look at the data;
   :func:`iter_images` — the decoded HR samples (:mod:`raysr.data.stream`).
-* :func:`make_train_loader` — a rank's batches, same count on every rank
-  (:mod:`raysr.data.loader`); :func:`make_lr` — LR from HR on any device.
+* :func:`check_train_shards` — fail fast on shards with no usable image; what
+  members make a sample (:mod:`raysr.data.samples`).
+* :func:`make_train_loader` — a rank's endless batches; epochs, where their length
+  is known, the same on every rank (:mod:`raysr.data.loader`);
+  :func:`make_lr` — LR from HR on any device.
 * :func:`load_validation` — full-image GT/LR pairs (:mod:`raysr.data.validation`).
 """
 
 from raysr.data.loader import TrainLoader, epoch_batches, make_train_loader
-from raysr.data.sources import Manifest, ShardList, read_manifest, resolve_shards
+from raysr.data.manifest import Manifest, read_manifest
+from raysr.data.samples import check_train_shards
+from raysr.data.sources import ShardList, resolve_shards
 from raysr.data.stream import DataStats, iter_batches, iter_images, iter_pairs, make_lr
 from raysr.data.validation import ValidationSet, load_validation, mod_crop
 
-__all__ = ["DataStats", "Manifest", "ShardList", "TrainLoader", "ValidationSet", "epoch_batches", "iter_batches",
-           "iter_images", "iter_pairs", "load_validation", "make_lr", "make_train_loader", "mod_crop",
-           "read_manifest", "resolve_shards"]
+__all__ = ["DataStats", "Manifest", "ShardList", "TrainLoader", "ValidationSet", "check_train_shards",
+           "epoch_batches", "iter_batches", "iter_images", "iter_pairs", "load_validation", "make_lr",
+           "make_train_loader", "mod_crop", "read_manifest", "resolve_shards"]

@@ -3,10 +3,17 @@
 Every DataLoader worker runs :func:`raysr.data.stream.iter_batches` on its
 share of the shards (rank, then worker) and ships whole ``(lr, hr)`` batches,
 so LR is made once per batch (one batched matmul) in the worker, or not at all
-when ``lr_on="device"``. The stream is resampled and never ends; an epoch is a
-fixed number of batches, **the same on every rank** (a rank that ran out early
-would leave DDP's all-reduce waiting forever): ``batches_per_epoch`` as given,
-else ``manifest samples * crops_per_image // (world_size * batch_size)``.
+when ``lr_on="device"``.
+
+The stream is resampled and never ends, on every rank: each consumer walks an
+endless sequence of shard positions (:func:`raysr.data.stream.shard_order`),
+so a rank always has a next batch, whatever the number of shards, ranks and
+workers, and DDP's all-reduce never waits on a rank that ran out. Training is
+counted in steps and needs no dataset size, hence no manifest. An epoch (one
+finite ``iter()``) exists only where its length is known, and then it is **the
+same on every rank**: ``batches_per_epoch`` as given, else one pass over the
+manifest's samples (``samples * crops_per_image // (world_size * batch_size)``,
+at least 1); shards no manifest describes give an endless ``iter()``.
 
 Each batch also carries its worker's counters, so :meth:`TrainLoader.stats`
 reports samples seen and samples skipped without any shared memory.
@@ -19,9 +26,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from raysr.data.sources import ShardList
-from raysr.data.stream import (DEFAULT_SHUFFLE_BUFFER, DataStats, as_shard_list, check_crop_args, check_split_args,
-                               iter_batches)
+from raysr.data.sources import ShardList, as_shard_list
+from raysr.data.stream import DEFAULT_SHUFFLE_BUFFER, DataStats, check_crop_args, check_split_args, iter_batches
 from raysr.util import check_int
 
 LR_ON = ("loader", "device")
@@ -48,18 +54,19 @@ class _BatchStream(IterableDataset):
 
 
 class TrainLoader:
-    """This rank's ``(lr, hr)`` batches, ``batches_per_epoch`` per ``iter()``.
+    """This rank's ``(lr, hr)`` batches: ``batches_per_epoch`` per ``iter()``, or endless when that is None.
 
     Iterating yields ``(lr, hr)``: hr ``(B,3,H,W)`` float32 in [0,1] and lr
     ``(B,3,H/scale,W/scale)`` on 8-bit levels, on the CPU (pinned when
     ``pin_memory``); with ``lr_on="device"`` lr is None and the training step
     calls :func:`raysr.data.make_lr` on the device batch. Each ``iter()`` continues
-    the same endless stream (no worker restart per epoch). Call :meth:`close`
-    to stop the worker processes.
+    the same endless stream (no worker restart per epoch). ``num_samples``: the
+    dataset size from the manifest, None without one. Call :meth:`close` to stop
+    the worker processes.
     """
 
-    def __init__(self, dataset: _BatchStream, num_workers: int, batches_per_epoch: int, num_samples: int | None,
-                 pin_memory: bool, prefetch_factor: int):
+    def __init__(self, dataset: _BatchStream, num_workers: int, batches_per_epoch: int | None,
+                 num_samples: int | None, pin_memory: bool, prefetch_factor: int):
         self.batches_per_epoch = batches_per_epoch
         self.num_samples = num_samples
         self.num_workers = num_workers
@@ -69,17 +76,22 @@ class TrainLoader:
         self._worker_stats: dict[int, DataStats] = {}
 
     def __len__(self) -> int:
+        if self.batches_per_epoch is None:
+            raise TypeError("this loader is endless: no manifest.parquet gives the dataset size and no "
+                            "batches_per_epoch was passed; count steps, or pass batches_per_epoch")
         return self.batches_per_epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
         if self._batches is None:
             self._batches = iter(self._loader)
-        for _ in range(self.batches_per_epoch):
+        produced = 0
+        while self.batches_per_epoch is None or produced < self.batches_per_epoch:
             try:
                 lr, hr, counters = next(self._batches)
             except StopIteration:  # the stream is endless; ending means a worker died quietly
                 raise RuntimeError("the training data stream ended; see the worker logs above") from None
             self._worker_stats[int(counters[0])] = DataStats.from_tensor(counters[1:])
+            produced += 1
             yield (lr if lr.numel() else None), hr
 
     def stats(self) -> dict[str, int]:
@@ -97,19 +109,15 @@ class TrainLoader:
 
 
 def epoch_batches(num_samples: int | None, crops_per_image: int, world_size: int, batch_size: int,
-                  batches_per_epoch: int | None) -> int:
+                  batches_per_epoch: int | None) -> int | None:
     """Batches per rank per epoch: the given number, else one pass over the manifest's
-    samples (``num_samples * crops_per_image // (world_size * batch_size)``)."""
+    samples (``num_samples * crops_per_image // (world_size * batch_size)``, at least 1:
+    the resampled stream repeats a dataset smaller than one batch), else None (unknown)."""
     if batches_per_epoch is not None:
         return check_int("batches_per_epoch", batches_per_epoch)
     if num_samples is None:
-        raise ValueError("cannot tell the number of batches per epoch: no manifest.parquet describes these shards; "
-                         "pass batches_per_epoch, or make the shards with python -m raysr.data.make_shards")
-    batches = num_samples * crops_per_image // (world_size * batch_size)
-    if batches == 0:
-        raise ValueError(f"the dataset has {num_samples} samples x {crops_per_image} crops, fewer than one batch of "
-                         f"{batch_size} for each of {world_size} ranks; lower batch_size or pass batches_per_epoch")
-    return batches
+        return None
+    return max(1, num_samples * crops_per_image // (world_size * batch_size))
 
 
 def make_train_loader(shards, gt_size: int, scale: int, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -122,8 +130,9 @@ def make_train_loader(shards, gt_size: int, scale: int, batch_size: int, rank: i
     shards: URL(s), brace pattern, directory or manifest (:func:`raysr.data.resolve_shards`).
     gt_size: HR crop side in px (multiple of ``scale``). batch_size: crops per
     batch on this rank. num_workers: DataLoader processes (0 = in this process).
-    crops_per_image: crops per decoded image. batches_per_epoch: default from
-    the manifest (same on every rank). lr_on: ``"loader"`` (LR made in the
+    crops_per_image: crops per decoded image. batches_per_epoch: the length of
+    one ``iter()``; default one pass over the manifest's samples (same on every
+    rank), endless without a manifest. lr_on: ``"loader"`` (LR made in the
     workers) or ``"device"`` (lr is None; call make_lr on the device batch).
     pin_memory: default True when CUDA is available. Raises ValueError for
     invalid settings, StorageError for shards that cannot be found.

@@ -46,7 +46,7 @@ from PIL import Image
 
 from raysr import io as rio
 from raysr.data.decode import DECODE_ERRORS, decode_rgb, is_image_name
-from raysr.data.sources import MANIFEST_NAME
+from raysr.data.manifest import ShardEntry, manifest_uri, read_entries, write_manifest
 from raysr.imageio import probe_image
 from raysr.util import Progress
 
@@ -325,49 +325,15 @@ def shard_is_intact(url: str, nbytes: int, sha256: str) -> bool:
     return _sha256_file(url) == sha256
 
 
-@dataclass
-class ShardEntry:
-    """One manifest row. ``plan_start``/``plan_count``: the range of planned samples
-    (in plan order) the shard covers; ``plan_sha256``: digest of that plan slice."""
-
-    shard: int
-    name: str
-    url: str
-    samples: int
-    bytes: int
-    sha256: str
-    plan_start: int
-    plan_count: int
-    plan_sha256: str
-
-
-MANIFEST_FIELDS = tuple(ShardEntry.__dataclass_fields__)
-
-
-def write_manifest(uri: str, entries: list[ShardEntry], settings: dict) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = sorted(entries, key=lambda e: e.shard)
-    table = pa.Table.from_pylist([{f: getattr(e, f) for f in MANIFEST_FIELDS} for e in rows])
-    table = table.replace_schema_metadata({"raysr": json.dumps(settings, sort_keys=True)})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    buf.seek(0)
-    rio.write_stream(uri, buf)
-
-
 def _old_entries(uri: str) -> list[ShardEntry]:
     """Rows of an existing raysr manifest at ``uri`` ([] if absent or not ours)."""
-    import pyarrow.parquet as pq
-
     if not rio.exists(uri):
         return []
-    table = pq.read_table(io.BytesIO(rio.read_bytes(uri)))
-    if not set(MANIFEST_FIELDS) <= set(table.column_names):
+    entries = read_entries(uri)
+    if entries is None:
         LOG.warning("%s was not written by make_shards; ignoring it and writing all shards", uri)
         return []
-    return [ShardEntry(**{f: row[f] for f in MANIFEST_FIELDS}) for row in table.to_pylist()]
+    return entries
 
 
 # --------------------------------------------------------------------------- driver
@@ -582,7 +548,7 @@ def make_shards(inputs: Sequence[str], output: str, *, crop_size: int = 480, ste
     if not len(plan):
         raise ValueError(f"no usable images in {list(inputs)} ({len(skipped)} skipped); "
                          f"images need a side of at least --min-size {min_size} px")
-    report = ShardsReport(manifest=rio.join(output, MANIFEST_NAME), entries=[], written=0, reused=0,
+    report = ShardsReport(manifest=manifest_uri(output), entries=[], written=0, reused=0,
                           skipped=list(skipped))
     old_entries = _old_entries(report.manifest)
     reusable = plan.reusable(old_entries, output)

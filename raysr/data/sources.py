@@ -5,12 +5,13 @@ A shard source is one string or a list of strings, each of which is
 * a shard URL, local or ``s3://`` (``.tar``, ``.tar.gz``, ``.tgz``);
 * a brace pattern such as ``s3://bucket/hr/train-{000000..000099}.tar``;
 * a local glob such as ``/data/hr/train-*.tar``;
-* a ``manifest.parquet`` written by ``python -m raysr.data.make_shards``;
+* a ``manifest.parquet`` (:mod:`raysr.data.manifest`);
 * a directory or S3 prefix: its ``manifest.parquet`` if it has one, else every
   shard file below it.
 
-The manifest also tells how many samples each shard holds, which fixes the
-number of batches per epoch before a byte of image data is read.
+Shards need no manifest (any WebDataset tars train, see
+:mod:`raysr.data.samples`); where one is found, it tells how many samples each
+shard holds, before a byte of image data is read.
 
 Importing this module registers an ``s3://`` opener with WebDataset
 (``webdataset.gopen.gopen_schemes``), so ``webdataset.WebDataset("s3://…")``
@@ -20,37 +21,16 @@ reads through the same retrying reader as raysr.
 from __future__ import annotations
 
 import glob
-import io
 import os
-import posixpath
 from dataclasses import dataclass
 from typing import Sequence
 
 import braceexpand
 
 from raysr import io as rio
+from raysr.data.manifest import Manifest, manifest_uri, parent, read_manifest
 
-MANIFEST_NAME = "manifest.parquet"
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """The table a dataset's ``manifest.parquet`` holds, one entry per shard.
-
-    ``urls``: where each shard is read from (resolved next to the manifest);
-    ``samples``: samples per shard; ``bytes``: shard sizes; ``sha256``: hex digests.
-    """
-
-    uri: str
-    urls: list[str]
-    samples: list[int]
-    bytes: list[int]
-    sha256: list[str]
-
-    @property
-    def num_samples(self) -> int:
-        return sum(self.samples)
 
 
 @dataclass(frozen=True)
@@ -74,33 +54,6 @@ class ShardList:
         return sum(self.samples)
 
 
-def _parent(uri: str) -> str:
-    return posixpath.dirname(uri) if rio.is_s3(uri) else os.path.dirname(uri)
-
-
-def read_manifest(uri: str) -> Manifest:
-    """Read a ``manifest.parquet`` (local or s3://).
-
-    Shards are located next to the manifest by their ``name`` column, so a
-    dataset copied to another bucket or folder keeps working; manifests without
-    ``name`` use their ``url`` column as is. Raises StorageError if missing,
-    ValueError if it lacks the ``samples`` column.
-    """
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(io.BytesIO(rio.read_bytes(uri)))
-    columns = set(table.column_names)
-    if "samples" not in columns or not ({"name", "url"} & columns):
-        raise ValueError(f"{uri} is not a raysr shard manifest: it needs a 'samples' column and a 'name' "
-                         f"or 'url' column, found {sorted(columns)}")
-    rows = table.to_pylist()
-    base = _parent(uri)
-    urls = [rio.join(base, row["name"]) if row.get("name") else row["url"] for row in rows]
-    return Manifest(uri=uri, urls=urls, samples=[int(row["samples"]) for row in rows],
-                    bytes=[int(row.get("bytes") or 0) for row in rows],
-                    sha256=[row.get("sha256") or "" for row in rows])
-
-
 def _is_shard(url: str) -> bool:
     return url.endswith(SHARD_SUFFIXES)
 
@@ -116,9 +69,9 @@ def _expand_one(source: str) -> tuple[list[str], Manifest | None]:
         return sorted(glob.glob(source, recursive=True)), None
     if _is_shard(source):
         return [source], None
-    manifest_uri = rio.join(source, MANIFEST_NAME)
-    if rio.exists(manifest_uri):
-        manifest = read_manifest(manifest_uri)
+    beside = manifest_uri(source)
+    if rio.exists(beside):
+        manifest = read_manifest(beside)
         return manifest.urls, manifest
     return [u for u in rio.list_files(source) if _is_shard(u)], None
 
@@ -128,8 +81,8 @@ def _known_counts(urls: list[str], manifests: dict[str, Manifest]) -> list[int |
     counts: dict[str, int] = {}
     for manifest in manifests.values():
         counts.update(zip(manifest.urls, manifest.samples))
-    for parent in sorted({_parent(u) for u in urls if u not in counts}):
-        uri = rio.join(parent, MANIFEST_NAME)
+    for folder in sorted({parent(u) for u in urls if u not in counts}):
+        uri = manifest_uri(folder)
         if uri not in manifests and rio.exists(uri):
             manifest = read_manifest(uri)
             manifests[uri] = manifest
@@ -162,6 +115,11 @@ def resolve_shards(shards: str | Sequence[str]) -> ShardList:
         urls += found
     urls = list(dict.fromkeys(urls))
     return ShardList(urls=urls, samples=_known_counts(urls, manifests))
+
+
+def as_shard_list(shards) -> ShardList:
+    """``shards`` if it is already a ShardList, else :func:`resolve_shards` of it."""
+    return shards if isinstance(shards, ShardList) else resolve_shards(shards)
 
 
 def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):

@@ -8,7 +8,9 @@ The stages, each a generator feeding the next:
    positions ``g, g+T, g+2T, ...``: within a pass every shard is read by exactly
    one consumer, every shard is read equally often over time, and it works for
    any number of shards, ranks and workers.
-2. :func:`iter_images` — decode the samples of each shard. Bad data never
+2. :func:`iter_images` — decode the image of each sample of each shard
+   (which members make a sample and which one is its image:
+   :mod:`raysr.data.samples`; any WebDataset tar works). Bad data never
    stops training: a garbage or truncated tar, an undecodable or non-image
    member, or an image smaller than ``gt_size`` is skipped, counted in
    :class:`DataStats` and logged once per shard. A missing or denied shard
@@ -26,9 +28,6 @@ reproducible for a fixed (seed, world_size, num_workers).
 from __future__ import annotations
 
 import logging
-import posixpath
-import tarfile
-import zlib
 from dataclasses import asdict, dataclass, fields
 from typing import Iterator, Sequence
 
@@ -36,8 +35,8 @@ import numpy as np
 import torch
 
 from raysr import io as rio
-from raysr.data.decode import DECODE_ERRORS, decode_rgb, is_image_name
-from raysr.data.sources import ShardList, resolve_shards
+from raysr.data.samples import DamagedTar, decode_sample, tar_samples
+from raysr.data.sources import as_shard_list
 from raysr.ops.resize import imresize
 from raysr.util import check_int
 
@@ -45,8 +44,6 @@ LOG = logging.getLogger(__name__)
 
 # Crops held by the shuffle buffer; 512 crops of 128^2 RGB are 25 MB per worker.
 DEFAULT_SHUFFLE_BUFFER = 512
-# Exceptions that mean "this tar is damaged" (not "the store is unreachable").
-TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
 
 
 @dataclass
@@ -98,10 +95,6 @@ def check_split_args(rank: int, world_size: int, seed: int) -> None:
     check_int("seed", seed, minimum=0)
     if rank >= world_size:
         raise ValueError(f"rank={rank} must be < world_size={world_size} (ranks are numbered from 0)")
-
-
-def as_shard_list(shards) -> ShardList:
-    return shards if isinstance(shards, ShardList) else resolve_shards(shards)
 
 
 # --------------------------------------------------------------------------- LR
@@ -169,55 +162,6 @@ def shard_order(num_shards: int, seed: int, consumer: int, num_consumers: int,
         position += num_consumers
 
 
-class DamagedTar(ValueError):
-    """A tar that cannot be read past some point (garbage, truncated, bad compression)."""
-
-
-def tar_samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """WebDataset grouping: consecutive members ``KEY.EXT`` -> ``(KEY, {EXT: bytes})``.
-
-    Raises DamagedTar where the tar breaks, after yielding every member read whole;
-    StorageError if the stream itself fails (see :func:`raysr.io.open_stream`).
-    """
-    key, files = None, {}
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                base = posixpath.basename(info.name)
-                # skip directories, links, macOS "._" forks and WebDataset "__" metadata
-                if not info.isfile() or base.startswith((".", "__")):
-                    continue
-                stem, _, ext = base.partition(".")
-                member_key = posixpath.join(posixpath.dirname(info.name), stem)
-                if member_key != key and files:
-                    yield key, files
-                    files = {}
-                key = member_key
-                files[ext.lower()] = tar.extractfile(info).read()
-    except rio.StorageError:
-        raise
-    except TAR_ERRORS as err:
-        if files:  # every member read whole is intact
-            yield key, files
-        raise DamagedTar(f"{type(err).__name__}: {err}") from err
-    if files:
-        yield key, files
-
-
-def _decode_sample(key: str, files: dict[str, bytes], min_size: int) -> tuple[np.ndarray | None, str]:
-    """``(image, "")`` or ``(None, why it was skipped)``."""
-    image_ext = next((ext for ext in files if is_image_name(ext)), None)
-    if image_ext is None:
-        return None, f"no image member (has {', '.join(sorted(files)) or 'nothing'})"
-    try:
-        image = decode_rgb(files[image_ext], key)
-    except DECODE_ERRORS as err:
-        return None, f"undecodable .{image_ext} ({type(err).__name__}: {err})"
-    if min(image.shape[:2]) < min_size:
-        return None, f"{image.shape[1]}x{image.shape[0]} image is smaller than gt_size={min_size}"
-    return image, ""
-
-
 def _report(url: str, skipped: int, total: int | None, first_problem: str, reported: set[str] | None) -> None:
     # once per shard and stream: a resampled stream re-reads the same bad shard every pass
     if reported is not None:
@@ -246,7 +190,7 @@ def iter_shard(url: str, min_size: int, stats: DataStats, expected: int | None =
     stream = rio.open_stream(url)
     try:
         for key, files in tar_samples(stream):
-            image, problem = _decode_sample(key, files, min_size)
+            image, problem = decode_sample(key, files, min_size)
             if image is None:
                 bad += 1
                 first_problem = first_problem or f"{key}: {problem}"

@@ -18,7 +18,8 @@ import torch
 
 from raysr import io as rio
 from raysr.data.decode import DECODE_ERRORS, decode_rgb
-from raysr.data.sources import MANIFEST_NAME, SHARD_SUFFIXES, resolve_shards
+from raysr.data.manifest import manifest_uri
+from raysr.data.sources import SHARD_SUFFIXES, resolve_shards
 from raysr.data.stream import DataStats, iter_shard, make_lr
 from raysr.imageio import list_images
 from raysr.io import StorageError
@@ -68,7 +69,7 @@ def _is_shard_source(source) -> bool:
         return True
     if source.endswith(SHARD_SUFFIXES + (".parquet",)) or "{" in source:
         return True
-    return rio.exists(rio.join(source, MANIFEST_NAME))
+    return rio.exists(manifest_uri(source))
 
 
 def _folder_images(folder: str, scale: int) -> tuple[list[str], list[np.ndarray], list[str]]:

@@ -1,0 +1,152 @@
+"""What raysr reads from a WebDataset tar: members -> samples -> one HR image each.
+
+Any WebDataset shard trains, whichever tool wrote it (``make_shards``,
+``webdataset.ShardWriter``, ``tar`` by hand):
+
+* Members group into samples as WebDataset groups them
+  (``webdataset.tariterators.base_plus_ext``): the key runs to the FIRST dot after
+  the last ``/``, the rest is the extension, lowercased — ``a/b.c.jpg`` is key
+  ``a/b``, extension ``c.jpg`` — and consecutive members with one key make one
+  sample. Members WebDataset skips are skipped (no dot in the base name,
+  ``__meta__`` files), and so are hidden files (``.DS_Store``, macOS ``._`` forks).
+* A sample's image is its first member whose LAST extension is a format the
+  decoder reads (:data:`raysr.imageio.IMAGE_EXTENSIONS`: png, jpg/jpeg, webp,
+  bmp, tif/tiff, ppm, ...): ``c.jpg`` is a JPEG. Other members (``json``,
+  ``cls``, ``txt``) are ignored.
+
+:func:`check_train_shards` looks at the first shard before training starts, so
+shards with no usable image fail in seconds with one message, not inside every
+Ray worker.
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+import zlib
+from collections import Counter
+from typing import Iterator
+
+import numpy as np
+
+from raysr import io as rio
+from raysr.data.decode import DECODE_ERRORS, decode_rgb, is_image_name
+from raysr.data.sources import as_shard_list
+from raysr.imageio import IMAGE_EXTENSIONS
+from raysr.util import check_int
+
+# Exceptions that mean "this tar is damaged" (not "the store is unreachable").
+TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+# WebDataset's member-name split and metadata filter (webdataset.tariterators).
+_KEY_AND_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_META = re.compile(r"__[^/]*__($|/)")
+# Damaged shards check_train_shards reads past before it calls the shards unreadable.
+CHECK_DAMAGED_SHARDS = 3
+HOW_TO_MAKE = ("raysr trains on WebDataset tars with one image member per sample ("
+               + ", ".join(ext[1:] for ext in IMAGE_EXTENSIONS) + "; other members such as json are ignored); "
+               "make them from a folder of HR images with python -m raysr.data.make_shards --input DIR "
+               "--output DIR_OR_S3_PREFIX")
+
+
+class DamagedTar(ValueError):
+    """A tar that cannot be read past some point (garbage, truncated, bad compression)."""
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """``(key, extension)`` of a tar member as WebDataset splits it, or None for a member it skips.
+
+    ``"a/b.c.JPG"`` -> ``("a/b", "c.jpg")``; None for ``"a/README"`` (no dot),
+    ``"__index__"``-style metadata and hidden files (``"x/.DS_Store"``, ``"._a.jpg"``).
+    """
+    base = name.rsplit("/", 1)[-1]
+    if base.startswith(".") or _META.match(name) or ("/" not in name and name.startswith("__")
+                                                     and name.endswith("__")):
+        return None
+    match = _KEY_AND_EXT.match(name)
+    return (match.group(1), match.group(2).lower()) if match else None
+
+
+def tar_samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {extension: bytes})`` of each sample of a tar stream, in tar order.
+
+    Raises DamagedTar where the tar breaks, after yielding every member read whole;
+    StorageError if the stream itself fails (see :func:`raysr.io.open_stream`).
+    """
+    key, files = None, {}
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                split = split_member_name(info.name) if info.isfile() else None
+                if split is None:
+                    continue
+                if split[0] != key and files:
+                    yield key, files
+                    files = {}
+                key = split[0]
+                files[split[1]] = tar.extractfile(info).read()
+    except rio.StorageError:
+        raise
+    except TAR_ERRORS as err:
+        if files:  # every member read whole is intact
+            yield key, files
+        raise DamagedTar(f"{type(err).__name__}: {err}") from err
+    if files:
+        yield key, files
+
+
+def image_member(files: dict[str, bytes]) -> str | None:
+    """The extension of the sample's image: the first whose last part is an image format, else None."""
+    return next((ext for ext in files if is_image_name(ext)), None)
+
+
+def decode_sample(key: str, files: dict[str, bytes], min_size: int) -> tuple[np.ndarray | None, str]:
+    """``((H,W,3) uint8 RGB, "")``, or ``(None, why the sample is unusable)``."""
+    ext = image_member(files)
+    if ext is None:
+        return None, f"no image member (has {', '.join(sorted(files)) or 'nothing'})"
+    try:
+        image = decode_rgb(files[ext], key)
+    except DECODE_ERRORS as err:
+        return None, f"undecodable .{ext} ({type(err).__name__}: {err})"
+    if min(image.shape[:2]) < min_size:
+        return None, f"{image.shape[1]}x{image.shape[0]} image is smaller than gt_size={min_size}"
+    return image, ""
+
+
+def check_train_shards(shards, min_size: int = 1) -> None:
+    """Raise ValueError unless the first shard holds an image raysr can train on.
+
+    shards: anything :func:`raysr.data.resolve_shards` accepts, or a ShardList.
+    Reads the first shard up to its first sample with a decodable image of at
+    least ``min_size`` px a side (``gt_size``), so it costs one small read for good
+    data. A shard that is not a readable tar is passed over, as training passes over
+    it, up to :data:`CHECK_DAMAGED_SHARDS` of them. The message names the shard,
+    the members it found and how to make shards raysr reads. Raises StorageError
+    if the shard is missing or denied.
+    """
+    min_size = check_int("min_size", min_size)
+    shard_list = as_shard_list(shards)
+    damaged = []
+    for url in shard_list.urls[:CHECK_DAMAGED_SHARDS + 1]:
+        members, samples, first_problem = Counter(), 0, ""
+        stream = rio.open_stream(url)
+        try:
+            for key, files in tar_samples(stream):
+                image, problem = decode_sample(key, files, min_size)
+                if image is not None:
+                    return
+                samples += 1
+                members.update(files.keys())
+                first_problem = first_problem or f"{key}: {problem}"
+        except DamagedTar as err:
+            if not samples:
+                damaged.append(f"{url} ({err})")
+                continue
+            first_problem += f"; then the tar breaks ({err})"
+        finally:
+            stream.close()
+        found = ", ".join(f"{n} x .{ext}" for ext, n in sorted(members.items())) or "no members"
+        raise ValueError(f"shard {url} holds no image raysr can train on: {samples} samples with {found} "
+                         f"(first: {first_problem}); {HOW_TO_MAKE}")
+    raise ValueError(f"none of the {len(damaged)} shards checked is a readable tar file: {'; '.join(damaged)}; "
+                     f"{HOW_TO_MAKE}")
