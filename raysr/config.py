@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 DEFAULT_PRESET = "quickstart"
+PSNR_PHASE = "psnr"  # train.init_from=psnr: run the PSNR phase first (raysr.train)
 
 
 class ConfigError(ValueError):
@@ -76,7 +77,10 @@ class DataConfig:
 class TrainConfig:
     phase: Literal["psnr", "gan"] = "psnr"
     total_steps: int = 400_000
-    init_from: Optional[str] = None  # generator checkpoint (any load_generator format)
+    # generator checkpoint (any load_generator format), or "psnr" (GAN phase): first run, or reuse
+    # when finished, the matching PSNR-phase run <run.name>_psnr and start from its EMA generator
+    init_from: Optional[str] = None
+    psnr_preset: Optional[str] = None  # init_from=psnr: preset of that PSNR phase (None: this config, phase psnr)
     ema_decay: float = 0.999  # 0 disables the EMA generator
     grad_clip: float = 0.0  # VDSR adjustable clipping: |grad| <= grad_clip / lr; 0 = off
     d_init_steps: int = 0  # GAN phase: steps that update D only, before G joins
@@ -148,6 +152,7 @@ class RunConfig:
     max_failures: int = 3
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 + channels_last on CUDA, fp32 on CPU
+    verbose: bool = False  # show the Ray / torch / boto messages raysr silences, and every worker's warnings
 
 
 @dataclass
@@ -423,8 +428,15 @@ def validate(cfg: Config) -> None:
                     "a GAN phase with random VGG features is meaningless. Set "
                     "loss.perceptual.weights_path=/path/or/s3://uri/vgg19-dcbb9e9d.pth (torchvision's "
                     "ImageNet file), or loss.perceptual.allow_random_weights=true for smoke tests") from err
-    for key, path in (("train.init_from", train.init_from), ("loss.perceptual.weights_path",
-                                                              cfg.loss.perceptual.weights_path)):
+    if train.init_from == PSNR_PHASE:
+        if train.phase != "gan":
+            raise ConfigError("train.init_from=psnr starts a GAN phase from its PSNR phase; with train.phase=psnr "
+                              "give a generator checkpoint or nothing")
+        if train.psnr_preset is not None and train.psnr_preset not in available_presets():
+            raise ConfigError(f"train.psnr_preset: unknown preset {train.psnr_preset!r}; available: "
+                              f"{', '.join(available_presets())}")
+    for key, path in (("train.init_from", None if train.init_from == PSNR_PHASE else train.init_from),
+                      ("loss.perceptual.weights_path", cfg.loss.perceptual.weights_path)):
         if path and not path.startswith("s3://") and not os.path.exists(os.path.expanduser(path)):
             raise ConfigError(f"{key}: {path} does not exist")
 

@@ -46,6 +46,7 @@ def build_demo_data(root: str) -> tuple[str, str]:
 
     from raysr import io as rio
     from raysr.data.make_shards import make_shards
+    from raysr.data.manifest import manifest_uri
 
     source = sample_photo_dir()
     shard_dir, val_dir = rio.join(root, "shards"), rio.join(root, "val")
@@ -53,7 +54,7 @@ def build_demo_data(root: str) -> tuple[str, str]:
         target = rio.join(val_dir, name)
         if not rio.exists(target):
             rio.write_bytes(target, (source / name).read_bytes())
-    if not rio.exists(rio.join(shard_dir, "manifest.parquet")):
+    if not rio.exists(manifest_uri(shard_dir)):
         print(f"raysr: building demo shards from scikit-image's sample photos in {shard_dir}", flush=True)
         with tempfile.TemporaryDirectory(prefix="raysr_demo_") as photos:
             for name in TRAIN_PHOTOS:

@@ -23,9 +23,13 @@ import time
 
 from raysr import run_checkpoint
 from raysr.cli import add_config_args, say
-from raysr.config import Config, ConfigError, available_presets, config_from_dict, load_config
+from raysr.config import (PSNR_PHASE, Config, ConfigError, available_presets, config_from_dict, load_config,
+                          parse_override, set_key)
 from raysr.io import StorageError, is_s3, join
+from raysr.io import exists as rio_exists
 from raysr.run_checkpoint import COMPARISON_FILE, GENERATOR_FILE, METRICS_FILE
+
+PSNR_PREFIX = "psnr."  # --set psnr.KEY=VALUE: a key of the PSNR phase that train.init_from=psnr runs first
 
 
 # --------------------------------------------------------------------------- command line
@@ -45,9 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> Config:
     """The validated config for parsed arguments, data paths checked. Raises ConfigError/StorageError."""
-    cfg = load_config(preset=args.preset, config_file=args.config, overrides=args.set)
+    cfg = load_config(preset=args.preset, config_file=args.config, overrides=gan_and_psnr_overrides(args.set)[0])
     check_data_paths(cfg)
     return cfg
+
+
+def gan_and_psnr_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``--set`` values split into the run's own and the ``psnr.``-prefixed ones, which apply to the
+    PSNR phase of ``train.init_from=psnr`` only (prefix removed)."""
+    psnr = [o[len(PSNR_PREFIX):] for o in overrides if o.startswith(PSNR_PREFIX)]
+    return [o for o in overrides if not o.startswith(PSNR_PREFIX)], psnr
 
 
 def check_data_paths(cfg: Config) -> None:
@@ -79,10 +90,57 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if cfg.train.phase == "gan" and not cfg.train.init_from:
         print("raysr: warning: train.init_from is not set, so the GAN starts from a random generator; "
-              "SRGAN and ESRGAN start from a PSNR-trained one (set train.init_from=<its generator.pth>)",
-              file=sys.stderr)
+              "SRGAN and ESRGAN start from a PSNR-trained one (set train.init_from=<its generator.pth>, "
+              "or train.init_from=psnr to train that first)", file=sys.stderr)
+    if cfg.train.init_from == PSNR_PHASE:
+        try:
+            psnr_cfg = psnr_phase_config(cfg, gan_and_psnr_overrides(args.set)[1])
+        except ConfigError as err:
+            print(f"raysr.train: error: {err}", file=sys.stderr)
+            return 2
+        return 0 if fit_both_phases(psnr_cfg, cfg) is not None else 1
     result = fit(cfg)
     return 0 if result is not None else 1
+
+
+# --------------------------------------------------------------------------- two phases in one command
+
+
+def psnr_phase_config(gan: Config, overrides: list[str] = ()) -> Config:
+    """The PSNR phase that ``train.init_from=psnr`` runs before ``gan``: the training, loss and
+    optimiser settings of ``train.psnr_preset`` (else ``gan``'s own with ``train.phase=psnr``), with
+    ``gan``'s generator, data and run sections, run name ``<name>_psnr``, then ``overrides``
+    (the command's ``--set psnr.KEY=VALUE``). Raises ConfigError naming the key."""
+    base = load_config(preset=gan.train.psnr_preset).to_dict() if gan.train.psnr_preset else gan.to_dict()
+    ours = gan.to_dict()
+    base["model"]["generator"], base["data"] = ours["model"]["generator"], ours["data"]
+    base["run"] = {**ours["run"], "name": f"{gan.run.name}_psnr"}
+    base["train"].update(phase="psnr", init_from=None, psnr_preset=None)
+    for text in overrides:
+        set_key(base, *parse_override(text))
+    try:
+        return config_from_dict(base)
+    except ConfigError as err:
+        raise ConfigError(f"the PSNR phase of train.init_from=psnr: {err} (set its keys with --set psnr.KEY=VALUE)")
+
+
+def fit_both_phases(psnr_cfg: Config, gan_cfg: Config):
+    """Run the PSNR phase (resuming it, or reusing it when it reached its last step), then the GAN
+    phase from its EMA generator; returns the GAN run's Result, or None when a phase failed."""
+    gan_cfg = prepare_demo_data(gan_cfg)  # both phases train on the same shards
+    psnr_cfg = config_from_dict({**psnr_cfg.to_dict(), "data": gan_cfg.to_dict()["data"]})
+    generator = join(run_dir(psnr_cfg), f"checkpoint_{psnr_cfg.train.total_steps:08d}", GENERATOR_FILE)
+    if rio_exists(generator):
+        print(f"raysr: PSNR phase {psnr_cfg.run.name} is finished; the GAN phase starts from {generator}", flush=True)
+    else:
+        print(f"raysr: phase 1 of 2: PSNR phase {psnr_cfg.run.name} ({psnr_cfg.train.total_steps} steps), "
+              f"then the GAN phase {gan_cfg.run.name}", flush=True)
+        if fit(psnr_cfg) is None:
+            return None
+        print(f"raysr: phase 2 of 2: GAN phase {gan_cfg.run.name} from {generator}", flush=True)
+    data = gan_cfg.to_dict()
+    data["train"]["init_from"] = generator
+    return fit(config_from_dict(data))
 
 
 # --------------------------------------------------------------------------- driver
@@ -167,6 +225,7 @@ def make_trainer(cfg: Config, callbacks=(), storage: str | None = None, name: st
 
 def fit(cfg: Config, callbacks=()):
     """Run (or resume) the training described by ``cfg``; returns Ray's Result, or None on failure."""
+    quiet_output(cfg.run.verbose)
     init_ray()
     cfg = prepare_demo_data(cfg)
     trainer = make_trainer(cfg, callbacks)
@@ -232,9 +291,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from raysr.scoring import bicubic_baseline, validate, validation_images
 
     cfg = config_from_dict(loop_config["cfg"])
-    quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    quiet_output(cfg.run.verbose, rank)
     device = ray.train.torch.get_device()
 
     # ---- build: identical initial weights on every rank (DDP also broadcasts them)
@@ -319,10 +378,30 @@ def weight_fingerprint(module) -> float:
         return float(sum(p.double().pow(2).sum() for p in module.parameters()))
 
 
-def quiet_report_log() -> None:
-    """Ray Train logs every ``report`` call at INFO under a logger named after its file,
-    outside ``LoggingConfig``'s reach; one line per log interval is all a person needs."""
+# Messages a raysr user cannot act on, silenced unless run.verbose: torch's DDP deprecation note
+# (raysr passes the documented switch), the DataLoader's advice to use fewer processes than
+# data.num_workers on a small box (which raysr's own data_wait_frac measures better).
+NOISE_WARNINGS = (r"`broadcast_buffers` is deprecated", r"This DataLoader will create \d+ worker processes")
+# INFO chatter: boto's "Found credentials in environment variables", Ray's token-auth notice.
+NOISE_LOGGERS = ("botocore.credentials", "ray._private.authentication.authentication_token_setup")
+
+
+def quiet_output(verbose: bool, rank: int = 0) -> None:
+    """Keep the console to what matters: known noise silenced, each Python warning once per run
+    (rank 0 shows it; the other ranks would repeat it word for word). ``verbose`` shows everything."""
     import logging
+    import warnings
+
+    if verbose:
+        return
+    for pattern in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    if rank > 0:
+        warnings.simplefilter("ignore")
+    for name in NOISE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # Ray Train logs every ``report`` call at INFO under a logger named after its file, outside
+    # ``LoggingConfig``'s reach; one progress line per log interval is all a person needs.
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray layout: keep its logging as it is

@@ -300,6 +300,46 @@ def test_rerun_with_the_same_name_resumes_and_keeps_the_last_checkpoints(gan_run
                          "checkpoint 4 after resume")
 
 
+# --------------------------------------------------------------------------- one command for both phases
+
+
+def test_one_command_runs_the_psnr_phase_then_the_gan_from_its_ema_generator(ray_local, demo_data, tmp_path, capfd):
+    """``--preset esrgan_x4 --set train.init_from=psnr``: the PSNR phase (esrgan_psnr_x4 settings) runs
+    as <name>_psnr, then the GAN phase starts from its EMA generator. With D warm-up over the whole
+    GAN phase G never steps, so the GAN's G (and its EMA) must equal the PSNR run's EMA exactly.
+    Run again, the command reuses the finished PSNR phase and resumes the GAN phase."""
+    storage = tmp_path / "runs"
+    argv = ["--preset", "esrgan_x4"]
+    for value in tiny_gan_overrides(demo_data, str(storage), "both") + [
+            "train.init_from=psnr", "train.total_steps=2", "train.d_init_steps=2",
+            "psnr.train.total_steps=3", "psnr.train.ema_decay=0.5"]:
+        argv += ["--set", value]
+    assert main(argv) == 0
+    printed = capfd.readouterr()
+    output = printed.out + printed.err
+    psnr_gen = torch.load(storage / "both_psnr" / "checkpoint_00000003" / "generator.pth", weights_only=True)
+    psnr_state = torch.load(storage / "both_psnr" / "checkpoint_00000003" / "state.pt", weights_only=True)
+    assert psnr_state["config"]["train"]["phase"] == "psnr" and psnr_state["step"] == 3
+    assert psnr_state["config"]["optim"]["schedule"]["type"] == "cosine_restart"  # esrgan_psnr_x4's schedule
+    gan_dir = storage / "both" / "checkpoint_00000002"
+    gan_gen = torch.load(gan_dir / "generator.pth", weights_only=True)
+    gan_state = torch.load(gan_dir / "state.pt", weights_only=True)
+    assert gan_state["config"]["train"]["phase"] == "gan" and gan_state["step"] == 2 and "d" in gan_state
+    assert gan_state["config"]["train"]["init_from"].endswith("both_psnr/checkpoint_00000003/generator.pth")
+    assert any(not torch.equal(psnr_gen["params"][k], v) for k, v in psnr_gen["params_ema"].items())
+    assert_weights_equal(gan_gen["params"], psnr_gen["params_ema"], "GAN G vs PSNR EMA")
+    assert_weights_equal(gan_gen["params_ema"], psnr_gen["params_ema"], "GAN EMA vs PSNR EMA")
+    # two workers, yet each warning once; torch's DDP deprecation and boto's credential notice not at all
+    assert output.count("VGG19 ImageNet weights not found") == 1, output
+    assert "broadcast_buffers" not in output and "Found credentials" not in output
+    assert "phase 1 of 2: PSNR phase both_psnr" in output and "phase 2 of 2: GAN phase both" in output
+
+    assert main(argv) == 0
+    again = capfd.readouterr().out
+    assert "PSNR phase both_psnr is finished" in again and "phase 1 of 2" not in again
+    assert "finished both at step 2/2" in again
+
+
 # --------------------------------------------------------------------------- config errors: exit 2 before Ray
 
 

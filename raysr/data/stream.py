@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, fields
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ import torch
 from raysr import io as rio
 from raysr.data.samples import DamagedTar, decode_sample, tar_samples
 from raysr.data.sources import as_shard_list
+from raysr.ops.convert import to_tensor
 from raysr.ops.resize import imresize
 from raysr.util import check_int
 
@@ -120,15 +121,6 @@ def make_lr(hr: torch.Tensor, scale: int, quantize: bool = True) -> torch.Tensor
     if quantize:
         lr = lr.clamp(0.0, 1.0).mul(255.0).round().div(255.0)
     return lr
-
-
-def to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
-    """``(N,3,H,W)`` float32 in [0,1] from N ``(H,W,3)`` uint8 arrays of one size."""
-    # one uint8 copy into planar layout, then one float conversion (a quarter of the bytes to shuffle)
-    planar = np.empty((len(images), 3, *images[0].shape[:2]), np.uint8)
-    for out, image in zip(planar, images):
-        out[...] = image.transpose(2, 0, 1)
-    return torch.from_numpy(planar).float().div_(255.0)
 
 
 # --------------------------------------------------------------------------- shards -> samples

@@ -16,7 +16,7 @@ from ray import tune
 
 import raysr.tune
 from raysr.cli import EXIT_BAD_INPUT, add_config_args, say
-from raysr.config import ConfigError, config_from_dict, load_yaml
+from raysr.config import ConfigError, PSNR_PHASE, config_from_dict, load_yaml
 from raysr.io import is_s3, join, read_bytes, write_bytes
 from raysr.train import init_ray, prepare_demo_data, resolve, storage_args
 from raysr.tune.report import RUNS_DIR, check_metric, metric_mode, write_report
@@ -92,6 +92,9 @@ class Search:
 def prepare(args: argparse.Namespace) -> Search:
     """Resolve and check everything a search needs, without Ray. Raises ConfigError/StorageError."""
     cfg = resolve(args)
+    if cfg.train.init_from == PSNR_PHASE:
+        raise ConfigError("train.init_from=psnr: a search does not run the PSNR phase for its trials; train it "
+                          "once with python -m raysr.train and give its generator.pth as train.init_from")
     space = load_space(args.space)
     if args.num_samples is not None and args.num_samples < 1:
         raise ConfigError(f"--num-samples {args.num_samples} must be >= 1")
