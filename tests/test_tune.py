@@ -191,6 +191,35 @@ def test_bad_search_settings_exit_2(tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("space_text,preset,sets,message", [
+    ("loss.adversarial.weight: {loguniform: [1.0e-4, 1.0e-2]}\n", "esrgan_psnr_x4", [],
+     "loss.adversarial.weight cannot change these trials: the adversarial loss exists only in the GAN phase"),
+    ("model.discriminator.num_feat: {choice: [32, 64]}\n", "quickstart", [],
+     "model.discriminator.num_feat cannot change these trials: there is no discriminator"),
+    ("loss.perceptual.layers: {choice: [{conv5_4: 1.0}, {conv2_2: 1.0}]}\n", "esrgan_x4",
+     ["--set", "loss.perceptual.weight=0"], "the perceptual loss is off in the base config"),
+    ("model.generator.num_grow_ch: {choice: [16, 32]}\n", "srresnet_x4", [],
+     "only RRDBNet has a growth channel count, and the base config has model.generator.name=srresnet"),
+    ("optim.schedule.milestones: {choice: [[100], [200]]}\n", "esrgan_psnr_x4", [],
+     "they apply to the multistep schedule only, and the base config has optim.schedule.type=cosine_restart"),
+])
+def test_a_space_key_the_base_config_never_uses_exits_2(tmp_path, capsys, space_text, preset, sets, message):
+    space = tmp_path / "space.yaml"
+    space.write_text(space_text)
+    argv = ["--space", str(space), "--preset", preset, "--set", "loss.perceptual.allow_random_weights=true", *sets]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_key_whose_governing_key_is_searched_too_is_accepted():
+    from raysr.tune.space import unused_reason
+
+    base = load_config(preset="quickstart").to_dict()
+    assert unused_reason(base, "loss.adversarial.weight", {"loss.adversarial.weight"}) is not None
+    assert unused_reason(base, "loss.adversarial.weight", {"loss.adversarial.weight", "train.phase"}) is None
+    assert unused_reason(base, "model.generator.num_block", {"model.generator.num_block"}) is None
+
+
 def test_perceptual_metric_refused_when_the_space_changes_how_it_is_measured(capsys):
     argv = ["--space", str(REPO / "tune_spaces" / "srgan.yaml"), "--preset", "srgan_x4", "--metric", "perceptual",
             "--set", "loss.perceptual.allow_random_weights=true"]

@@ -195,6 +195,11 @@ def check_space(space: SearchSpace, base: dict) -> None:
                 f"{space.source}: {shaped[0]} changes the generator's shape, but train.init_from="
                 f"{base['train']['init_from']} holds weights of one shape; unset it (--set train.init_from=null: "
                 f"trials start from random weights) or remove {shaped[0]} from the space")
+    for key in space.keys:
+        reason = unused_reason(base, key, set(space.keys))
+        if reason:
+            raise ConfigError(f"{space.source}: {key} cannot change these trials: {reason}; remove it from the "
+                              "space or change the base config")
     for dim in space.dims:
         if dim.dist in ("uniform", "loguniform") and _field_type(dim.key) is int:
             raise ConfigError(f"{space.source}: {dim.key} is an integer but {dim.dist} samples fractions; "
@@ -205,6 +210,46 @@ def check_space(space: SearchSpace, base: dict) -> None:
             except ConfigError as err:
                 raise ConfigError(f"{space.source}: {dim.key}={label(value)} (from {dim.dist} "
                                   f"{label(list(dim.values))}) is not a valid config: {err}") from err
+
+
+# (key prefix, governing key, the values of it that use the prefix, what to say otherwise)
+_USED_WHEN = (
+    ("loss.perceptual.", "train.phase", ("gan",), "the perceptual loss exists only in the GAN phase (train.phase=gan)"),
+    ("loss.adversarial.", "train.phase", ("gan",), "the adversarial loss exists only in the GAN phase (train.phase=gan)"),
+    ("model.discriminator.", "train.phase", ("gan",), "there is no discriminator without a GAN phase (train.phase=gan)"),
+    ("optim.d.", "train.phase", ("gan",), "there is no discriminator without a GAN phase (train.phase=gan)"),
+    ("train.d_init_steps", "train.phase", ("gan",), "D warm-up exists only in the GAN phase (train.phase=gan)"),
+    ("model.generator.num_grow_ch", "model.generator.name", ("rrdbnet",), "only RRDBNet has a growth channel count"),
+    ("model.generator.variant", "model.generator.name", ("srresnet",), "only SRResNet has variants"),
+    ("model.discriminator.input_size", "model.discriminator.name", ("vgg",), "only the VGG discriminator has one"),
+    ("model.discriminator.dense_feat", "model.discriminator.name", ("vgg",), "only the VGG discriminator has one"),
+    ("model.discriminator.variant", "model.discriminator.name", ("vgg",), "only the VGG discriminator has variants"),
+    ("optim.schedule.milestones", "optim.schedule.type", ("multistep",), "they apply to the multistep schedule only"),
+    ("optim.schedule.gamma", "optim.schedule.type", ("multistep",), "it applies to the multistep schedule only"),
+    ("optim.schedule.periods", "optim.schedule.type", ("cosine_restart",), "they apply to cosine_restart only"),
+    ("optim.schedule.eta_min", "optim.schedule.type", ("cosine_restart",), "it applies to cosine_restart only"),
+)
+
+
+def unused_reason(base: dict, key: str, searched: set[str]) -> str | None:
+    """Why ``key`` can have no effect on a run of the ``base`` config (a ``Config.to_dict()``), or None.
+
+    A key whose governing key is itself searched may matter in some trials, so it passes.
+    """
+    def value(dotted):
+        node = base
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    for prefix, governing, allowed, why in _USED_WHEN:
+        if key.startswith(prefix) and governing not in searched and value(governing) not in allowed:
+            return f"{why}, and the base config has {governing}={value(governing)}"
+    perceptual = "loss.perceptual."
+    if key.startswith(perceptual) and key != perceptual + "weight" and perceptual + "weight" not in searched \
+            and value(perceptual + "weight") == 0:
+        return "the perceptual loss is off in the base config (loss.perceptual.weight=0)"
+    return None
 
 
 def _field_type(key: str):
