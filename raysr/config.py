@@ -47,7 +47,6 @@ class GeneratorConfig:
 class DiscriminatorConfig:
     name: Literal["vgg", "unet"] = "vgg"
     num_feat: int = 64
-    input_size: int = 128  # vgg only: must equal data.gt_size
     dense_feat: int = 100  # vgg only: 100 (ESRGAN/BasicSR) or 1024 (SRGAN paper)
     # vgg only: basicsr = BasicSR's VGGStyleDiscriminator (ESRGAN: 10 convs, 4x4 stride 2);
     # paper = SRGAN paper Fig. 4 (8 convs 3x3, stride 1/2 alternating, 64 -> 512 channels)
@@ -360,17 +359,15 @@ def config_from_dict(data: dict) -> Config:
 
 # --------------------------------------------------------------------------- validation
 
-_VGG_LAYERS = {f"{kind}{block}_{i}" for kind in ("conv", "relu")
-               for block, n in zip(range(1, 6), (2, 2, 4, 4, 4)) for i in range(1, n + 1)}
-
-
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express. Raises ConfigError."""
     g, d, data, train, run = cfg.model.generator, cfg.model.discriminator, cfg.data, cfg.train, cfg.run
-    allowed_scales = {"rrdbnet": (1, 2, 4), "srresnet": (2, 3, 4), "srcnn": (2, 3, 4), "vdsr": (2, 3, 4)}
-    if g.scale not in allowed_scales[g.name]:
+    from raysr.models import GENERATOR_SCALES, VGG_INPUT_SIZES
+    from raysr.models.vgg import VGG19_LAYERS
+
+    if g.scale not in GENERATOR_SCALES[g.name]:
         raise ConfigError(f"model.generator.scale: {g.scale} is not supported by {g.name}; "
-                          f"choose one of {list(allowed_scales[g.name])}")
+                          f"choose one of {list(GENERATOR_SCALES[g.name])}")
     _positive(("model.generator.num_feat", g.num_feat), ("model.generator.num_block", g.num_block),
               ("model.generator.num_grow_ch", g.num_grow_ch), ("data.gt_size", data.gt_size),
               ("data.batch_size", data.batch_size), ("data.crops_per_image", data.crops_per_image),
@@ -403,19 +400,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.name: {run.name!r} must be a non-empty name without '/'")
     if train.phase == "gan":
         if d.name == "vgg":
-            if d.input_size not in (96, 128, 192, 256):
-                raise ConfigError(f"model.discriminator.input_size: {d.input_size} is not supported; "
-                                  "choose one of [96, 128, 192, 256]")
-            if d.input_size != data.gt_size:
-                raise ConfigError(f"data.gt_size ({data.gt_size}) must equal model.discriminator.input_size "
-                                  f"({d.input_size}) for the VGG discriminator; set both to the same value "
-                                  "or use model.discriminator.name=unet (any size)")
+            if data.gt_size not in VGG_INPUT_SIZES:
+                raise ConfigError(f"data.gt_size: the VGG discriminator (model.discriminator.name=vgg) is built for "
+                                  f"the crop size and takes {', '.join(map(str, VGG_INPUT_SIZES))} px, not "
+                                  f"{data.gt_size}; choose one of those or model.discriminator.name=unet (any size)")
         elif d.variant != "basicsr":
             raise ConfigError(f"model.discriminator.variant: {d.variant!r} applies to the vgg discriminator "
                               "only; remove it or set model.discriminator.name=vgg")
         perc = cfg.loss.perceptual
         for layer in perc.layers:
-            if layer not in _VGG_LAYERS:
+            if layer not in VGG19_LAYERS:
                 raise ConfigError(f"loss.perceptual.layers: unknown VGG19 layer {layer!r}; "
                                   "use names like conv5_4, conv2_2, relu5_4")
         if perc.weight > 0 and not perc.weights_path and not perc.allow_random_weights:

@@ -135,7 +135,7 @@ def build_state(cfg: Config, device: torch.device, wrap=lambda m, has_bn: m) -> 
                        sched_g=build_scheduler(opt_g, cfg.optim.schedule),
                        ema=EMA(g_module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None)
     if cfg.train.phase == "gan":
-        d_module = discriminator_from_config(cfg.model.discriminator).to(device)
+        d_module = discriminator_from_config(cfg.model.discriminator, cfg.data.gt_size).to(device)
         if uses_bf16(device, cfg.run.precision):
             d_module = d_module.to(memory_format=torch.channels_last)
         opt_d = build_optimizer(d_module.parameters(), cfg.optim.d)

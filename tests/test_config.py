@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -44,3 +46,39 @@ def test_set_never_silently_replaces_a_value_with_a_section():
     # a fresh section that would drop the preset's generator
     with pytest.raises(ConfigError, match="model.generator is a value, not a section"):
         load_config(overrides=["model.generator=3", "model.generator.num_block=2"])
+
+
+# --------------------------------------------------------------------------- derived, not duplicated
+
+
+@pytest.mark.parametrize("preset", ["quickstart", "srcnn_x4", "vdsr_x4", "srresnet_x4", "esrgan_psnr_x4",
+                                    "srgan_x4", "esrgan_x4"])
+def test_every_preset_trains_a_gan_step_with_train_phase_gan(preset):
+    """The discriminator is built for data.gt_size: no second key to keep equal by hand."""
+    import torch
+
+    from raysr.engine import build_state, train_step
+
+    small = ["model.generator.num_feat=4", "model.generator.num_block=2", "model.generator.num_grow_ch=4",
+             "model.discriminator.num_feat=4", "data.batch_size=1", "loss.perceptual.layers={conv1_2: 1.0}"]
+    cfg = load_config(preset, overrides=["train.phase=gan", "loss.perceptual.allow_random_weights=true", *small])
+    state = build_state(cfg, torch.device("cpu"))
+    gt = cfg.data.gt_size
+    out = train_step(state, torch.rand(1, 3, gt // cfg.scale, gt // cfg.scale), torch.rand(1, 3, gt, gt))
+    assert {"loss_g", "loss_d"} <= set(out) and state.step == 1
+    if cfg.model.discriminator.name == "vgg":
+        assert state.d_module.input_size == gt
+
+
+def test_allowed_values_come_from_the_model_files():
+    from raysr.models import GENERATOR_SCALES, VGG_INPUT_SIZES
+    from raysr.models.vgg import VGG19_LAYERS
+
+    with pytest.raises(ConfigError, match=re.escape(f"not supported by rrdbnet; choose one of "
+                                                    f"{list(GENERATOR_SCALES['rrdbnet'])}")):
+        load_config(overrides=["model.generator.name=rrdbnet", "model.generator.scale=3", "data.gt_size=63"])
+    sizes = ", ".join(map(str, VGG_INPUT_SIZES))
+    with pytest.raises(ConfigError, match=f"takes {sizes} px, not 80"):
+        load_config(overrides=["train.phase=gan", "data.gt_size=80", "loss.perceptual.allow_random_weights=true"])
+    load_config(overrides=["train.phase=gan", "loss.perceptual.allow_random_weights=true",
+                           f"loss.perceptual.layers={{{VGG19_LAYERS[-1]}: 1.0}}"])

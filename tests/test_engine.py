@@ -13,7 +13,7 @@ from raysr.engine import EMA, build_state, lr_factor, train_step
 TINY_PSNR = ["model.generator.num_feat=8", "model.generator.num_block=1", "data.gt_size=32",
              "data.batch_size=2", "optim.schedule.type=constant"]
 TINY_GAN = ["model.generator.num_feat=8", "model.generator.num_block=1", "model.generator.num_grow_ch=4",
-            "model.discriminator.num_feat=8", "model.discriminator.input_size=96", "data.gt_size=96",
+            "model.discriminator.num_feat=8", "data.gt_size=96",
             "loss.perceptual.allow_random_weights=true", "loss.perceptual.layers={conv2_2: 1.0}"]
 
 

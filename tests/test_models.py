@@ -265,7 +265,7 @@ def vgg_discriminator_reference(sd, x, num_stages):
     return F.linear(feat, sd["linear2.weight"], sd["linear2.bias"])
 
 
-@pytest.mark.parametrize("input_size,num_stages,final", [(96, 5, 3), (128, 5, 4), (192, 5, 6), (256, 6, 4)])
+@pytest.mark.parametrize("input_size,num_stages,final", [(64, 4, 4), (96, 5, 3), (128, 5, 4), (192, 5, 6), (256, 6, 4)])
 def test_vgg_discriminator_structure_and_forward(input_size, num_stages, final):
     d = randomize_(VGGDiscriminator(num_feat=2, input_size=input_size, dense_feat=7))
     params = [k for k, _ in d.named_parameters()]
@@ -298,7 +298,7 @@ def srgan_paper_discriminator_reference(sd, x, num_feat):
     return F.linear(feat, sd["linear2.weight"], sd["linear2.bias"])
 
 
-@pytest.mark.parametrize("input_size", [96, 128, 192, 256])
+@pytest.mark.parametrize("input_size", [64, 96, 128, 192, 256])
 def test_srgan_paper_discriminator_structure_and_forward(input_size):
     d = randomize_(VGGDiscriminator(num_feat=4, input_size=input_size, dense_feat=7, variant="paper"))
     expected = ["conv0.weight", "conv0.bias"]
@@ -332,16 +332,18 @@ def test_srgan_preset_builds_the_paper_discriminator():
     from raysr.models import discriminator_from_config
 
     random_vgg = ["loss.perceptual.allow_random_weights=true"]
-    d = discriminator_from_config(load_config("srgan_x4", overrides=random_vgg).model.discriminator)
+    srgan = load_config("srgan_x4", overrides=random_vgg)
+    d = discriminator_from_config(srgan.model.discriminator, srgan.data.gt_size)
     assert d.config == dict(num_in_ch=3, num_feat=64, input_size=96, dense_feat=1024, variant="paper")
-    assert discriminator_from_config(load_config("esrgan_x4", overrides=random_vgg).model.discriminator).config["variant"] == "basicsr"
+    esrgan = load_config("esrgan_x4", overrides=random_vgg)
+    assert discriminator_from_config(esrgan.model.discriminator, esrgan.data.gt_size).config["variant"] == "basicsr"
     with pytest.raises(ConfigError, match=r"model.discriminator.variant: 'paper' applies to the vgg discriminator"):
         load_config("srgan_x4", overrides=random_vgg + ["model.discriminator.name=unet"])
 
 
 @pytest.mark.parametrize("variant", ["basicsr", "paper"])
 def test_vgg_discriminator_errors_name_the_fix(variant):
-    with pytest.raises(ValueError, match=r"\[96, 128, 192, 256\]"):
+    with pytest.raises(ValueError, match=r"\[64, 96, 128, 192, 256\]"):
         VGGDiscriminator(input_size=100, variant=variant)
     d = VGGDiscriminator(num_feat=2, input_size=96, variant=variant)
     with pytest.raises(ValueError, match=r"96x96.*got 128x128.*data.gt_size must equal"):
@@ -420,7 +422,7 @@ def test_builders_expose_every_network():
     (lambda: build_generator("vdsr", num_out_ch=1), r"num_out_ch \(1\) must equal num_in_ch \(3\)"),
     (lambda: build_generator("srcnn", kernel_sizes=(9, 2, 5)), r"kernel_sizes\[1\] must be odd"),
     (lambda: build_generator("srcnn", num_feat=64), r"num_feat must be two channel counts"),
-    (lambda: build_discriminator("vgg", input_size=64), r"input_size must be one of \[96, 128, 192, 256\]"),
+    (lambda: build_discriminator("vgg", input_size=80), r"input_size must be one of \[64, 96, 128, 192, 256\]"),
     (lambda: build_discriminator("unet", skip_connection="yes"), r"skip_connection must be True or False"),
     (lambda: build_discriminator("vgg", variant="srgan"), r"variant must be one of \['basicsr', 'paper'\]"),
 ])

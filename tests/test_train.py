@@ -55,7 +55,7 @@ def demo_data(tmp_path_factory) -> SimpleNamespace:
 def tiny_gan_overrides(data: SimpleNamespace, storage: str, name: str) -> list[str]:
     """``--set`` values that turn the ESRGAN preset into a seconds-long GAN run on 2 CPU workers."""
     return ["model.generator.num_feat=8", "model.generator.num_block=1", "model.generator.num_grow_ch=4",
-            "model.discriminator.num_feat=8", "model.discriminator.input_size=96", "data.gt_size=96",
+            "model.discriminator.num_feat=8", "data.gt_size=96",
             "data.batch_size=2", "data.num_workers=0", "loss.perceptual.allow_random_weights=true",
             "loss.perceptual.layers={conv2_2: 1.0}", f"train.ema_decay={EMA_DECAY}",
             f"data.train={data.train}", f"data.val={data.val}", "run.num_workers=2",
@@ -360,8 +360,9 @@ def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
     (["--set", "data.batch_size=many"], "data.batch_size: expected an integer, got 'many'"),
     (["--set", "train.phase=adversarial"], "train.phase: 'adversarial' is not allowed; choose one of ['psnr', 'gan']"),
     (["--set", "data.gt_size=66"], "data.gt_size: 66 is not divisible by model.generator.scale 4"),
-    (["--preset", "esrgan_x4", "--set", "data.gt_size=96", "--set", "loss.perceptual.allow_random_weights=true"],
-     "data.gt_size (96) must equal model.discriminator.input_size (128)"),
+    (["--preset", "esrgan_x4", "--set", "data.gt_size=100", "--set", "loss.perceptual.allow_random_weights=true"],
+     "data.gt_size: the VGG discriminator (model.discriminator.name=vgg) is built for the crop size and takes "
+     "64, 96, 128, 192, 256 px, not 100"),
     (["--preset", "esrgan_x4"], "no torchvision vgg19 weights are cached"),
     (["--set", "data.train=/nonexistent/raysr/shards"], "data.train: "),
     (["--set", "data.val=/nonexistent/raysr/val"], "data.val: /nonexistent/raysr/val does not exist"),
@@ -393,7 +394,7 @@ def test_config_file_errors_exit_2(capsys, tmp_path):
 # The documented contract: every key the issue names must appear in the resolved config.
 DOCUMENTED_KEYS = {
     "model.generator": "name num_feat num_block num_grow_ch scale variant",
-    "model.discriminator": "name num_feat input_size",
+    "model.discriminator": "name num_feat dense_feat variant",
     "data": "train val gt_size batch_size num_workers crops_per_image",
     "train": "phase total_steps init_from ema_decay grad_clip d_init_steps",
     "loss.pixel": "type weight",

@@ -11,7 +11,8 @@ import inspect
 
 from torch import nn
 
-from raysr.models.discriminators import UNetDiscriminatorSN, VGGDiscriminator
+from raysr.models import rrdbnet, srcnn, srresnet, vdsr
+from raysr.models.discriminators import VGG_INPUT_SIZES, UNetDiscriminatorSN, VGGDiscriminator
 from raysr.models.rrdbnet import RRDBNet
 from raysr.models.srcnn import SRCNN
 from raysr.models.srresnet import SRResNet
@@ -24,6 +25,9 @@ GENERATORS: dict[str, type[nn.Module]] = {
     "srresnet": SRResNet,
     "rrdbnet": RRDBNet,
 }
+# upscaling factors each generator supports: the one table the config checks against
+GENERATOR_SCALES: dict[str, tuple[int, ...]] = {"srcnn": srcnn.SCALES, "vdsr": vdsr.SCALES,
+                                                "srresnet": srresnet.SCALES, "rrdbnet": rrdbnet.SCALES}
 DISCRIMINATORS: dict[str, type[nn.Module]] = {
     "vgg": VGGDiscriminator,
     "unet": UNetDiscriminatorSN,
@@ -69,10 +73,11 @@ def generator_from_config(g) -> nn.Module:
     return build_generator(g.name, **kwargs)
 
 
-def discriminator_from_config(d) -> nn.Module:
-    """The discriminator a ``model.discriminator`` config section names (``DiscriminatorConfig``)."""
+def discriminator_from_config(d, gt_size: int) -> nn.Module:
+    """The discriminator a ``model.discriminator`` config section names (``DiscriminatorConfig``),
+    for HR crops of ``gt_size`` px (the VGG one's input size)."""
     if d.name == "vgg":
-        return build_discriminator("vgg", num_feat=d.num_feat, input_size=d.input_size, dense_feat=d.dense_feat,
+        return build_discriminator("vgg", num_feat=d.num_feat, input_size=gt_size, dense_feat=d.dense_feat,
                                    variant=d.variant)
     return build_discriminator("unet", num_feat=d.num_feat)
 
@@ -86,7 +91,7 @@ def generator_name(model: nn.Module) -> str:
                      f"{ {n: c.__name__ for n, c in GENERATORS.items()} }")
 
 
-__all__ = ["GENERATORS", "DISCRIMINATORS", "build_generator", "build_discriminator", "generator_from_config",
+__all__ = ["GENERATORS", "GENERATOR_SCALES", "DISCRIMINATORS", "VGG_INPUT_SIZES", "build_generator", "build_discriminator", "generator_from_config",
            "discriminator_from_config", "generator_name",
            "SRCNN", "VDSR", "SRResNet", "RRDBNet", "VGGDiscriminator", "UNetDiscriminatorSN",
            "VGGFeatureExtractor"]

@@ -14,10 +14,11 @@ from torch.nn.utils import spectral_norm
 
 from raysr.models.common import check_choice, check_image_batch, check_int
 
-VGG_INPUT_SIZES = (96, 128, 192, 256)
+VGG_INPUT_SIZES = (64, 96, 128, 192, 256)  # = data.gt_size, which the training config derives it from
 VGG_VARIANTS = ("basicsr", "paper")
-# basicsr: input size -> number of stride-2 stages; the last feature map is 3, 4, 6 or 4 pixels wide
-BASICSR_STAGES = {96: 5, 128: 5, 192: 5, 256: 6}
+# basicsr: input size -> number of stride-2 stages; the last feature map is 4, 3, 4, 6 or 4 pixels wide
+# (BasicSR has 128 and 256; 64 is the 128 network without its fifth stage, 96 / 192 its five at other sizes)
+BASICSR_STAGES = {64: 4, 96: 5, 128: 5, 192: 5, 256: 6}
 # paper (Ledig et al. 2017, Fig. 4): (channel multiplier, stride) of conv1..conv7, all 3x3 + BN
 PAPER_BLOCKS = ((1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (8, 1), (8, 2))
 
@@ -30,8 +31,8 @@ class VGGDiscriminator(nn.Module):
     parameter names. Stage 0: ``conv0_0`` (3x3, bias) -> LReLU, ``conv0_1`` (4x4
     stride 2) -> ``bn0_1`` -> LReLU. Stage i >= 1: ``conv{i}_0`` (3x3) -> ``bn{i}_0``
     -> LReLU, ``conv{i}_1`` (4x4 stride 2) -> ``bn{i}_1`` -> LReLU, with channels
-    num_feat * (1, 2, 4, 8, 8, 8) per stage. Five stages for input 96 / 128 / 192
-    (final 3x3 / 4x4 / 6x6 map), six (``conv5_*``) for 256.
+    num_feat * (1, 2, 4, 8, 8, 8) per stage. Four stages for input 64 (final 4x4 map), five for
+    96 / 128 / 192 (3x3 / 4x4 / 6x6), six (``conv5_*``) for 256.
 
     ``variant="paper"``: the SRGAN paper's network (Ledig et al. 2017, Fig. 4).
     ``conv0`` (3x3, bias, no BN) -> LReLU, then ``conv1..conv7`` (3x3) -> ``bn1..bn7``
@@ -45,8 +46,8 @@ class VGGDiscriminator(nn.Module):
     Args:
         num_in_ch: channels of the input image.
         num_feat: channels of the first conv (64).
-        input_size: H = W of the input; one of 96, 128, 192, 256. Must equal the
-            training crop ``data.gt_size``.
+        input_size: H = W of the input; one of 64, 96, 128, 192, 256. Training builds it for
+            its crop size ``data.gt_size``.
         dense_feat: width of the hidden dense layer: 100 (ESRGAN / BasicSR) or
             1024 (SRGAN paper).
         variant: ``"basicsr"`` or ``"paper"``, as above.

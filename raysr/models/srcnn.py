@@ -15,6 +15,9 @@ from raysr.models.common import check_image_batch, check_int
 from raysr.ops.resize import imresize
 
 
+# the factors it is trained for (it refines a bicubic upscale, so the weights fit any factor)
+SCALES = (2, 3, 4)
+
 class SRCNN(nn.Module):
     """SRCNN 9-1-5.
 

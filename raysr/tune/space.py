@@ -221,7 +221,6 @@ _USED_WHEN = (
     ("train.d_init_steps", "train.phase", ("gan",), "D warm-up exists only in the GAN phase (train.phase=gan)"),
     ("model.generator.num_grow_ch", "model.generator.name", ("rrdbnet",), "only RRDBNet has a growth channel count"),
     ("model.generator.variant", "model.generator.name", ("srresnet",), "only SRResNet has variants"),
-    ("model.discriminator.input_size", "model.discriminator.name", ("vgg",), "only the VGG discriminator has one"),
     ("model.discriminator.dense_feat", "model.discriminator.name", ("vgg",), "only the VGG discriminator has one"),
     ("model.discriminator.variant", "model.discriminator.name", ("vgg",), "only the VGG discriminator has variants"),
     ("optim.schedule.milestones", "optim.schedule.type", ("multistep",), "they apply to the multistep schedule only"),
