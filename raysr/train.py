@@ -10,7 +10,12 @@ local one on 127.0.0.1 -> TorchTrainer runs :func:`train_loop_per_worker` on
 ``run.num_workers`` workers -> each worker streams its share of the shards, runs
 :func:`raysr.engine.train_step`, and reports metrics; rank 0 validates and
 writes checkpoints to ``<run.storage>/<run.name>``. Re-running with the same
-``run.name`` resumes from the latest checkpoint.
+``run.name`` resumes from the latest checkpoint. ``train.init_from=psnr`` puts a
+PSNR-phase run (``<run.name>_psnr``) before the GAN phase (:func:`fit_both_phases`).
+
+The pieces the worker loop uses live beside it in their own modules: the step in
+:mod:`raysr.engine`, the checkpoint layout in :mod:`raysr.run_checkpoint`, scoring in
+:mod:`raysr.scoring`, the progress line and TensorBoard in :mod:`raysr.runlog`.
 """
 
 from __future__ import annotations
