@@ -22,6 +22,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from raysr.models.vgg import TORCHVISION_VGG19_URL
+
 DEFAULT_PRESET = "quickstart"
 PSNR_PHASE = "psnr"  # train.init_from=psnr: run the PSNR phase first (raysr.train)
 
@@ -98,7 +100,9 @@ class PerceptualLossConfig:
     criterion: Literal["l1", "l2"] = "l1"
     weight: float = 1.0
     feature_scale: float = 1.0  # SRGAN rescales VGG features by 1/12.75
-    weights_path: Optional[str] = None  # torchvision vgg19 state dict, local or s3://
+    # torchvision's VGG19 ImageNet file (downloaded once into the torch hub cache, hash-checked),
+    # or any http(s) URL, local path or s3:// URI of a torchvision-layout vgg19 state dict
+    weights_path: str = TORCHVISION_VGG19_URL
     allow_random_weights: bool = False  # tests only: a GAN with random VGG is meaningless
 
 
@@ -412,16 +416,6 @@ def validate(cfg: Config) -> None:
             if layer not in VGG19_LAYERS:
                 raise ConfigError(f"loss.perceptual.layers: unknown VGG19 layer {layer!r}; "
                                   "use names like conv5_4, conv2_2, relu5_4")
-        if perc.weight > 0 and not perc.weights_path and not perc.allow_random_weights:
-            from raysr.models.vgg import cached_vgg19_path
-            try:
-                cached_vgg19_path()
-            except FileNotFoundError as err:
-                raise ConfigError(
-                    "loss.perceptual.weights_path is not set and no torchvision vgg19 weights are cached; "
-                    "a GAN phase with random VGG features is meaningless. Set "
-                    "loss.perceptual.weights_path=/path/or/s3://uri/vgg19-dcbb9e9d.pth (torchvision's "
-                    "ImageNet file), or loss.perceptual.allow_random_weights=true for smoke tests") from err
     if train.init_from == PSNR_PHASE:
         if train.phase != "gan":
             raise ConfigError("train.init_from=psnr starts a GAN phase from its PSNR phase; with train.phase=psnr "
@@ -431,7 +425,7 @@ def validate(cfg: Config) -> None:
                               f"{', '.join(available_presets())}")
     for key, path in (("train.init_from", None if train.init_from == PSNR_PHASE else train.init_from),
                       ("loss.perceptual.weights_path", cfg.loss.perceptual.weights_path)):
-        if path and not path.startswith("s3://") and not os.path.exists(os.path.expanduser(path)):
+        if path and not path.startswith(("s3://", "http://", "https://")) and not os.path.exists(os.path.expanduser(path)):
             raise ConfigError(f"{key}: {path} does not exist")
 
 

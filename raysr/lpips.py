@@ -1,12 +1,12 @@
 """LPIPS (Zhang et al., "The Unreasonable Effectiveness of Deep Features as a
-Perceptual Metric", 2018), when it can be computed offline.
+Perceptual Metric", 2018), whenever its package is installed.
 
 LPIPS needs three things: the ``lpips`` package (which imports torchvision), its
 linear calibration weights (shipped inside the package) and the ImageNet backbone
-(torchvision's AlexNet / VGG16 / SqueezeNet file). The backbone normally downloads
-on first use; raysr never downloads, so :func:`load_lpips` builds the network with
-a random backbone and loads the backbone file from a path you give, or from the
-torch hub cache where torchvision keeps it. When any piece is missing it returns
+(torchvision's AlexNet / VGG16 / SqueezeNet file). :func:`load_lpips` builds the network
+with a random backbone (so torchvision downloads nothing itself) and loads the backbone
+file from a path you give, or from the torch hub cache, where :mod:`raysr.hub` downloads
+torchvision's file once, hash-checked, as torchvision would. When any piece is missing it returns
 ``None`` and the reason, and callers (``raysr.evaluate``, ``raysr.tune``) leave the
 LPIPS column out.
 """
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from raysr import io as rio
+from raysr.hub import WeightsHashError, WeightsUnavailable, cache_path, fetch
 
 # torchvision's ImageNet files for the backbones LPIPS supports (names as torchvision saves them)
 BACKBONE_FILES = {
@@ -30,13 +31,19 @@ BACKBONE_FILES = {
     "squeeze": "squeezenet1_1-b8a52dc0.pth",
 }
 LPIPS_VERSION = "0.1"
+TORCHVISION_MODELS = "https://download.pytorch.org/models"
 
 LpipsFn = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
 
 
 def default_backbone_path(net: str) -> Path:
     """Where torchvision caches ``net``'s ImageNet weights: ``$TORCH_HOME/hub/checkpoints/<file>``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / BACKBONE_FILES[net]
+    return cache_path(backbone_url(net))
+
+
+def backbone_url(net: str) -> str:
+    """torchvision's published ImageNet file of ``net``, which LPIPS' backbone is."""
+    return f"{TORCHVISION_MODELS}/{BACKBONE_FILES[net]}"
 
 
 def _backbone_state(model: torch.nn.Module, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -56,8 +63,9 @@ def load_lpips(net: str = "alex", backbone: str | os.PathLike | None = None,
     """``(fn, description)`` if LPIPS can run offline, else ``(None, reason)``.
 
     net: ``alex`` (the LPIPS default), ``vgg`` or ``squeeze``. backbone: torchvision
-    ImageNet weights for that net (local path or s3:// URI); default: the torch hub
-    cache (:func:`default_backbone_path`). Never downloads anything.
+    ImageNet weights for that net (URL, local path or s3:// URI); default: torchvision's
+    published file, from the torch hub cache or downloaded there once and hash-checked
+    (:mod:`raysr.hub`; not with ``RAYSR_OFFLINE=1``).
 
     ``fn(sr, hr)``: two (N, 3, H, W) float tensors in [0, 1] -> (N,) float64 numpy
     distances (0 = identical, larger = perceptually further apart).
@@ -72,10 +80,12 @@ def load_lpips(net: str = "alex", backbone: str | os.PathLike | None = None,
     linear = Path(lpips.__file__).parent / "weights" / f"v{LPIPS_VERSION}" / f"{net}.pth"
     if not linear.is_file():
         return None, f"lpips' calibration weights {linear} are missing; reinstall the lpips package"
-    source = str(backbone) if backbone is not None else str(default_backbone_path(net))
+    try:
+        source = fetch(backbone if backbone is not None else backbone_url(net), f"LPIPS-{net} backbone weights")
+    except (WeightsUnavailable, WeightsHashError) as err:
+        return None, str(err)
     if not rio.exists(source):
-        return None, (f"no {net} backbone weights at {source}; copy torchvision's {BACKBONE_FILES[net]} "
-                      "there or pass its path (LPIPS never downloads here)")
+        return None, f"no {net} backbone weights at {source}; pass the path of torchvision's {BACKBONE_FILES[net]}"
     try:
         features = torch.load(io.BytesIO(rio.read_bytes(source)), map_location="cpu", weights_only=True)
         # pnet_rand: build the backbone without torchvision's pretrained download

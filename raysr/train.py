@@ -56,7 +56,26 @@ def resolve(args: argparse.Namespace) -> Config:
     """The validated config for parsed arguments, data paths checked. Raises ConfigError/StorageError."""
     cfg = load_config(preset=args.preset, config_file=args.config, overrides=gan_and_psnr_overrides(args.set)[0])
     check_data_paths(cfg)
+    check_perceptual_weights(cfg)
     return cfg
+
+
+def check_perceptual_weights(cfg: Config) -> None:
+    """Fetch the GAN phase's VGG19 weights before Ray starts (downloaded once into the torch hub cache,
+    hash-checked), so an offline machine or a wrong file is one error here, not one per worker."""
+    from raysr.models.vgg import resolve_vgg19_source
+
+    perc = cfg.loss.perceptual
+    if cfg.train.phase != "gan" or perc.weight <= 0:
+        return
+    try:
+        resolve_vgg19_source(perc.weights_path)
+    except FileNotFoundError as err:
+        if not perc.allow_random_weights:
+            raise ConfigError(f"loss.perceptual.weights_path: {err} (a GAN phase with random VGG features is "
+                              "meaningless; loss.perceptual.allow_random_weights=true runs one for smoke tests)") from err
+    except ValueError as err:
+        raise ConfigError(f"loss.perceptual.weights_path: {err}") from err
 
 
 def gan_and_psnr_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:

@@ -38,6 +38,37 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # moto knows AWS-managed IAM policies (the cluster guide attaches AmazonEC2FullAccess) only when
 # this is set before its IAM backend first loads, whichever test touches moto first.
 os.environ["MOTO_IAM_LOAD_MANAGED_POLICIES"] = "true"
+# No test may download weights from outside: raysr.hub fetches nothing unless a test (serving
+# files on loopback) lifts this itself. Ray's workers inherit it too.
+os.environ["RAYSR_OFFLINE"] = "1"
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """A loopback HTTP server for the files in its ``root`` folder; ``requests`` lists the paths asked for."""
+    import functools
+    import http.server
+    import threading
+    from types import SimpleNamespace
+
+    root = tmp_path / "served"
+    root.mkdir()
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield SimpleNamespace(root=root, url=f"http://127.0.0.1:{server.server_address[1]}", requests=requests)
+    server.shutdown()
+    server.server_close()
 for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
     os.environ.pop(_var, None)
 

@@ -363,7 +363,8 @@ def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
     (["--preset", "esrgan_x4", "--set", "data.gt_size=100", "--set", "loss.perceptual.allow_random_weights=true"],
      "data.gt_size: the VGG discriminator (model.discriminator.name=vgg) is built for the crop size and takes "
      "64, 96, 128, 192, 256 px, not 100"),
-    (["--preset", "esrgan_x4"], "no torchvision vgg19 weights are cached"),
+    (["--preset", "esrgan_x4"], "loss.perceptual.weights_path: VGG19 ImageNet weights not found: "
+                                "vgg19-dcbb9e9d.pth (VGG19 ImageNet weights) is not in the torch hub cache"),
     (["--set", "data.train=/nonexistent/raysr/shards"], "data.train: "),
     (["--set", "data.val=/nonexistent/raysr/val"], "data.val: /nonexistent/raysr/val does not exist"),
     (["--preset", "no_such_preset"], "unknown preset 'no_such_preset'"),

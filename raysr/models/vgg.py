@@ -3,9 +3,10 @@
 SRGAN (Ledig et al. 2017) compares VGG19 features φ5,4 taken after the ReLU;
 ESRGAN (Wang et al. 2018, sec. 3.3) takes conv5_4 *before* its ReLU, where the
 features are denser. Both use the ImageNet-trained VGG19 whose standard copy is
-torchvision's ``vgg19-dcbb9e9d.pth`` (keys ``features.N.weight/bias``). Our
-machines cannot download it, so it is read from a local path, an s3:// URI or
-the torch hub cache where torchvision stores it — torchvision itself is never
+torchvision's ``vgg19-dcbb9e9d.pth`` (keys ``features.N.weight/bias``). It is
+read from the torch hub cache where torchvision stores it, downloaded there once
+and hash-checked when missing (:mod:`raysr.hub`, as torchvision does), or read
+from any http(s) URL, local path or s3:// URI — torchvision itself is never
 imported (it does not load against CPU-only torch).
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from raysr.hub import WeightsUnavailable, fetch
 from raysr.io import StorageError, read_bytes
 
 TORCHVISION_VGG19_FILE = "vgg19-dcbb9e9d.pth"
@@ -61,7 +63,7 @@ _PARAM_SHAPES: dict[str, tuple[int, ...]] = {
 def _how_to_provide() -> str:
     return (f"Copy torchvision's {TORCHVISION_VGG19_FILE} (from {TORCHVISION_VGG19_URL}, or from "
             "~/.cache/torch/hub/checkpoints/ of a machine where torchvision.models.vgg19(weights='IMAGENET1K_V1') "
-            f"ran) into {Path(torch.hub.get_dir()) / 'checkpoints'}/, or pass a local path / s3:// URI "
+            f"ran) into {Path(torch.hub.get_dir()) / 'checkpoints'}/, or pass a URL, local path or s3:// URI "
             "via loss.perceptual.weights_path.")
 
 
@@ -87,7 +89,7 @@ def cached_vgg19_path() -> Path:
         return found[0]
     raise FileNotFoundError(
         f"VGG19 ImageNet weights not found: no vgg19-*.pth in {ckpt_dir} (the torch hub cache; "
-        f"TORCH_HOME moves it); raysr never downloads them. {_how_to_provide()}")
+        f"TORCH_HOME moves it). {_how_to_provide()}")
 
 
 def _check_state_dict(state: object, source: str) -> dict[str, Tensor]:
@@ -123,13 +125,14 @@ def _check_state_dict(state: object, source: str) -> dict[str, Tensor]:
 def load_vgg19_weights(source: str | os.PathLike | None = None) -> dict[str, Tensor]:
     """Torchvision-layout VGG19 ``features`` weights (32 tensors, ``features.N.weight/bias``) on CPU.
 
-    ``source`` is a local path or ``s3://bucket/key``; None looks in the torch hub
-    cache (:func:`cached_vgg19_path`). ``classifier.*`` entries are dropped.
-    Raises FileNotFoundError (nothing cached), StorageError (unreadable source) or
-    ValueError (not a VGG19 state dict), each saying how to provide the file.
+    ``source`` is an http(s) URL (downloaded once into the torch hub cache, hash-checked),
+    a local path or ``s3://bucket/key``; None or torchvision's URL first looks for any
+    ``vgg19-*.pth`` in the hub cache (:func:`cached_vgg19_path`), then downloads
+    torchvision's file. ``classifier.*`` entries are dropped. Raises FileNotFoundError
+    (not cached and not downloadable here: offline), StorageError (unreadable source) or
+    ValueError (hash mismatch, not a VGG19 state dict), each saying how to provide the file.
     """
-    if source is None:
-        source = cached_vgg19_path()
+    source = resolve_vgg19_source(source)
     try:
         data = read_bytes(source)
     except StorageError as err:
@@ -140,6 +143,21 @@ def load_vgg19_weights(source: str | os.PathLike | None = None) -> dict[str, Ten
     except Exception as err:  # pickle/zip errors come in many classes
         raise ValueError(f"{source} is not a loadable PyTorch state dict ({err}). {_how_to_provide()}") from err
     return _check_state_dict(state, str(source))
+
+
+def resolve_vgg19_source(source: str | os.PathLike | None = None) -> str:
+    """Where to read VGG19 weights ``source`` from (see :func:`load_vgg19_weights`), downloading
+    an http(s) file into the hub cache first. Raises FileNotFoundError (with how to provide the
+    file) or :class:`raysr.hub.WeightsHashError`."""
+    if source is None or str(source) == TORCHVISION_VGG19_URL:
+        try:
+            return str(cached_vgg19_path())
+        except FileNotFoundError:
+            source = TORCHVISION_VGG19_URL
+    try:
+        return fetch(source, "VGG19 ImageNet weights")
+    except WeightsUnavailable as err:
+        raise WeightsUnavailable(f"VGG19 ImageNet weights not found: {err}. {_how_to_provide()}") from err
 
 
 def _make_layer(kind: str, in_ch: int, out_ch: int) -> nn.Module:

@@ -1,0 +1,115 @@
+"""Pretrained weights fetched the way torchvision fetches them: once, into the torch hub cache, verified.
+
+    path = fetch("https://download.pytorch.org/models/vgg19-dcbb9e9d.pth")   # -> ~/.cache/torch/hub/checkpoints/…
+
+An http(s) URL is downloaded into ``$TORCH_HOME/hub/checkpoints/<file name>`` unless it is
+there already, with ``torch.hub.load_state_dict_from_url(check_hash=True)``'s check: the
+hex digits after the last ``-`` of the file name (``dcbb9e9d``) must begin the file's
+SHA-256. The download goes to a temporary file beside the target and is moved into place
+only once verified, so a cut connection or a wrong file never leaves anything in the cache.
+Local paths and ``s3://`` URIs are returned as they are (their readers open them).
+
+``RAYSR_OFFLINE=1`` (or a machine that cannot reach the URL) turns a missing cache entry
+into :class:`WeightsUnavailable`, whose message names the file to copy and where.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+from raysr.util import Progress
+
+# torch.hub's HASH_REGEX: the hash prefix in "name-<hex>.ext"
+HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
+CHUNK_BYTES = 1 << 20
+TIMEOUT_S = 60
+
+
+class WeightsUnavailable(FileNotFoundError):
+    """Weights are neither cached nor downloadable here (offline, or the URL cannot be reached)."""
+
+
+class WeightsHashError(ValueError):
+    """A downloaded file's SHA-256 does not start with the prefix in its name; nothing was cached."""
+
+
+def offline() -> bool:
+    """Whether ``RAYSR_OFFLINE`` asks raysr never to download."""
+    return os.environ.get("RAYSR_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_url(source: str | os.PathLike) -> bool:
+    return str(source).startswith(("http://", "https://"))
+
+
+def cache_path(url: str) -> Path:
+    """Where torch.hub keeps ``url``: ``$TORCH_HOME/hub/checkpoints/<file name>``."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def fetch(source: str | os.PathLike, what: str = "weights") -> str:
+    """A local path (or s3:// URI) from which to read ``source``; http(s) URLs are downloaded once.
+
+    what: what the file is, for messages ("VGG19 ImageNet weights"). Raises
+    :class:`WeightsUnavailable` (offline / unreachable, naming the file to copy),
+    :class:`WeightsHashError` (corrupt or wrong file; nothing cached).
+    """
+    if not is_url(source):
+        return str(source)
+    url = str(source)
+    target = cache_path(url)
+    if target.is_file():
+        return str(target)
+    copy_it = (f"copy {target.name} (from {url}, or from the torch hub cache of a machine that has it) "
+               f"into {target.parent}/, or point to a local path or s3:// URI instead")
+    if offline():
+        raise WeightsUnavailable(f"{target.name} ({what}) is not in the torch hub cache ({target.parent}) and "
+                                 f"RAYSR_OFFLINE is set; {copy_it}")
+    try:
+        _download(url, target, what)
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise WeightsUnavailable(f"cannot download {what} from {url} ({reason}); on a machine without internet "
+                                 f"{copy_it}") from err
+    return str(target)
+
+
+def _download(url: str, target: Path, what: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    match = HASH_REGEX.search(target.name)
+    prefix = match.group(1) if match else ""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+            size = int(response.headers.get("Content-Length") or 0)
+            with Progress(max(size >> 20, 1), f"downloading {target.name}", unit="MB", interval=5.0,
+                          stream=sys.stderr) as progress:
+                done = 0
+                while chunk := response.read(CHUNK_BYTES):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    progress.update(done=done >> 20)
+            if size and done != size:
+                raise OSError(f"the connection ended after {done} of {size} bytes")
+        actual = digest.hexdigest()
+        if prefix and not actual.startswith(prefix):
+            raise WeightsHashError(f"{what} downloaded from {url} are corrupt or not the published file: SHA-256 "
+                                   f"{actual} does not start with {prefix} (the hash in the file name); nothing "
+                                   "was cached. Download again, or check the URL")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

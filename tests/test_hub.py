@@ -1,0 +1,123 @@
+"""Weights fetched like torchvision: downloaded once from a (loopback) server into the torch hub
+cache, the SHA-256 prefix in the file name checked, nothing cached when it is wrong, and the
+offline switch / an unreachable server giving the file to copy and where."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from raysr.hub import WeightsHashError, WeightsUnavailable, fetch
+from raysr.models.vgg import load_vgg19_weights
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_vgg import random_vgg19_state  # noqa: E402
+
+
+@pytest.fixture
+def online(monkeypatch, tmp_path):
+    """Downloads allowed (the session is offline by default) into an empty hub cache."""
+    monkeypatch.delenv("RAYSR_OFFLINE")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    return tmp_path / "torch_home" / "hub" / "checkpoints"
+
+
+def serve(server, stem: str, data: bytes, right_hash: bool = True) -> str:
+    """Put ``data`` on the server as ``<stem>-<8 hex>.pth`` (its real hash prefix, or a wrong one); its URL."""
+    prefix = hashlib.sha256(data).hexdigest()[:8] if right_hash else "00000000"
+    name = f"{stem}-{prefix}.pth"
+    (server.root / name).write_bytes(data)
+    return f"{server.url}/{name}"
+
+
+def state_bytes(state) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def test_a_good_file_is_downloaded_once_into_the_hub_cache(file_server, online):
+    data = state_bytes({"w": torch.arange(6.0)})
+    url = serve(file_server, "tiny", data)
+    path = fetch(url)
+    assert Path(path).parent == online and Path(path).read_bytes() == data
+    assert fetch(url) == path
+    assert len(file_server.requests) == 1  # the second call read the cache
+    assert sorted(p.name for p in online.iterdir()) == [Path(url).name]  # no temporary file left
+
+
+def test_a_wrong_hash_is_an_error_and_caches_nothing(file_server, online):
+    url = serve(file_server, "tiny", state_bytes({"w": torch.ones(3)}), right_hash=False)
+    with pytest.raises(WeightsHashError, match=r"SHA-256 [0-9a-f]{64} does not start with 00000000.*nothing was cached"):
+        fetch(url, "test weights")
+    assert not online.exists() or list(online.iterdir()) == []
+
+
+def test_unreachable_and_offline_name_the_file_to_copy(file_server, online, monkeypatch):
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with pytest.raises(WeightsUnavailable, match=rf"cannot download .* from http://127.0.0.1:{closed}/vgg19-dcbb9e9d.pth "
+                                                 rf".*copy vgg19-dcbb9e9d.pth .* into {online}/"):
+        fetch(f"http://127.0.0.1:{closed}/vgg19-dcbb9e9d.pth")
+    monkeypatch.setenv("RAYSR_OFFLINE", "1")
+    url = serve(file_server, "tiny", b"x" * 10)
+    with pytest.raises(WeightsUnavailable, match=rf"RAYSR_OFFLINE is set; copy {Path(url).name} .* into {online}/"):
+        fetch(url)
+    assert file_server.requests == []
+
+
+def test_vgg19_weights_from_a_url(file_server, online):
+    state = random_vgg19_state(seed=3)
+    url = serve(file_server, "vgg19", state_bytes(state))
+    loaded = load_vgg19_weights(url)
+    assert torch.equal(loaded["features.34.weight"], state["features.34.weight"])
+    assert (online / Path(url).name).is_file()
+
+
+def test_default_vgg19_offline_says_what_to_copy(online, monkeypatch):
+    monkeypatch.setenv("RAYSR_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=rf"VGG19 ImageNet weights not found: .*copy vgg19-dcbb9e9d.pth "
+                                                rf"\(from https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"):
+        load_vgg19_weights()
+
+
+def test_train_dry_run_fetches_gan_weights_before_ray(file_server, online, capsys):
+    from raysr.train import main
+
+    good = serve(file_server, "vgg19", state_bytes(random_vgg19_state(seed=4)))
+    assert main(["--preset", "esrgan_x4", "--set", f"loss.perceptual.weights_path={good}", "--dry-run"]) == 0
+    assert (online / Path(good).name).is_file()
+    bad = serve(file_server, "vgg19bad", state_bytes(random_vgg19_state(seed=5)), right_hash=False)
+    capsys.readouterr()
+    assert main(["--preset", "esrgan_x4", "--set", f"loss.perceptual.weights_path={bad}", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "loss.perceptual.weights_path:" in err and "does not start with 00000000" in err
+    assert not (online / Path(bad).name).exists()
+
+
+def test_lpips_backbone_from_a_url(file_server, online, monkeypatch, tmp_path):
+    """With the lpips package importable (a stand-in, as in test_evaluate), the backbone is fetched."""
+    from test_evaluate import FAKE_LPIPS
+
+    from raysr.lpips import load_lpips
+
+    package = tmp_path / "site" / "lpips"
+    (package / "weights" / "v0.1").mkdir(parents=True)
+    (package / "__init__.py").write_text(FAKE_LPIPS)
+    (package / "weights" / "v0.1" / "alex.pth").write_bytes(b"calibration weights ship with the package")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "lpips", raising=False)
+    backbone = {"features.0.weight": torch.rand(4, 3, 3, 3), "features.0.bias": torch.rand(4)}
+    url = serve(file_server, "alexnet-owt", state_bytes(backbone))
+    fn, description = load_lpips("alex", backbone=url)
+    assert fn is not None and str(online) in description
+    monkeypatch.setenv("RAYSR_OFFLINE", "1")
+    fn, reason = load_lpips("alex")  # the default torchvision URL, offline: the file to copy
+    assert fn is None and "alexnet-owt-7be5be79.pth" in reason
