@@ -71,7 +71,9 @@ class DataConfig:
     batch_size: int = 16  # per Ray worker
     num_workers: int = 4  # DataLoader processes per Ray worker
     crops_per_image: int = 1
-    lr_on: Literal["loader", "device"] = "loader"  # where LR = bicubic(HR) is computed
+    # Where LR = bicubic(HR) is made: auto = on the GPU when training on one (the loader
+    # processes then only decode and crop), in the loader processes on CPU.
+    lr_on: Literal["auto", "loader", "device"] = "auto"
 
 
 @dataclass
@@ -140,6 +142,7 @@ class OptimConfig:
     g: OptimizerConfig = field(default_factory=OptimizerConfig)
     d: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    fused: bool = True  # fused Adam (one kernel per step, no host sync; CUDA and CPU); false = torch's foreach
 
 
 @dataclass
@@ -156,6 +159,11 @@ class RunConfig:
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 + channels_last on CUDA, fp32 on CPU
     verbose: bool = False  # show the Ray / torch / boto messages raysr silences, and every worker's warnings
+    # torch.compile G, D and the VGG loss network (minutes of start-up, then faster steps);
+    # max-autotune-no-cudagraphs also benchmarks kernel choices while compiling.
+    compile: Literal["off", "default", "max-autotune-no-cudagraphs"] = "off"
+    tf32: bool = True  # CUDA: fp32 matmuls and convolutions (the fp32 parts under bf16 too) in TF32
+    cudnn_benchmark: bool = True  # CUDA: cuDNN times its algorithms per input shape, keeps the fastest
 
 
 @dataclass
@@ -209,6 +217,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(errors[-1] if len(errors) == 1 else
                           f"{key}: {value!r} matches none of: " + "; ".join(errors))
     if origin is Literal:
+        if value is False and "off" in args:  # YAML 1.1 reads an unquoted off as false
+            value = "off"
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}")
         return value

@@ -43,8 +43,10 @@ class EMA:
             b_ema.copy_(b)
 
 
-def build_optimizer(params, o: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+def build_optimizer(params, o: OptimizerConfig, fused: bool) -> torch.optim.Optimizer:
+    """Adam; ``fused``: one kernel for all parameters, its step counters on the device (no host read)."""
+    return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                            fused=True if fused else None)  # None: torch picks foreach (False: a for-loop)
 
 
 def lr_factor(step: int, s: ScheduleConfig, base_lr: float) -> float:
@@ -83,6 +85,25 @@ def autocast_for(device: torch.device, precision: str):
     return nullcontext()
 
 
+def configure_cuda(tf32: bool, cudnn_benchmark: bool) -> None:
+    """Process-wide CUDA math settings (``run.tf32``, ``run.cudnn_benchmark``); nothing else reads them."""
+    if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9 refuses a mix of this API and allow_tf32
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def compiled(module: nn.Module, mode: str) -> nn.Module:
+    """``module`` under torch.compile for ``run.compile`` (as is for ``off``). The result shares
+    ``module``'s parameters; state dicts are taken from ``module`` (no ``_orig_mod.`` prefixes)."""
+    if mode == "off":
+        return module
+    return torch.compile(module, mode=None if mode == "default" else mode)
+
+
 # --------------------------------------------------------------------------- the training state
 
 
@@ -90,8 +111,12 @@ def autocast_for(device: torch.device, precision: str):
 class TrainState:
     """Everything a step touches and a checkpoint restores (:mod:`raysr.run_checkpoint` owns that layout).
 
-    ``g``/``d`` are what forward and backward run through (DDP wrappers on
-    several workers); ``g_module``/``d_module`` the bare networks underneath.
+    ``g``/``d`` are what the G and D updates run through: compiled when ``run.compile`` is on,
+    then DDP-wrapped on several workers. ``g_module``/``d_module`` are the bare networks
+    underneath (checkpoints, EMA, validation). ``d_for_g`` and ``perceptual_for_g`` are D and the
+    perceptual loss as G's update calls them: compiled like ``d``, never DDP-wrapped (D's
+    weights get no gradient there, so no all-reduce is wanted). ``perceptual`` stays eager:
+    validation calls it on whole images of every size.
     """
 
     cfg: Config
@@ -102,9 +127,11 @@ class TrainState:
     ema: Optional[EMA] = None
     d: Optional[nn.Module] = None
     d_module: Optional[nn.Module] = None
+    d_for_g: Optional[nn.Module] = None
     opt_d: Optional[torch.optim.Optimizer] = None
     sched_d: Optional[torch.optim.lr_scheduler.LambdaLR] = None
     perceptual: Optional[PerceptualLoss] = None
+    perceptual_for_g: Optional[nn.Module] = None
     step: int = 0
 
     @property
@@ -116,9 +143,14 @@ class TrainState:
 def build_state(cfg: Config, device: torch.device, wrap=lambda m, has_bn: m) -> TrainState:
     """Networks, optimizers, schedules and losses for ``cfg`` on ``device``.
 
-    ``wrap(module, has_batchnorm)`` turns a network into what forward/backward
-    run through (raysr.train passes DDP; tests pass the identity).
+    ``wrap(module, has_batchnorm)`` turns a (compiled) network into what the updates run
+    through (raysr.train passes DDP; tests pass the identity). On CUDA this also applies
+    ``run.tf32`` and ``run.cudnn_benchmark`` to the process.
     """
+    run = cfg.run
+    if device.type == "cuda":
+        configure_cuda(run.tf32, run.cudnn_benchmark)
+    layout = torch.channels_last if uses_bf16(device, run.precision) else torch.contiguous_format
     g_module = generator_from_config(cfg.model.generator).to(device)
     if cfg.train.init_from:
         from raysr.checkpoint import load_generator
@@ -128,25 +160,24 @@ def build_state(cfg: Config, device: torch.device, wrap=lambda m, has_bn: m) -> 
         except RuntimeError as err:
             raise ValueError(f"train.init_from={cfg.train.init_from} does not fit model.generator "
                              f"({cfg.model.generator}): {err}") from err
-    if uses_bf16(device, cfg.run.precision):
-        g_module = g_module.to(memory_format=torch.channels_last)
-    opt_g = build_optimizer(g_module.parameters(), cfg.optim.g)
-    state = TrainState(cfg=cfg, g=wrap(g_module, _has_batchnorm(g_module)), g_module=g_module, opt_g=opt_g,
-                       sched_g=build_scheduler(opt_g, cfg.optim.schedule),
+    g_module = g_module.to(memory_format=layout)
+    opt_g = build_optimizer(g_module.parameters(), cfg.optim.g, cfg.optim.fused)
+    state = TrainState(cfg=cfg, g=wrap(compiled(g_module, run.compile), _has_batchnorm(g_module)),
+                       g_module=g_module, opt_g=opt_g, sched_g=build_scheduler(opt_g, cfg.optim.schedule),
                        ema=EMA(g_module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None)
     if cfg.train.phase == "gan":
-        d_module = discriminator_from_config(cfg.model.discriminator, cfg.data.gt_size).to(device)
-        if uses_bf16(device, cfg.run.precision):
-            d_module = d_module.to(memory_format=torch.channels_last)
-        opt_d = build_optimizer(d_module.parameters(), cfg.optim.d)
+        d_module = discriminator_from_config(cfg.model.discriminator, cfg.data.gt_size).to(device, memory_format=layout)
+        state.d_module, state.d_for_g = d_module, compiled(d_module, run.compile)
+        state.d = wrap(state.d_for_g, _has_batchnorm(d_module))
+        state.opt_d = build_optimizer(d_module.parameters(), cfg.optim.d, cfg.optim.fused)
+        state.sched_d = build_scheduler(state.opt_d, cfg.optim.schedule)
         perc = cfg.loss.perceptual
-        state.d, state.d_module, state.opt_d = wrap(d_module, _has_batchnorm(d_module)), d_module, opt_d
-        state.sched_d = build_scheduler(opt_d, cfg.optim.schedule)
         if perc.weight > 0:
             state.perceptual = PerceptualLoss(
                 layers=perc.layers, before_relu=perc.before_relu, criterion=perc.criterion,
                 feature_scale=perc.feature_scale, weights=perc.weights_path,
-                allow_random_weights=perc.allow_random_weights).to(device)
+                allow_random_weights=perc.allow_random_weights).to(device, memory_format=layout)
+            state.perceptual_for_g = compiled(state.perceptual, run.compile)
     return state
 
 
@@ -157,50 +188,51 @@ def _has_batchnorm(m: nn.Module) -> bool:
 # --------------------------------------------------------------------------- the step
 
 
-def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
+def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor | float]:
     """One optimisation step on a batch. lr: (N,3,h,w), hr: (N,3,h·scale,w·scale), float in [0,1].
 
-    Returns the step's scalars (losses, D outputs, learning rate). The order of
-    events follows BasicSR's SRGAN/ESRGAN models: update G with D frozen, then D.
+    Returns the step's scalars: losses and mean D logits as 0-dim float32 tensors on the
+    batch's device, never read here (the step makes no host sync, so the GPU queue stays
+    full; :class:`raysr.runlog.Meter` reads them once per log interval), and the learning
+    rate ``lr`` as a float. The order of events follows BasicSR's SRGAN/ESRGAN models:
+    update G with D frozen, then D.
     """
     cfg, device = s.cfg, lr.device
     autocast = autocast_for(device, cfg.run.precision)
     if uses_bf16(device, cfg.run.precision):
         lr, hr = lr.contiguous(memory_format=torch.channels_last), hr.contiguous(memory_format=torch.channels_last)
-    out: dict[str, float] = {}
+    out: dict[str, torch.Tensor | float] = {}
     gan = cfg.train.phase == "gan"
     update_g = not gan or s.step >= cfg.train.d_init_steps
 
     # ---- generator
     if not update_g:  # D warm-up (Real-ESRGAN's net_d_init_iters): G only produces fakes
         with torch.no_grad(), autocast:
-            sr = s.g_module(lr)
+            sr = s.g(lr)
     else:
         with autocast:
             sr = s.g(lr)
             l_pix = cfg.loss.pixel.weight * pixel_loss(sr.float(), hr, cfg.loss.pixel.type)
             loss_g = l_pix
-            out["loss_pix"] = l_pix.item()
+            out["loss_pix"] = _scalar(l_pix)
             if gan:
-                if s.perceptual is not None:
-                    l_percep = cfg.loss.perceptual.weight * s.perceptual(sr, hr)
+                if s.perceptual_for_g is not None:
+                    l_percep = cfg.loss.perceptual.weight * s.perceptual_for_g(sr, hr)
                     loss_g = loss_g + l_percep
-                    out["loss_percep"] = l_percep.item()
-                # D sees G's output through the bare module: its weights get no
-                # gradient here, so no DDP gradient sync is wanted for it.
+                    out["loss_percep"] = _scalar(l_percep)
                 s.d_module.requires_grad_(False)
-                fake_g = s.d_module(sr)
-                real_g = s.d_module(hr).detach() if cfg.loss.adversarial.type == "ragan" else None
+                fake_g = s.d_for_g(sr)
+                real_g = s.d_for_g(hr).detach() if cfg.loss.adversarial.type == "ragan" else None
                 l_adv = cfg.loss.adversarial.weight * g_adv_loss(cfg.loss.adversarial.type, fake_g, real_g)
                 s.d_module.requires_grad_(True)
                 loss_g = loss_g + l_adv
-                out["loss_adv"] = l_adv.item()
+                out["loss_adv"] = _scalar(l_adv)
         s.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         if cfg.train.grad_clip > 0:  # VDSR: clip to θ/γ so the bound follows the learning rate
             torch.nn.utils.clip_grad_value_(s.g_module.parameters(), cfg.train.grad_clip / s.sched_g.get_last_lr()[0])
         s.opt_g.step()
-        out["loss_g"] = loss_g.item()
+        out["loss_g"] = _scalar(loss_g)
         if s.ema is not None:
             s.ema.update(s.g_module)
     with warnings.catch_warnings():
@@ -218,9 +250,13 @@ def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, f
         loss_d.backward()
         s.opt_d.step()
         s.sched_d.step()
-        out.update(loss_d=loss_d.item(), d_real=real_d.detach().float().mean().item(),
-                   d_fake=fake_d.detach().float().mean().item())
+        out.update(loss_d=_scalar(loss_d), d_real=_scalar(real_d.float().mean()), d_fake=_scalar(fake_d.float().mean()))
 
     s.step += 1
     out["lr"] = s.opt_g.param_groups[0]["lr"]
     return out
+
+
+def _scalar(t: torch.Tensor) -> torch.Tensor:
+    """A 0-dim float32 copy of a step scalar, off the autograd graph and still on its device."""
+    return t.detach().float()

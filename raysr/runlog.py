@@ -17,7 +17,8 @@ from raysr.io import is_s3, join, write_bytes
 
 
 class Meter:
-    """Running means of step scalars over the current log interval, plus throughput.
+    """Running means of step scalars over the current log interval (each over the steps that
+    reported it), plus throughput.
 
     Scalars may be floats or 0-dim tensors on any device: tensors are summed where they
     are and read back to the host once, in :meth:`summary`, so a step never waits on the GPU.
@@ -28,6 +29,7 @@ class Meter:
 
     def reset_interval(self):
         self.sums: dict[str, float | torch.Tensor] = {}
+        self.counts: dict[str, int] = {}  # steps that reported each key (G's losses skip D warm-up steps)
         self.n = 0
         self.crops = 0
         self.wait = 0.0
@@ -36,6 +38,7 @@ class Meter:
     def add(self, scalars: dict, batch: int, wait: float, total: float):
         for k, v in scalars.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.n += 1
         self.crops += batch
         self.wait += wait
@@ -48,7 +51,7 @@ class Meter:
         if tensors:  # one device -> host copy for the whole interval
             values = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist()
             sums.update(zip(tensors, values))
-        out = {k: sums[k] / max(self.n, 1) for k in self.sums}
+        out = {k: sums[k] / self.counts[k] for k in self.sums}
         out["crops_per_s"] = self.crops / self.busy if self.busy else 0.0
         out["data_wait_frac"] = self.wait / self.busy if self.busy else 0.0
         out["step_time_s"] = self.busy / max(self.n, 1)

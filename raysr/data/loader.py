@@ -33,6 +33,20 @@ from raysr.util import check_int
 LR_ON = ("loader", "device")
 
 
+def resolve_lr_on(lr_on: str, device: torch.device) -> str:
+    """Where LR is made for a config's ``data.lr_on`` when training on ``device``.
+
+    ``auto``: on a GPU the batched bicubic costs it microseconds, while the loader processes'
+    cores are busy decoding, so ``device``; on CPU the training process's cores run the step,
+    so ``loader``. ``loader`` and ``device`` are returned as given.
+    """
+    if lr_on == "auto":
+        return "device" if torch.device(device).type == "cuda" else "loader"
+    if lr_on not in LR_ON:
+        raise ValueError(f"lr_on must be one of {('auto',) + LR_ON}, got {lr_on!r}")
+    return lr_on
+
+
 class _BatchStream(IterableDataset):
     """``(lr or empty, hr, counters)`` batches of one rank; split further per DataLoader worker."""
 
@@ -143,7 +157,8 @@ def make_train_loader(shards, gt_size: int, scale: int, batch_size: int, rank: i
     num_workers = check_int("num_workers", num_workers, minimum=0)
     prefetch_factor = check_int("prefetch_factor", prefetch_factor)
     if lr_on not in LR_ON:
-        raise ValueError(f"lr_on must be one of {LR_ON}, got {lr_on!r}")
+        raise ValueError(f"lr_on must be one of {LR_ON}, got {lr_on!r}"
+                         + (" (resolve auto first with resolve_lr_on)" if lr_on == "auto" else ""))
     shard_list = as_shard_list(shards)
     batches = epoch_batches(shard_list.num_samples, crops_per_image, world_size, batch_size, batches_per_epoch)
     dataset = _BatchStream(shard_list, gt_size, scale, batch_size, seed, rank, world_size, crops_per_image,
