@@ -264,7 +264,7 @@ def test_compiled_gan_step_gives_the_eager_losses():
     from the same weights: losses agree to 1e-4 relative, D's mean logits (near 0) to 1e-3
     absolute; the compiled kernels reorder float sums, and Adam carries the difference on."""
     small = ["model.generator.name=srresnet", "model.generator.num_feat=8", "model.generator.num_block=1",
-             "model.discriminator.num_feat=8", "model.discriminator.input_size=96", "data.gt_size=96",
+             "model.discriminator.num_feat=8", "data.gt_size=96",
              "loss.perceptual.allow_random_weights=true", "loss.perceptual.layers={conv1_1: 1.0}",
              "loss.adversarial.type=vanilla", "train.ema_decay=0"]  # fewest graphs: compiling takes ~1 min here
     runs = {}

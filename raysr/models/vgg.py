@@ -157,7 +157,7 @@ def resolve_vgg19_source(source: str | os.PathLike | None = None) -> str:
     try:
         return fetch(source, "VGG19 ImageNet weights")
     except WeightsUnavailable as err:
-        raise WeightsUnavailable(f"VGG19 ImageNet weights not found: {err}. {_how_to_provide()}") from err
+        raise WeightsUnavailable(f"VGG19 ImageNet weights not found: {err} with loss.perceptual.weights_path") from err
 
 
 def _make_layer(kind: str, in_ch: int, out_ch: int) -> nn.Module:
@@ -224,7 +224,7 @@ class VGGFeatureExtractor(nn.Module):
     def _resolve_weights(weights, allow_random_weights: bool) -> dict[str, Tensor] | None:
         if isinstance(weights, Mapping):
             return _check_state_dict(weights, "the given state dict")
-        if weights is not None:
+        if weights is not None and str(weights) != TORCHVISION_VGG19_URL:
             return load_vgg19_weights(weights)
         try:
             return load_vgg19_weights(None)
