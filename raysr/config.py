@@ -87,6 +87,8 @@ class TrainConfig:
     ema_decay: float = 0.999  # 0 disables the EMA generator
     grad_clip: float = 0.0  # VDSR adjustable clipping: |grad| <= grad_clip / lr; 0 = off
     d_init_steps: int = 0  # GAN phase: steps that update D only, before G joins
+    # a step with a NaN/inf loss or gradient updates nothing; this many in a row stop the run
+    max_nonfinite: int = 10
 
 
 @dataclass
@@ -385,7 +387,8 @@ def validate(cfg: Config) -> None:
     _positive(("model.generator.num_feat", g.num_feat), ("model.generator.num_block", g.num_block),
               ("model.generator.num_grow_ch", g.num_grow_ch), ("data.gt_size", data.gt_size),
               ("data.batch_size", data.batch_size), ("data.crops_per_image", data.crops_per_image),
-              ("train.total_steps", train.total_steps), ("run.num_workers", run.num_workers),
+              ("train.total_steps", train.total_steps), ("train.max_nonfinite", train.max_nonfinite),
+              ("run.num_workers", run.num_workers),
               ("run.checkpoint_every", run.checkpoint_every), ("run.val_every", run.val_every),
               ("run.log_every", run.log_every), ("run.keep_checkpoints", run.keep_checkpoints),
               ("optim.g.lr", cfg.optim.g.lr), ("optim.d.lr", cfg.optim.d.lr))

@@ -36,11 +36,13 @@ class EMA:
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, keep: torch.Tensor | None = None) -> None:
+        """One EMA step; ``keep`` (0-dim, 1.0 = this step was skipped) leaves the average as it is."""
+        weight = 1.0 - self.decay if keep is None else (1.0 - keep) * (1.0 - self.decay)
         for p_ema, p in zip(self.module.parameters(), model.parameters()):
-            p_ema.lerp_(p.detach(), 1.0 - self.decay)
+            p_ema.lerp_(p.detach(), weight)
         for b_ema, b in zip(self.module.buffers(), model.buffers()):
-            b_ema.copy_(b)
+            b_ema.copy_(b if keep is None else torch.where(keep > 0, b_ema, b))
 
 
 def build_optimizer(params, o: OptimizerConfig, fused: bool) -> torch.optim.Optimizer:
@@ -133,6 +135,10 @@ class TrainState:
     perceptual: Optional[PerceptualLoss] = None
     perceptual_for_g: Optional[nn.Module] = None
     step: int = 0
+    # divergence guard, on the device: current run of consecutive non-finite steps, and the step
+    # at which it first reached train.max_nonfinite (-1: never); read once per log interval
+    nonfinite_run: Optional[torch.Tensor] = None
+    diverged_at: Optional[torch.Tensor] = None
 
     @property
     def g_eval(self) -> nn.Module:
@@ -205,7 +211,11 @@ def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, t
     gan = cfg.train.phase == "gan"
     update_g = not gan or s.step >= cfg.train.d_init_steps
 
-    # ---- generator
+    # Buffers (BatchNorm statistics) change in the forward passes; a skipped step restores them.
+    buffers = [b for m in (s.g_module, s.d_module) if m is not None for b in m.buffers()]
+    saved_buffers = [b.clone() for b in buffers]
+
+    # ---- generator: loss and gradients (its update waits for the finiteness check below)
     if not update_g:  # D warm-up (Real-ESRGAN's net_d_init_iters): G only produces fakes
         with torch.no_grad(), autocast:
             sr = s.g(lr)
@@ -231,16 +241,10 @@ def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, t
         loss_g.backward()
         if cfg.train.grad_clip > 0:  # VDSR: clip to θ/γ so the bound follows the learning rate
             torch.nn.utils.clip_grad_value_(s.g_module.parameters(), cfg.train.grad_clip / s.sched_g.get_last_lr()[0])
-        s.opt_g.step()
         out["loss_g"] = _scalar(loss_g)
-        if s.ema is not None:
-            s.ema.update(s.g_module)
-    with warnings.catch_warnings():
-        # During D warm-up G's schedule advances before G's first optimizer step, by design.
-        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
-        s.sched_g.step()
 
-    # ---- discriminator
+    # ---- discriminator: loss and gradients. D sees sr.detach() and HR, neither of which G's
+    # update changes, so computing this before G's update gives BasicSR's G-then-D step exactly.
     if gan:
         with autocast:
             real_d = s.d(hr)
@@ -248,13 +252,60 @@ def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, t
             loss_d = d_adv_loss(cfg.loss.adversarial.type, real_d, fake_d)
         s.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
-        s.opt_d.step()
-        s.sched_d.step()
         out.update(loss_d=_scalar(loss_d), d_real=_scalar(real_d.float().mean()), d_fake=_scalar(fake_d.float().mean()))
 
+    # ---- updates, all skipped when any loss or gradient is NaN/inf (on any rank)
+    skip = _nonfinite([(loss_g, s.g_module) if update_g else None, (loss_d, s.d_module) if gan else None], device)
+    with torch.no_grad():
+        for b, old in zip(buffers, saved_buffers):
+            b.copy_(torch.where(skip > 0, old, b))
+    if update_g:
+        _guarded_step(s.opt_g, skip)
+        if s.ema is not None:
+            s.ema.update(s.g_module, keep=skip)
+    with warnings.catch_warnings():
+        # During D warm-up G's schedule advances before G's first optimizer step, by design.
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+        s.sched_g.step()
+    if gan:
+        _guarded_step(s.opt_d, skip)
+        s.sched_d.step()
+    out["nonfinite_steps"] = skip
+
     s.step += 1
+    run = s.nonfinite_run if s.nonfinite_run is not None else torch.zeros((), device=device)
+    s.nonfinite_run = (run + skip) * skip
+    first = s.diverged_at if s.diverged_at is not None else torch.full((), -1, dtype=torch.int64, device=device)
+    s.diverged_at = torch.where((s.nonfinite_run >= cfg.train.max_nonfinite) & (first < 0), s.step, first)
     out["lr"] = s.opt_g.param_groups[0]["lr"]
     return out
+
+
+def _nonfinite(parts, device: torch.device) -> torch.Tensor:
+    """0-dim float32 on ``device``: 1.0 if any ``(loss, module)`` has a NaN/inf loss or gradient, on
+    any DDP rank (an all-reduce, so every replica skips the same steps), else 0.0. No host read."""
+    found = torch.zeros((), device=device)
+    for part in parts:
+        if part is None:
+            continue
+        loss, module = part
+        found = torch.maximum(found, (~torch.isfinite(loss.detach().float())).float())
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if grads:  # GradScaler's own check: sets found to 1 on any non-finite gradient (scale 1: unchanged)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones((), device=device))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+    return found
+
+
+def _guarded_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()`` unless ``skip``: fused Adam takes the flag on the device (as under
+    GradScaler: no update, its step counters kept); torch's other Adam needs one host read."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skip
+        optimizer.step()
+    elif not skip.item():
+        optimizer.step()
 
 
 def _scalar(t: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from raysr.config import GeneratorConfig
+from raysr.io import exists, join, read_bytes, remove, write_bytes
 from raysr.models import GENERATORS, build_generator, generator_from_config, generator_name
 from raysr.weights import format_kwargs, generator_payload, is_state_dict, load_exact, sample_keys, \
     strip_wrapper_prefixes
@@ -32,6 +33,8 @@ STATE_FILE = "state.pt"
 GENERATOR_FILE = "generator.pth"
 METRICS_FILE = "metrics.json"
 COMPARISON_FILE = "comparison.png"
+# beside the checkpoints: the metrics of the interval at which a run stopped diverging (train.max_nonfinite)
+DIVERGED_FILE = "diverged.json"
 
 
 # --------------------------------------------------------------------------- state.pt
@@ -94,8 +97,16 @@ def set_rng_state(saved: Mapping) -> None:
 
 
 def write(directory: str, state, metrics: dict, comparison: bytes | None) -> None:
-    """The files of one checkpoint into the local folder ``directory`` (Ray Train uploads it)."""
-    torch.save(state_dict(state), os.path.join(directory, STATE_FILE))
+    """The files of one checkpoint into the local folder ``directory`` (Ray Train uploads it).
+
+    Raises ValueError, writing nothing, if any tensor is NaN/inf: a checkpoint is always one to resume from.
+    """
+    saved = state_dict(state)
+    bad = [key for key, t in _tensors(saved) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"refusing to write a checkpoint with non-finite tensors ({', '.join(bad[:4])}"
+                         f"{', ...' if len(bad) > 4 else ''}) at step {state.step}")
+    torch.save(saved, os.path.join(directory, STATE_FILE))
     ema = state.ema.module if state.ema is not None else None
     torch.save(generator_payload(state.g_module, ema, fmt="raysr"), os.path.join(directory, GENERATOR_FILE))
     with open(os.path.join(directory, METRICS_FILE), "w") as f:
@@ -103,6 +114,33 @@ def write(directory: str, state, metrics: dict, comparison: bytes | None) -> Non
     if comparison is not None:
         with open(os.path.join(directory, COMPARISON_FILE), "wb") as f:
             f.write(comparison)
+
+
+def _tensors(obj, prefix: str = ""):
+    """(dotted key, tensor) for every tensor inside nested dicts / lists of a state dict."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{i}")
+
+
+def write_divergence(run: str, metrics: dict) -> None:
+    """Record in the run folder (local or s3://) that the run stopped diverging, with that interval's metrics."""
+    write_bytes(join(run, DIVERGED_FILE), json.dumps(metrics, indent=2, sort_keys=True).encode())
+
+
+def pop_divergence(run: str) -> dict | None:
+    """The record :func:`write_divergence` left in the run folder, removed (a rerun starts clean); None if none."""
+    uri = join(run, DIVERGED_FILE)
+    if not exists(uri):
+        return None
+    record = json.loads(read_bytes(uri))
+    remove(uri)
+    return record
 
 
 def read_state(directory: str, map_location) -> dict:

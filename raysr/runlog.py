@@ -16,6 +16,9 @@ import torch
 from raysr.io import is_s3, join, write_bytes
 
 
+COUNTED = ("nonfinite_steps",)  # step scalars summed over the interval (0/1 per step), not averaged
+
+
 class Meter:
     """Running means of step scalars over the current log interval (each over the steps that
     reported it), plus throughput.
@@ -45,13 +48,14 @@ class Meter:
         self.busy += total
 
     def summary(self) -> dict:
-        """Interval means (losses, D outputs, lr), ``crops_per_s``, ``data_wait_frac``, ``step_time_s``."""
+        """Interval means (losses, D outputs, lr), counts (``nonfinite_steps``), ``crops_per_s``,
+        ``data_wait_frac``, ``step_time_s``."""
         tensors = {k: v for k, v in self.sums.items() if isinstance(v, torch.Tensor)}
         sums = {k: float(v) for k, v in self.sums.items() if k not in tensors}
         if tensors:  # one device -> host copy for the whole interval
             values = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist()
             sums.update(zip(tensors, values))
-        out = {k: sums[k] / self.counts[k] for k in self.sums}
+        out = {k: int(sums[k]) if k in COUNTED else sums[k] / self.counts[k] for k in self.sums}
         out["crops_per_s"] = self.crops / self.busy if self.busy else 0.0
         out["data_wait_frac"] = self.wait / self.busy if self.busy else 0.0
         out["step_time_s"] = self.busy / max(self.n, 1)
@@ -72,6 +76,8 @@ def progress_line(total_steps: int, m: dict) -> str:
               f"ETA {duration(remaining)}"]
     if m.get("skipped"):
         parts.append(f"skipped {m['skipped']}")
+    if m.get("nonfinite_steps"):
+        parts.append(f"non-finite {m['nonfinite_steps']} step(s), not applied")
     return "raysr: " + " | ".join(parts)
 
 

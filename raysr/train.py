@@ -257,13 +257,32 @@ def fit(cfg: Config, callbacks=()):
     print(f"raysr: run {cfg.run.name} -> {run_dir(cfg)} | {cfg.model.generator.name} x{cfg.scale}, "
           f"{cfg.train.phase} phase, {cfg.train.total_steps} steps, {cfg.run.num_workers} worker(s) on {device}",
           flush=True)
+    run_checkpoint.pop_divergence(run_dir(cfg))  # a rerun (resume) starts without the last one's verdict
     try:
         result = trainer.fit()
     except Exception as err:  # Ray wraps worker errors; show the cause, not Ray's stack
         print(f"raysr: training failed: {err}", file=sys.stderr)
         return None
+    diverged = run_checkpoint.pop_divergence(run_dir(cfg))
+    if diverged is not None:
+        print(divergence_message(cfg, diverged, result.checkpoint), file=sys.stderr)
+        return None
     summarize(cfg, result)
     return result
+
+
+def divergence_message(cfg: Config, m: dict, checkpoint) -> str:
+    """What to say when train.max_nonfinite steps in a row had a NaN/inf loss or gradient
+    (``m``: the metrics of that interval; ``checkpoint``: the run's latest, or None)."""
+    losses = ", ".join(f"{k} {m[k]:.4g}" for k in ("loss_g", "loss_pix", "loss_percep", "loss_adv", "loss_d")
+                       if k in m)
+    last = f"the last checkpoint ({checkpoint.path})" if checkpoint is not None else \
+        "no checkpoint was written yet, and"
+    return (f"raysr: error: training diverged: {cfg.train.max_nonfinite} steps in a row had a NaN/inf loss or "
+            f"gradient, up to step {m['diverged_at']} (interval means: {losses or 'none'}). Those steps updated "
+            f"nothing and the run stopped, so {last} holds only finite weights: resume from it, or start a new "
+            "run.name from its generator.pth (train.init_from). Try a lower learning rate (optim.g.lr, optim.d.lr), "
+            "run.precision=fp32, or train.grad_clip")
 
 
 def summarize(cfg: Config, result) -> None:
@@ -361,6 +380,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if not (do_val or do_ckpt or step % cfg.run.log_every == 0):
             continue
         metrics = {"step": step, **meter.summary(), "skipped": batches.skipped(), "samples": batches.samples_seen()}
+        diverged_at = int(state.diverged_at)  # the same on every rank: the skip flag is all-reduced
+        if diverged_at >= 0:  # stop before any validation or checkpoint of this interval
+            metrics["diverged_at"] = diverged_at
+            if rank == 0:
+                say(progress_line(cfg.train.total_steps, metrics))
+                run_checkpoint.write_divergence(run_dir(cfg), metrics)
+            ray.train.report(metrics)
+            break
         if do_ckpt:  # replicas must hold identical weights; a drift here means DDP is broken
             metrics["g_fingerprint"] = weight_fingerprint(state.g_module)
         comparison = None

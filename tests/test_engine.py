@@ -324,3 +324,54 @@ def test_lr_on_auto_makes_lr_in_the_loader_on_cpu_and_on_the_gpu_there():
     assert resolve_lr_on("loader", torch.device("cuda")) == "loader"
     with pytest.raises(ValueError, match="lr_on must be one of"):
         resolve_lr_on("gpu", torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- divergence guard
+
+
+def snapshot(state) -> dict[str, torch.Tensor]:
+    """Every tensor a step may change: G, D, EMA (parameters and buffers) and both optimizers' states."""
+    from raysr import run_checkpoint
+
+    saved = run_checkpoint.state_dict(state)
+    out = {}
+    for part in ("g", "g_ema", "d"):
+        out.update({f"{part}.{k}": v.clone() for k, v in saved[part].items()})
+    for part in ("opt_g", "opt_d"):
+        for index, slots in saved[part]["state"].items():
+            out.update({f"{part}.{index}.{k}": v.clone() for k, v in slots.items()})
+    return out
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_non_finite_step_updates_nothing_and_is_counted(fused):
+    cfg = load_config("esrgan_x4", overrides=TINY_GAN + ["train.ema_decay=0.5", f"optim.fused={str(fused).lower()}"])
+    state = build_state(cfg, torch.device("cpu"))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in state.d_module.modules())  # D's buffers are guarded too
+    train_step(state, *batch(40, gt=96))
+    before = snapshot(state)
+    lr, hr = batch(41, gt=96)
+    hr[0, 0, 5, 5] = float("nan")
+    out = train_step(state, lr, hr)
+    assert float(out["nonfinite_steps"]) == 1.0 and not math.isfinite(float(out["loss_g"]))
+    after = snapshot(state)
+    assert after.keys() == before.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == [], f"a skipped step changed {changed[:5]}"
+    assert state.step == 2 and int(state.diverged_at) == -1
+    out = train_step(state, *batch(42, gt=96))  # the next finite step trains again
+    assert float(out["nonfinite_steps"]) == 0.0
+    assert not torch.equal(snapshot(state)["g.conv_first.weight"], before["g.conv_first.weight"])
+
+
+def test_max_nonfinite_steps_in_a_row_mark_the_step_it_diverged_at():
+    cfg = load_config("quickstart", overrides=TINY_PSNR + ["train.max_nonfinite=3"])
+    state = build_state(cfg, torch.device("cpu"))
+    lr, hr = batch(50)
+    nan_hr = hr.clone().fill_(float("nan"))
+    for step_hr in (nan_hr, nan_hr, hr, nan_hr, nan_hr):  # a finite step resets the run of non-finite ones
+        train_step(state, lr, step_hr)
+    assert int(state.diverged_at) == -1 and float(state.nonfinite_run) == 2
+    train_step(state, lr, nan_hr)
+    train_step(state, lr, nan_hr)
+    assert int(state.diverged_at) == 6  # the third in a row was step 6; step 7 does not move it

@@ -326,6 +326,33 @@ def test_an_x2_rrdbnet_run_validates_odd_sized_images(ray_local, demo_data, tmp_
     assert json.loads((tmp_path / "e.json").read_text())["mean"]["psnr_y"] == metrics["psnr"]
 
 
+def test_a_diverging_run_stops_with_exit_1_and_only_finite_checkpoints(ray_local, demo_data, tmp_path, capfd):
+    """optim.g.lr=1e30: the first Adam steps throw the weights to ~1e30, every later loss is inf/NaN.
+    Those steps update nothing, train.max_nonfinite of them in a row stop the run (exit 1, one
+    message naming the step), and no checkpoint holds a non-finite tensor."""
+    argv = []
+    for value in ["optim.g.lr=1e30", "model.generator.num_feat=8", "model.generator.num_block=1",
+                  "data.batch_size=2", "data.num_workers=0", f"data.train={demo_data.train}",
+                  f"data.val={demo_data.val}", "train.total_steps=60", "train.max_nonfinite=5", "run.log_every=5",
+                  "run.checkpoint_every=5", "run.val_every=100", f"run.storage={tmp_path}", "run.name=nan"]:
+        argv += ["--set", value]
+    assert main(argv) == 1
+    err = capfd.readouterr().err
+    assert err.count("training diverged") == 1 and "5 steps in a row had a NaN/inf loss" in err
+    assert "optim.g.lr" in err
+    stop = int(err.split("up to step ")[1].split(" ")[0])
+    checkpoints = sorted((tmp_path / "nan").glob("checkpoint_0*"))
+    assert checkpoints, "the run wrote no checkpoint before diverging"
+    assert int(checkpoints[-1].name.split("_")[1]) < stop  # nothing written once the run was diverging
+    for ckpt in checkpoints:
+        state = torch.load(ckpt / "state.pt", weights_only=True)
+        tensors = {**state["g"], **state.get("g_ema", {}),
+                   **{f"opt_g.{i}.{k}": t for i, slot in state["opt_g"]["state"].items() for k, t in slot.items()}}
+        assert all(torch.isfinite(t).all() for t in tensors.values()), ckpt.name
+        nonfinite = json.loads((ckpt / "metrics.json").read_text()).get("nonfinite_steps", 0)
+        assert nonfinite < 5
+
+
 # --------------------------------------------------------------------------- one command for both phases
 
 
