@@ -365,6 +365,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         lpips_fn = load_lpips(device=device)[0]
         board = TensorBoard(run_dir(cfg))
     meter = Meter()
+    checkpoint_block_s = 0.0
 
     # ---- step, report, checkpoint
     while state.step < cfg.train.total_steps:
@@ -379,7 +380,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         do_ckpt = last or step % cfg.run.checkpoint_every == 0
         if not (do_val or do_ckpt or step % cfg.run.log_every == 0):
             continue
-        metrics = {"step": step, **meter.summary(), "skipped": batches.skipped(), "samples": batches.samples_seen()}
+        metrics = {"step": step, **meter.summary(), "skipped": batches.skipped(), "samples": batches.samples_seen(),
+                   "checkpoint_block_s": checkpoint_block_s}  # the training ranks' wait at the last checkpoint
         diverged_at = int(state.diverged_at)  # the same on every rank: the skip flag is all-reduced
         if diverged_at >= 0:  # stop before any validation or checkpoint of this interval
             metrics["diverged_at"] = diverged_at
@@ -398,12 +400,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
             say(progress_line(cfg.train.total_steps, metrics))
             board.log(step, metrics, comparison)
         if do_ckpt:
-            with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    run_checkpoint.write(tmp, state, metrics, comparison)
-                    board.flush()
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
-                                 checkpoint_dir_name=f"checkpoint_{step:08d}")
+            # Written locally, then uploaded by Ray in the background (and the local copy deleted):
+            # the ranks wait only for the local write. Ray registers a checkpoint once its upload
+            # is complete, so a resume never picks a half-uploaded one.
+            t_ckpt = time.perf_counter()
+            checkpoint = None
+            if rank == 0:
+                local = tempfile.mkdtemp(prefix="raysr_checkpoint_")
+                run_checkpoint.write(local, state, metrics, comparison)
+                board.flush()
+                checkpoint = ray.train.Checkpoint.from_directory(local)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}",
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                             delete_local_checkpoint_after_upload=True)
+            checkpoint_block_s = time.perf_counter() - t_ckpt
         else:
             ray.train.report(metrics)
         meter.reset_interval()

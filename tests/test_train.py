@@ -169,6 +169,7 @@ def test_metrics_json_has_the_step_and_finite_losses(gan_run):
         assert m["loss_g"] > 0 and m["loss_d"] > 0
         assert 0 < m["ssim"] <= 1 and 0 < m["ssim_bicubic"] <= 1
         assert 0 <= m["data_wait_frac"] <= 1 and m["skipped"] == 0
+        assert m["checkpoint_block_s"] >= 0 and (step == 1 or m["checkpoint_block_s"] > 0)  # the previous one's wait
         assert m["lr"] == pytest.approx(1e-4)  # esrgan_x4: Adam 1e-4, first halving at 50k
         assert m == rank0[step], "metrics.json must hold what rank 0 reported for that step"
 
