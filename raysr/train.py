@@ -251,6 +251,8 @@ def fit(cfg: Config, callbacks=()):
     """Run (or resume) the training described by ``cfg``; returns Ray's Result, or None on failure."""
     quiet_output(cfg.run.verbose)
     init_ray()
+    if not cfg.run.verbose:
+        drop_ray_log_lines(NOISE_RAY_LINES)
     cfg = prepare_demo_data(cfg)
     trainer = make_trainer(cfg, callbacks)
     device = "GPU" if trainer.scaling_config.use_gpu else "CPU"
@@ -458,6 +460,36 @@ def weight_fingerprint(module) -> float:
 NOISE_WARNINGS = (r"`broadcast_buffers` is deprecated", r"This DataLoader will create \d+ worker processes")
 # INFO chatter: boto's "Found credentials in environment variables", Ray's token-auth notice.
 NOISE_LOGGERS = ("botocore.credentials", "ray._private.authentication.authentication_token_setup")
+
+
+# Lines Ray's processes log that say nothing to a raysr user: Ray Train's controller warns about
+# its own PreemptionWatcher actor at every start.
+NOISE_RAY_LINES = ("Actor with class name: 'PreemptionWatcher'",)
+
+
+def drop_ray_log_lines(fragments: tuple[str, ...]) -> None:
+    """Leave out of the driver's console the lines of Ray's processes that contain one of ``fragments``.
+
+    Ray hands every batch of worker log lines to the handlers of one dispatcher; raysr wraps the
+    one that prints them. That is Ray's internal API: with another Ray layout nothing is filtered.
+    """
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        with dispatcher._lock:
+            handlers = dispatcher.handlers
+    except (ImportError, AttributeError):
+        return
+    for i, (name, handler) in enumerate(list(handlers)):
+        if name != "ray_print_logs" or getattr(handler, "raysr_filtered", False):
+            continue
+
+        def filtered(data, print_lines=handler):
+            lines = [line for line in data.get("lines", []) if not any(f in line for f in fragments)]
+            if lines:
+                print_lines({**data, "lines": lines})
+
+        filtered.raysr_filtered = True
+        handlers[i] = (name, filtered)
 
 
 def quiet_output(verbose: bool, rank: int = 0) -> None:
