@@ -286,13 +286,18 @@ class LPIPS(nn.Module):
 '''
 
 
-def test_lpips_loads_backbone_from_a_local_file(tmp_path, gt_folder, monkeypatch):
+def install_fake_lpips(tmp_path, monkeypatch) -> None:
+    """Make ``import lpips`` find the stand-in above, with its calibration weights file."""
     package = tmp_path / "site" / "lpips"
     (package / "weights" / "v0.1").mkdir(parents=True)
     (package / "__init__.py").write_text(FAKE_LPIPS)
     (package / "weights" / "v0.1" / "alex.pth").write_bytes(b"calibration weights ship with the package")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.delitem(sys.modules, "lpips", raising=False)
+
+
+def test_lpips_loads_backbone_from_a_local_file(tmp_path, gt_folder, monkeypatch):
+    install_fake_lpips(tmp_path, monkeypatch)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
     fn, reason = load_lpips("alex")
     assert fn is None and "alexnet-owt-7be5be79.pth" in reason  # nothing in the hub cache, no download

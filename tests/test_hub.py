@@ -104,16 +104,11 @@ def test_train_dry_run_fetches_gan_weights_before_ray(file_server, online, capsy
 
 def test_lpips_backbone_from_a_url(file_server, online, monkeypatch, tmp_path):
     """With the lpips package importable (a stand-in, as in test_evaluate), the backbone is fetched."""
-    from test_evaluate import FAKE_LPIPS
+    from test_evaluate import install_fake_lpips
 
     from raysr.lpips import load_lpips
 
-    package = tmp_path / "site" / "lpips"
-    (package / "weights" / "v0.1").mkdir(parents=True)
-    (package / "__init__.py").write_text(FAKE_LPIPS)
-    (package / "weights" / "v0.1" / "alex.pth").write_bytes(b"calibration weights ship with the package")
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.delitem(sys.modules, "lpips", raising=False)
+    install_fake_lpips(tmp_path, monkeypatch)
     backbone = {"features.0.weight": torch.rand(4, 3, 3, 3), "features.0.bias": torch.rand(4)}
     url = serve(file_server, "alexnet-owt", state_bytes(backbone))
     fn, description = load_lpips("alex", backbone=url)
