@@ -126,6 +126,17 @@ def make_image():
 
 
 @pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """Demo shards and validation photos (``.train``, ``.val``), built once per session."""
+    from types import SimpleNamespace
+
+    from raysr.demo import build_demo_data
+
+    train, val = build_demo_data(str(tmp_path_factory.mktemp("demo_data")))
+    return SimpleNamespace(train=train, val=val)
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance on 127.0.0.1 for the whole test session (started on first use)."""
     import ray

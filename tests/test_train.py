@@ -36,20 +36,12 @@ import raysr.io as rio
 from raysr.checkpoint import load_generator
 from raysr.config import load_config
 from raysr.data import make_lr
-from raysr.demo import build_demo_data
 from raysr.ops import imresize
 from raysr.train import fit, main
 
 CHECKPOINT_FILES = {"state.pt", "generator.pth", "metrics.json", "comparison.png"}
 EMA_DECAY = 0.5  # large steps, so that the EMA recursion is far above float32 noise
 SCALE = 4
-
-
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory) -> SimpleNamespace:
-    """Demo shards and validation photos, built once per session."""
-    train, val = build_demo_data(str(tmp_path_factory.mktemp("demo_data")))
-    return SimpleNamespace(train=train, val=val)
 
 
 def tiny_gan_overrides(data: SimpleNamespace, storage: str, name: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""``python -m raysr.bench {imresize,data} …`` — see raysr/bench/__init__.py."""
+"""``python -m raysr.bench {imresize,data,step,overhead,train} …`` — see raysr/bench/__init__.py."""
 
 import argparse
 import importlib
@@ -17,7 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as typed, for results files
     return importlib.import_module(BENCHMARKS[args.bench]).run(args)
 
 
