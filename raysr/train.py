@@ -21,16 +21,19 @@ The pieces the worker loop uses live beside it in their own modules: the step in
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
 import time
 
+import pyarrow.fs
+
 from raysr import run_checkpoint
 from raysr.cli import add_config_args, say
 from raysr.config import (PSNR_PHASE, Config, ConfigError, available_presets, config_from_dict, load_config,
                           parse_override, set_key)
-from raysr.io import StorageError, is_s3, join
+from raysr.io import S3_MAX_ATTEMPTS, StorageError, is_s3, join, split_s3
 from raysr.io import exists as rio_exists
 from raysr.run_checkpoint import COMPARISON_FILE, GENERATOR_FILE, METRICS_FILE
 
@@ -202,19 +205,41 @@ def init_ray() -> None:
 def storage_args(storage: str) -> dict:
     """``RunConfig`` storage arguments for a local directory or s3://bucket/prefix.
 
-    With AWS_ENDPOINT_URL (MinIO, Ceph, moto) Ray needs a pyarrow S3FileSystem
-    and a ``bucket/prefix`` path; on AWS proper the s3:// URI works as is.
+    S3 gets a pyarrow S3FileSystem and a ``bucket/prefix`` path (with AWS_ENDPOINT_URL for
+    MinIO, Ceph, moto) whose requests are retried ``S3_MAX_ATTEMPTS`` times, as raysr.io's are
+    (Ray itself does not retry a checkpoint upload).
     """
     if not is_s3(storage):
         return {"storage_path": os.path.abspath(os.path.expanduser(storage))}
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    if not endpoint:
-        return {"storage_path": storage}
-    import pyarrow.fs
-    scheme, _, host = endpoint.partition("://")
-    fs = pyarrow.fs.S3FileSystem(endpoint_override=host or scheme, scheme=scheme if host else "https",
-                                 region=os.environ.get("AWS_DEFAULT_REGION", os.environ.get("AWS_REGION", "us-east-1")))
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    kwargs = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        region = region or "us-east-1"
+    elif not region:  # on AWS proper, the bucket's own region (as Ray's from_uri finds it)
+        region = pyarrow.fs.resolve_s3_region(split_s3(storage)[0])
+    fs = RetryingS3FileSystem(S3_MAX_ATTEMPTS, region=region, **kwargs)
     return {"storage_path": storage[len("s3://"):].rstrip("/"), "storage_filesystem": fs}
+
+
+class RetryingS3FileSystem(pyarrow.fs.S3FileSystem):
+    """pyarrow's S3FileSystem with ``max_attempts`` tries per request (AWS standard retry mode:
+    throttling, 5xx and broken connections, with backoff), kept when pickled.
+
+    Ray pickles the storage filesystem into its controller and every worker, and pyarrow's
+    ``S3FileSystem.__reduce__`` leaves the retry strategy out (pyarrow 26): unpickled, it falls
+    back to pyarrow's default of 3 attempts, which three 503 SlowDown in a row exhaust.
+    """
+
+    def __init__(self, max_attempts: int, **kwargs):
+        super().__init__(retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=max_attempts), **kwargs)
+        self.max_attempts, self.kwargs = max_attempts, kwargs
+
+    def __reduce__(self):
+        # a partial: __reduce__ cannot pass keyword arguments to the constructor itself
+        return functools.partial(RetryingS3FileSystem, self.max_attempts, **self.kwargs), ()
 
 
 def make_trainer(cfg: Config, callbacks=(), storage: str | None = None, name: str | None = None):
