@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -393,6 +394,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         board = TensorBoard(run_dir(cfg))
     meter = Meter()
     checkpoint_block_s = 0.0
+    # S3: raysr's upload, which fails loudly; local folders: Ray's own copy
+    upload = functools.partial(upload_checkpoint, ctx.get_storage()) if is_s3(cfg.run.storage) else None
 
     # ---- step, report, checkpoint
     while state.step < cfg.train.total_steps:
@@ -427,9 +430,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             say(progress_line(cfg.train.total_steps, metrics))
             board.log(step, metrics, comparison)
         if do_ckpt:
-            # Written locally, then uploaded by Ray in the background (and the local copy deleted):
-            # the ranks wait only for the local write. Ray registers a checkpoint once its upload
-            # is complete, so a resume never picks a half-uploaded one.
+            # Written locally, then uploaded in the background (and the local copy deleted): the
+            # ranks wait only for the local write. Ray registers a checkpoint once its upload is
+            # complete, and a failed upload fails the report, so a resume never picks a half-uploaded one.
             t_ckpt = time.perf_counter()
             checkpoint = None
             if rank == 0:
@@ -439,7 +442,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(local)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}",
                              checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                             delete_local_checkpoint_after_upload=True)
+                             delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload)
             checkpoint_block_s = time.perf_counter() - t_ckpt
         else:
             ray.train.report(metrics)
@@ -447,6 +450,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
     batches.close()
     if rank == 0:
         board.close()
+
+
+UPLOAD_CHUNK_BYTES = 8 << 20
+
+
+def upload_checkpoint(storage, checkpoint, dir_name: str):
+    """Ray's ``checkpoint_upload_fn``: copy the local checkpoint folder into the run's storage
+    (``storage``: Ray's StorageContext), one file at a time; return it as a ray.train.Checkpoint.
+
+    Ray's default upload, ``pyarrow.fs.copy_files``, only logs an S3 part upload that failed
+    (after its retries; "Error ignored when destroying file") and returns as if all went well, so
+    Ray would register a checkpoint without that file. pyarrow's output stream raises the error
+    on close instead: the report fails, and Ray restarts the workers from the last checkpoint it
+    registered (run.max_failures), each of which therefore has all its files.
+    """
+    import ray.train
+
+    fs, dest = storage.storage_filesystem, f"{storage.experiment_fs_path}/{dir_name}"
+    fs.create_dir(dest)
+    for name in sorted(os.listdir(checkpoint.path)):
+        with open(os.path.join(checkpoint.path, name), "rb") as src, fs.open_output_stream(f"{dest}/{name}") as out:
+            shutil.copyfileobj(src, out, UPLOAD_CHUNK_BYTES)
+    return ray.train.Checkpoint(dest, filesystem=fs)
 
 
 def ddp(module, has_batchnorm: bool, world: int, device):
