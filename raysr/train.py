@@ -35,7 +35,6 @@ from raysr.cli import add_config_args, say
 from raysr.config import (PSNR_PHASE, Config, ConfigError, available_presets, config_from_dict, load_config,
                           parse_override, set_key)
 from raysr.io import S3_MAX_ATTEMPTS, StorageError, is_s3, join, split_s3
-from raysr.io import exists as rio_exists
 from raysr.run_checkpoint import COMPARISON_FILE, GENERATOR_FILE, METRICS_FILE
 
 PSNR_PREFIX = "psnr."  # --set psnr.KEY=VALUE: a key of the PSNR phase that train.init_from=psnr runs first
@@ -157,8 +156,9 @@ def fit_both_phases(psnr_cfg: Config, gan_cfg: Config):
     phase from its EMA generator; returns the GAN run's Result, or None when a phase failed."""
     gan_cfg = prepare_demo_data(gan_cfg)  # both phases train on the same shards
     psnr_cfg = config_from_dict({**psnr_cfg.to_dict(), "data": gan_cfg.to_dict()["data"]})
-    generator = join(run_dir(psnr_cfg), f"checkpoint_{psnr_cfg.train.total_steps:08d}", GENERATOR_FILE)
-    if rio_exists(generator):
+    last = join(run_dir(psnr_cfg), f"checkpoint_{psnr_cfg.train.total_steps:08d}")
+    generator = join(last, GENERATOR_FILE)
+    if run_checkpoint.is_complete(last):  # not a folder an interrupted upload left half-written
         print(f"raysr: PSNR phase {psnr_cfg.run.name} is finished; the GAN phase starts from {generator}", flush=True)
     else:
         print(f"raysr: phase 1 of 2: PSNR phase {psnr_cfg.run.name} ({psnr_cfg.train.total_steps} steps), "
