@@ -144,15 +144,12 @@ class FaultProxy:
             self.faults.clear()
             self.requests.clear()
 
-    def fired(self, kind: str) -> int:
-        with self.lock:
-            return sum(f.fired for f in self.faults if f.kind == kind)
-
-    def count(self, method: str | None = None, path: str = "", fault: str | None = None, ranged=None) -> int:
-        """Logged requests with that method, a path containing ``path``, hit by ``fault`` (any when None)."""
+    def count(self, method: str | None = None, path: str = "", ranged: bool | None = None) -> int:
+        """Logged requests with that method (any when None), a path containing ``path`` and, unless
+        None, that asked for a byte range or not."""
         with self.lock:
             return sum(1 for r in self.requests if (method is None or r.method == method) and path in r.path
-                       and (fault is None or r.fault == fault) and (ranged is None or r.ranged == ranged))
+                       and (ranged is None or r.ranged == ranged))
 
     def close(self) -> None:
         self.server.close()
