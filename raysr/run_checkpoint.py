@@ -143,6 +143,17 @@ def pop_divergence(run: str) -> dict | None:
     return record
 
 
+def is_complete(directory: str) -> bool:
+    """Whether a checkpoint folder (local or s3://) holds the files that resuming and exporting read:
+    state.pt, generator.pth, metrics.json (comparison.png only comes with validation steps).
+
+    Ray Train registers a checkpoint only after all of its files are uploaded, and resumes from
+    registered ones only; a reader that finds a folder by its name must check this instead, since
+    a worker killed mid-upload leaves the folder with some of its files.
+    """
+    return all(exists(join(directory, name)) for name in (STATE_FILE, GENERATOR_FILE, METRICS_FILE))
+
+
 def read_state(directory: str, map_location) -> dict:
     """The ``state.pt`` of a checkpoint folder, tensors on ``map_location`` (never unpickles code)."""
     return torch.load(os.path.join(directory, STATE_FILE), map_location=map_location, weights_only=True)

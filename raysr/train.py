@@ -21,17 +21,20 @@ The pieces the worker loop uses live beside it in their own modules: the step in
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import shutil
 import sys
 import tempfile
 import time
+
+import pyarrow.fs
 
 from raysr import run_checkpoint
 from raysr.cli import add_config_args, say
 from raysr.config import (PSNR_PHASE, Config, ConfigError, available_presets, config_from_dict, load_config,
                           parse_override, set_key)
-from raysr.io import StorageError, is_s3, join
-from raysr.io import exists as rio_exists
+from raysr.io import S3_MAX_ATTEMPTS, StorageError, is_s3, join, split_s3
 from raysr.run_checkpoint import COMPARISON_FILE, GENERATOR_FILE, METRICS_FILE
 
 PSNR_PREFIX = "psnr."  # --set psnr.KEY=VALUE: a key of the PSNR phase that train.init_from=psnr runs first
@@ -153,8 +156,9 @@ def fit_both_phases(psnr_cfg: Config, gan_cfg: Config):
     phase from its EMA generator; returns the GAN run's Result, or None when a phase failed."""
     gan_cfg = prepare_demo_data(gan_cfg)  # both phases train on the same shards
     psnr_cfg = config_from_dict({**psnr_cfg.to_dict(), "data": gan_cfg.to_dict()["data"]})
-    generator = join(run_dir(psnr_cfg), f"checkpoint_{psnr_cfg.train.total_steps:08d}", GENERATOR_FILE)
-    if rio_exists(generator):
+    last = join(run_dir(psnr_cfg), f"checkpoint_{psnr_cfg.train.total_steps:08d}")
+    generator = join(last, GENERATOR_FILE)
+    if run_checkpoint.is_complete(last):  # not a folder an interrupted upload left half-written
         print(f"raysr: PSNR phase {psnr_cfg.run.name} is finished; the GAN phase starts from {generator}", flush=True)
     else:
         print(f"raysr: phase 1 of 2: PSNR phase {psnr_cfg.run.name} ({psnr_cfg.train.total_steps} steps), "
@@ -202,19 +206,41 @@ def init_ray() -> None:
 def storage_args(storage: str) -> dict:
     """``RunConfig`` storage arguments for a local directory or s3://bucket/prefix.
 
-    With AWS_ENDPOINT_URL (MinIO, Ceph, moto) Ray needs a pyarrow S3FileSystem
-    and a ``bucket/prefix`` path; on AWS proper the s3:// URI works as is.
+    S3 gets a pyarrow S3FileSystem and a ``bucket/prefix`` path (with AWS_ENDPOINT_URL for
+    MinIO, Ceph, moto) whose requests are retried ``S3_MAX_ATTEMPTS`` times, as raysr.io's are
+    (Ray itself does not retry a checkpoint upload).
     """
     if not is_s3(storage):
         return {"storage_path": os.path.abspath(os.path.expanduser(storage))}
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    if not endpoint:
-        return {"storage_path": storage}
-    import pyarrow.fs
-    scheme, _, host = endpoint.partition("://")
-    fs = pyarrow.fs.S3FileSystem(endpoint_override=host or scheme, scheme=scheme if host else "https",
-                                 region=os.environ.get("AWS_DEFAULT_REGION", os.environ.get("AWS_REGION", "us-east-1")))
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    kwargs = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        region = region or "us-east-1"
+    elif not region:  # on AWS proper, the bucket's own region (as Ray's from_uri finds it)
+        region = pyarrow.fs.resolve_s3_region(split_s3(storage)[0])
+    fs = RetryingS3FileSystem(S3_MAX_ATTEMPTS, region=region, **kwargs)
     return {"storage_path": storage[len("s3://"):].rstrip("/"), "storage_filesystem": fs}
+
+
+class RetryingS3FileSystem(pyarrow.fs.S3FileSystem):
+    """pyarrow's S3FileSystem with ``max_attempts`` tries per request (AWS standard retry mode:
+    throttling, 5xx and broken connections, with backoff), kept when pickled.
+
+    Ray pickles the storage filesystem into its controller and every worker, and pyarrow's
+    ``S3FileSystem.__reduce__`` leaves the retry strategy out (pyarrow 26): unpickled, it falls
+    back to pyarrow's default of 3 attempts, which three 503 SlowDown in a row exhaust.
+    """
+
+    def __init__(self, max_attempts: int, **kwargs):
+        super().__init__(retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=max_attempts), **kwargs)
+        self.max_attempts, self.kwargs = max_attempts, kwargs
+
+    def __reduce__(self):
+        # a partial: __reduce__ cannot pass keyword arguments to the constructor itself
+        return functools.partial(RetryingS3FileSystem, self.max_attempts, **self.kwargs), ()
 
 
 def make_trainer(cfg: Config, callbacks=(), storage: str | None = None, name: str | None = None):
@@ -368,6 +394,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         board = TensorBoard(run_dir(cfg))
     meter = Meter()
     checkpoint_block_s = 0.0
+    # S3: raysr's upload, which fails loudly; local folders: Ray's own copy
+    upload = functools.partial(upload_checkpoint, ctx.get_storage()) if is_s3(cfg.run.storage) else None
 
     # ---- step, report, checkpoint
     while state.step < cfg.train.total_steps:
@@ -402,9 +430,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             say(progress_line(cfg.train.total_steps, metrics))
             board.log(step, metrics, comparison)
         if do_ckpt:
-            # Written locally, then uploaded by Ray in the background (and the local copy deleted):
-            # the ranks wait only for the local write. Ray registers a checkpoint once its upload
-            # is complete, so a resume never picks a half-uploaded one.
+            # Written locally, then uploaded in the background (and the local copy deleted): the
+            # ranks wait only for the local write. Ray registers a checkpoint once its upload is
+            # complete, and a failed upload fails the report, so a resume never picks a half-uploaded one.
             t_ckpt = time.perf_counter()
             checkpoint = None
             if rank == 0:
@@ -414,7 +442,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(local)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}",
                              checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                             delete_local_checkpoint_after_upload=True)
+                             delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload)
             checkpoint_block_s = time.perf_counter() - t_ckpt
         else:
             ray.train.report(metrics)
@@ -422,6 +450,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
     batches.close()
     if rank == 0:
         board.close()
+
+
+UPLOAD_CHUNK_BYTES = 8 << 20
+
+
+def upload_checkpoint(storage, checkpoint, dir_name: str):
+    """Ray's ``checkpoint_upload_fn``: copy the local checkpoint folder into the run's storage
+    (``storage``: Ray's StorageContext), one file at a time; return it as a ray.train.Checkpoint.
+
+    Ray's default upload, ``pyarrow.fs.copy_files``, only logs an S3 part upload that failed
+    (after its retries; "Error ignored when destroying file") and returns as if all went well, so
+    Ray would register a checkpoint without that file. pyarrow's output stream raises the error
+    on close instead: the report fails, and Ray restarts the workers from the last checkpoint it
+    registered (run.max_failures), each of which therefore has all its files.
+    """
+    import ray.train
+
+    fs, dest = storage.storage_filesystem, f"{storage.experiment_fs_path}/{dir_name}"
+    fs.create_dir(dest)
+    for name in sorted(os.listdir(checkpoint.path)):
+        with open(os.path.join(checkpoint.path, name), "rb") as src, fs.open_output_stream(f"{dest}/{name}") as out:
+            shutil.copyfileobj(src, out, UPLOAD_CHUNK_BYTES)
+    return ray.train.Checkpoint(dest, filesystem=fs)
 
 
 def ddp(module, has_batchnorm: bool, world: int, device):

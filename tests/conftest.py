@@ -9,6 +9,8 @@ import uuid
 import numpy as np
 import pytest
 
+from faults import FaultProxy
+
 
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
@@ -28,10 +30,14 @@ def _free_port() -> int:
 
 # The S3 endpoint is fixed when the test session starts, before anything can start
 # Ray: Ray's worker processes inherit these variables, so training runs inside
-# tests reach the moto server too, and no test can ever reach real AWS.
+# tests reach the moto server too, and no test can ever reach real AWS. Clients reach
+# moto through a fault-injecting proxy (tests/faults.py), which passes everything
+# through until a test arms faults (the ``s3_faults`` fixture): that is the only way to
+# put faults into the S3 traffic of Ray's worker processes without restarting Ray.
 S3_PORT = _free_port()
 S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
-os.environ.update(AWS_ENDPOINT_URL=S3_ENDPOINT, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+S3_PROXY = FaultProxy(S3_ENDPOINT)
+os.environ.update(AWS_ENDPOINT_URL=S3_PROXY.url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                   AWS_DEFAULT_REGION="us-east-1")
 # Keep every local Ray of the test session on 127.0.0.1 (Ray reads this when first imported).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -75,7 +81,7 @@ for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """A moto S3 server on 127.0.0.1 at AWS_ENDPOINT_URL (set for the whole session)."""
+    """A moto S3 server on 127.0.0.1 (its URL; AWS_ENDPOINT_URL, set for the whole session, is the proxy before it)."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
@@ -85,6 +91,15 @@ def s3_endpoint():
     yield S3_ENDPOINT
     server.stop()
     raysr.io._clients.clear()
+
+
+@pytest.fixture
+def s3_faults(s3_endpoint):
+    """The proxy every S3 client of the session goes through (AWS_ENDPOINT_URL), with no fault
+    armed and an empty request log; whatever the test arms is disarmed after it."""
+    S3_PROXY.clear()
+    yield S3_PROXY
+    S3_PROXY.clear()
 
 
 @pytest.fixture

@@ -5,11 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import socket
-import struct
 import subprocess
 import sys
-import threading
 
 import pyarrow.parquet as pq
 import pytest
@@ -18,6 +15,7 @@ import raysr.io
 from raysr.data import DataStats, iter_pairs, resolve_shards
 from raysr.data.make_shards import make_shards
 from raysr.io import StorageError
+from faults import Fault, FaultProxy
 from test_data_common import to_uint8, write_images
 
 CROP = 48
@@ -111,80 +109,11 @@ def test_make_shards_to_a_missing_bucket_fails_before_encoding(s3_endpoint, tmp_
                     min_size=16, workers=1, progress=False)
 
 
-class FlakyProxy:
-    """A loopback TCP proxy in front of ``upstream``: it resets the first ``resets``
-    connections at once, then closes the first ``cuts`` responses longer than
-    ``cut_after`` bytes after that many bytes (a body cut short), and passes
-    everything else through. Counts requests that ask for a byte range."""
-
-    def __init__(self, upstream: str, resets: int, cuts: int, cut_after: int):
-        host, port = upstream.rsplit("//", 1)[1].split(":")
-        self.upstream = (host, int(port))
-        self.resets, self.cuts, self.cut_after = resets, cuts, cut_after
-        self.connections = self.ranged = self.cut = 0
-        self.lock = threading.Lock()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @staticmethod
-    def _reset(sock):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
-        sock.close()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            with self.lock:
-                number = self.connections
-                self.connections += 1
-            if number < self.resets:
-                self._reset(client)
-                continue
-            upstream = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-
-    def _cut_here(self, sent: int, size: int) -> bool:
-        with self.lock:
-            if self.cut < self.cuts and sent + size > self.cut_after:
-                self.cut += 1
-                return True
-        return False
-
-    def _pump(self, source, sink, requests):
-        sent = 0
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                if requests and b"range: bytes=" in data.lower():
-                    with self.lock:
-                        self.ranged += 1
-                if not requests and self._cut_here(sent, len(data)):
-                    sink.sendall(data[:self.cut_after - sent])
-                    break
-                sink.sendall(data)
-                sent += len(data)
-        except OSError:
-            pass
-        for sock in (source, sink):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self):
-        self.server.close()
-
-
 def test_flaky_endpoint_is_survived(s3_shards, s3_endpoint, monkeypatch):
     prefix, crops, _ = s3_shards
-    proxy = FlakyProxy(s3_endpoint, resets=3, cuts=2, cut_after=20_000)
+    proxy = FaultProxy(s3_endpoint)
+    # three connections reset, then two replies cut short after 20 kB (a body cut midway)
+    resets, cuts = proxy.arm(Fault("reset", times=3), Fault("cut_reply", times=2, after_bytes=20_000))
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     monkeypatch.setattr(raysr.io, "STREAM_RETRY_BASE_S", 0.01)
     raysr.io._clients.clear()
@@ -195,5 +124,5 @@ def test_flaky_endpoint_is_survived(s3_shards, s3_endpoint, monkeypatch):
         raysr.io._clients.clear()
     assert got == sorted(c.tobytes() for c in crops.values())
     assert stats.skipped == 0 and stats.bad_shards == 0
-    assert proxy.connections > 3 and proxy.cut == 2  # the faults really happened
-    assert proxy.ranged == 2  # each cut body was resumed where it stopped, not restarted
+    assert resets.fired == 3 and cuts.fired == 2  # the faults really happened
+    assert proxy.count(ranged=True) == 2  # each cut body was resumed where it stopped, not restarted

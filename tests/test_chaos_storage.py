@@ -1,0 +1,236 @@
+"""Storage faults during real training runs: S3 that throttles, drops connections, cuts bodies short
+and stalls, and a worker killed while its checkpoint is uploading.
+
+Every S3 client of the test session — raysr.io's boto3 in the Ray Train workers (shard reads),
+pyarrow's S3FileSystem in Ray's checkpoint upload and its controller's run state — reaches the moto
+server through the loopback proxy of tests/faults.py; each test arms faults on it (``s3_faults``)
+and checks what a user cares about: the run finished at its exact step, no shard sample was
+skipped, every checkpoint Ray registered is complete and loads, and a resume starts from the last
+complete checkpoint. Networks and step counts are test_train's tiny GAN (about 30 s a run).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import raysr.io as rio
+from faults import Fault, pid_of_client
+from raysr import run_checkpoint
+from raysr.checkpoint import load_generator
+from raysr.config import load_config
+from raysr.train import fit
+from test_train import CHECKPOINT_FILES, checkpoint_keys, demo_data, read_reports, report_recorder, \
+    tiny_gan_overrides  # noqa: F401 (demo_data: the session's demo shards, a fixture)
+
+BUCKET = "raysr-chaos-storage"
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # where Ray Train records the checkpoints it registered
+
+
+@pytest.fixture(scope="module")
+def s3_data(s3_endpoint, demo_data) -> SimpleNamespace:
+    """The demo shards copied to S3 (validation photos stay local: rank 0 reads them once)."""
+    rio.s3_client().create_bucket(Bucket=BUCKET)
+    for path in sorted(Path(demo_data.train).iterdir()):
+        with open(path, "rb") as f:
+            rio.write_stream(f"s3://{BUCKET}/shards/{path.name}", f)
+    return SimpleNamespace(train=f"s3://{BUCKET}/shards", val=demo_data.val)
+
+
+def run(overrides: list[str], record: Path):
+    """fit() the tiny GAN; returns Ray's Result and the recorded reports (as test_train's run_gan)."""
+    result = fit(load_config(preset="esrgan_x4", overrides=overrides), callbacks=[report_recorder(record)])
+    assert result is not None, "training failed; its error is printed above"
+    return result, read_reports(record)
+
+
+def registered_checkpoints(name: str) -> list[int]:
+    """The steps of the checkpoints Ray Train registered for run ``name`` (its run state in the bucket)."""
+    snapshot = json.loads(rio.read_bytes(f"s3://{BUCKET}/runs/{name}/{SNAPSHOT}"))
+    dirs = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
+    return sorted(int(d[len("checkpoint_"):]) for d in dirs)
+
+
+def assert_complete_and_loadable(name: str, step: int) -> None:
+    """A checkpoint folder holds all four files, state.pt loads at its step, generator.pth builds a generator."""
+    base = f"s3://{BUCKET}/runs/{name}/checkpoint_{step:08d}"
+    assert checkpoint_keys(BUCKET, name)[step] == CHECKPOINT_FILES, base
+    assert run_checkpoint.is_complete(base), base
+    state = torch.load(io.BytesIO(rio.read_bytes(f"{base}/state.pt")), map_location="cpu", weights_only=True)
+    assert state["step"] == step
+    assert {int(s["step"]) for s in state["opt_g"]["state"].values()} == {step}  # Adam: none lost, none doubled
+    g = load_generator(f"{base}/generator.pth")
+    assert g(torch.rand(1, 3, 8, 8)).shape == (1, 3, 32, 32)
+    assert json.loads(rio.read_bytes(f"{base}/metrics.json"))["step"] == step
+
+
+def steps_of(reports: list[dict]) -> list[int]:
+    return [r["metrics"][0]["step"] for r in reports]
+
+
+def test_shard_reads_survive_503s_resets_cut_bodies_and_slow_replies(ray_local, s3_data, s3_faults, tmp_path):
+    """The workers' shard GETs: three answered 503 SlowDown, two connections reset, two replies stalled
+    for 1 s, two bodies cut after 1 MiB. botocore retries the requests, raysr.io resumes the cut bodies
+    with a Range request; no sample is skipped and the run ends at its exact step."""
+    faults = s3_faults.arm(Fault("slowdown", times=3, method="GET", path=".tar"),
+                           Fault("reset", times=2, method="GET", path=".tar"),
+                           Fault("delay", times=2, method="GET", path=".tar", seconds=1.0),
+                           Fault("cut_reply", times=2, method="GET", path=".tar", after_bytes=1 << 20))
+    overrides = tiny_gan_overrides(s3_data, str(tmp_path / "runs"), "shards") + [
+        "train.total_steps=3", "run.checkpoint_every=3", "run.val_every=3"]
+    t0 = time.monotonic()
+    result, reports = run(overrides, tmp_path / "reports.jsonl")
+    wall = time.monotonic() - t0
+
+    assert result.metrics["step"] == 3 and steps_of(reports) == [3]
+    assert all(m["skipped"] == 0 and m["samples"] > 0 for r in reports for m in r["metrics"])
+    assert [f.fired for f in faults] == [3, 2, 2, 2], "every fault really happened"
+    gets = s3_faults.count("GET", ".tar")
+    assert s3_faults.count("GET", ".tar", ranged=True) == 2  # each cut body resumed where it stopped
+    print(f"\nshard reads: {gets} GETs of .tar for 2 ranks ({gets - 2} retries or resumes), run {wall:.1f} s")
+
+
+@pytest.fixture(scope="module")
+def upload_run(ray_local, s3_data, tmp_path_factory) -> SimpleNamespace:
+    return SimpleNamespace(name="uploads", overrides=tiny_gan_overrides(s3_data, f"s3://{BUCKET}/runs", "uploads"),
+                           tmp=tmp_path_factory.mktemp("uploads"))
+
+
+def test_checkpoint_uploads_are_retried_and_never_registered_half_written(upload_run, s3_faults):
+    """Ray's asynchronous upload (pyarrow) of checkpoints 1-3 and of Ray's run state: three 503s in a
+    row on one file (one more than pyarrow's default 3 attempts allow), two uploads cut after 4 kB,
+    503s on starting a multipart upload and on writing the run state. raysr's storage filesystem
+    retries each request up to 8 times, so no upload fails, no worker restarts (each step is reported
+    once), and every registered checkpoint is complete and loads."""
+    ckpt = f"{upload_run.name}/checkpoint_{{:08d}}/"
+    faults = s3_faults.arm(
+        Fault("slowdown", times=3, method="PUT", path=ckpt.format(1) + "state.pt"),
+        Fault("cut_upload", times=2, method="PUT", path=ckpt.format(2) + "state.pt", after_bytes=4096),
+        Fault("slowdown", times=2, method="POST", path=ckpt.format(2) + "generator.pth?uploads"),
+        Fault("reset", times=2, method="PUT", path=ckpt.format(3) + "generator.pth"),
+        Fault("slowdown", times=2, method="PUT", path=f"{upload_run.name}/{SNAPSHOT}"))
+    t0 = time.monotonic()
+    result, reports = run(upload_run.overrides + ["train.total_steps=3"], upload_run.tmp / "first.jsonl")
+    wall = time.monotonic() - t0
+
+    assert [f.fired for f in faults] == [3, 2, 2, 2, 2], "every fault really happened"
+    assert result.metrics["step"] == 3
+    assert steps_of(reports) == [1, 2, 3], "a step was reported twice: an upload failed and the workers restarted"
+    # the file hit by three 503s went up on the fourth try
+    assert s3_faults.count("PUT", ckpt.format(1) + "state.pt") == 4
+    assert registered_checkpoints(upload_run.name) == sorted(checkpoint_keys(BUCKET, upload_run.name)) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert_complete_and_loadable(upload_run.name, step)
+    print(f"\ncheckpoint uploads: {sum(f.fired for f in faults)} faulty requests retried, run {wall:.1f} s")
+
+
+def test_an_upload_that_fails_after_every_retry_restarts_the_workers_and_is_not_registered(
+        ray_local, s3_data, s3_faults, tmp_path, monkeypatch):
+    """Checkpoint 2's state.pt answered 503 as often as the storage filesystem tries (here 2, set in the
+    driver, pickled into the workers with the filesystem). pyarrow's copy_files would only log that and
+    let Ray register checkpoint 2 without its state.pt; raysr's upload raises, Ray restarts the workers
+    from checkpoint 1, and the run ends at step 3 with every registered checkpoint complete."""
+    import raysr.train
+
+    monkeypatch.setattr(raysr.train, "S3_MAX_ATTEMPTS", 2)
+    name = "upload_fails"
+    state_2 = f"{name}/checkpoint_00000002/state.pt"
+    fault = s3_faults.arm(Fault("slowdown", times=2, method="PUT", path=state_2))[0]
+    overrides = tiny_gan_overrides(s3_data, f"s3://{BUCKET}/runs", name) + ["train.total_steps=3",
+                                                                            "run.max_failures=2"]
+    t0 = time.monotonic()
+    result, reports = run(overrides, tmp_path / "reports.jsonl")
+    wall = time.monotonic() - t0
+
+    assert fault.fired == 2
+    assert result.metrics["step"] == 3
+    assert registered_checkpoints(name) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert_complete_and_loadable(name, step)
+    assert s3_faults.count("PUT", state_2) == 3  # 2 tries that failed, then the restarted workers' upload
+    assert steps_of(reports) == [1, 2, 3], "the failed checkpoint's step must be reported once, after the restart"
+    print(f"\nfailed upload: restart and recovery in a {wall:.1f} s run")
+
+
+def test_resume_through_a_faulty_endpoint_starts_at_the_last_checkpoint(upload_run, s3_faults):
+    """The same command again, with 4 more steps: Ray reads its run state and checkpoint 3 back through
+    503s, a reset and a body cut short; the run resumes at step 3 and ends at step 5."""
+    faults = s3_faults.arm(
+        Fault("slowdown", times=2, method="GET", path=f"{upload_run.name}/{SNAPSHOT}"),
+        Fault("slowdown", times=2, method="GET", path=f"{upload_run.name}/checkpoint_00000003/state.pt"),
+        Fault("reset", times=1, method="GET", path=f"{upload_run.name}/checkpoint_00000003/state.pt"),
+        Fault("cut_reply", times=1, method="GET", path=f"{upload_run.name}/checkpoint_00000003/state.pt",
+              after_bytes=4096))
+    t0 = time.monotonic()
+    result, reports = run(upload_run.overrides + ["train.total_steps=5"], upload_run.tmp / "second.jsonl")
+    wall = time.monotonic() - t0
+
+    assert [f.fired for f in faults] == [2, 2, 1, 1], "every fault really happened"
+    assert steps_of(reports) == [4, 5], "the run did not resume from checkpoint 3"
+    assert result.metrics["step"] == 5
+    assert registered_checkpoints(upload_run.name) == [1, 2, 3, 4, 5]
+    for step in (4, 5):
+        assert_complete_and_loadable(upload_run.name, step)
+    print(f"\nresume: {sum(f.fired for f in faults)} faulty reads retried, run {wall:.1f} s")
+
+
+def test_a_worker_killed_during_a_checkpoint_upload_resumes_from_the_previous_checkpoint(
+        ray_local, s3_data, s3_faults, tmp_path):
+    """The upload of checkpoint 3's state.pt stalls in the proxy; meanwhile its other files land, and the
+    uploading worker process is SIGKILLed (found by the socket it is uploading on). Checkpoint 3 is then
+    half-written in the bucket but was never registered: Ray restarts the workers from checkpoint 2,
+    steps 3-4 are trained again, and the run ends at step 4 with every checkpoint complete."""
+    name = "killed_upload"
+    stall = s3_faults.arm(Fault("delay", times=1, method="PUT", path=f"{name}/checkpoint_00000003/state.pt",
+                                seconds=20))[0]
+    seen = {}
+
+    def kill_the_uploader():
+        deadline = time.monotonic() + 240
+        while stall.fired == 0:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        peer = next(r.peer for r in s3_faults.requests if r.fault == "delay")
+        time.sleep(0.5)  # the checkpoint's small files finish meanwhile (milliseconds)
+        seen["files"] = checkpoint_keys(BUCKET, name).get(3, set())
+        seen["complete"] = run_checkpoint.is_complete(f"s3://{BUCKET}/runs/{name}/checkpoint_00000003")
+        for _ in range(20):  # the stalled request's socket: the uploading worker process holds it
+            owner = pid_of_client(peer)
+            if owner is not None:
+                seen["pid"], seen["killed_at"] = owner, time.monotonic()
+                os.kill(owner, signal.SIGKILL)
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_the_uploader, daemon=True)
+    killer.start()
+    overrides = tiny_gan_overrides(s3_data, f"s3://{BUCKET}/runs", name) + ["train.total_steps=4",
+                                                                            "run.max_failures=2"]
+    t0 = time.monotonic()
+    result, reports = run(overrides, tmp_path / "reports.jsonl")
+    wall = time.monotonic() - t0
+    killer.join(timeout=5)
+
+    assert "pid" in seen, "the upload never stalled, or its process was not found, so no worker was killed"
+    assert not os.path.exists(f"/proc/{seen['pid']}"), "the uploading worker survived SIGKILL"
+    # At the kill, checkpoint 3 was in the bucket without its state.pt: half-written, and not complete.
+    assert "state.pt" not in seen["files"] and seen["files"] and not seen["complete"], seen
+    # Ray never registered it, so the new workers resumed from checkpoint 2: steps 3 and 4 come once,
+    # after 1 and 2 (a restart from scratch would report 1 and 2 again).
+    assert steps_of(reports) == [1, 2, 3, 4]
+    assert result.metrics["step"] == 4
+    assert registered_checkpoints(name) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert_complete_and_loadable(name, step)
+    print(f"\nkilled upload: pid {seen['pid']} killed {seen['killed_at'] - t0:.1f} s into the run; "
+          f"files of checkpoint 3 then: {sorted(seen['files'])}; run {wall:.1f} s")
