@@ -29,8 +29,7 @@ from raysr import run_checkpoint
 from raysr.checkpoint import load_generator
 from raysr.config import load_config
 from raysr.train import fit
-from test_train import CHECKPOINT_FILES, checkpoint_keys, demo_data, read_reports, report_recorder, \
-    tiny_gan_overrides  # noqa: F401 (demo_data: the session's demo shards, a fixture)
+from test_train import CHECKPOINT_FILES, checkpoint_keys, read_reports, report_recorder, tiny_gan_overrides
 
 BUCKET = "raysr-chaos-storage"
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # where Ray Train records the checkpoints it registered
