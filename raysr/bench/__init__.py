@@ -15,3 +15,19 @@ BENCHMARKS = {
     "overhead": "raysr.bench.overhead",
     "train": "raysr.bench.train_run",
 }
+
+
+def error(bench: str, message: str) -> int:
+    """Print a bench's command-line error and return its exit code, 2. On stderr: with ``--json``,
+    stdout's last line must stay the JSON result (or nothing)."""
+    import sys
+    print(f"raysr.bench {bench}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def below_one(args, names) -> str:
+    """The error for the first of ``args``' integer options ``names`` below 1, or ""."""
+    for name in names:
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+    return ""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import time
 
 import numpy as np
@@ -27,6 +26,7 @@ import torch
 from PIL import Image
 
 from raysr import io as rio
+from raysr.bench import below_one, error
 from raysr.bench.imresize import numpy_imresize
 from raysr.data import make_lr, make_train_loader, resolve_shards
 from raysr.data.samples import image_member, tar_samples
@@ -106,17 +106,11 @@ def measure_pipeline(args: argparse.Namespace, shard_list) -> dict:
             "startup_s": first - start, "samples": stats["samples"], "skipped": stats["skipped"]}
 
 
-def _error(message: str) -> int:
-    # stderr: with --json, stdout's last line must stay the JSON result (or nothing)
-    print(f"raysr.bench data: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _check_args(args: argparse.Namespace) -> str:
     """What is wrong with the command line, or ""."""
-    for name in ("gt_size", "scale", "batch_size", "batches", "baseline_crops"):
-        if getattr(args, name) < 1:
-            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+    problem = below_one(args, ("gt_size", "scale", "batch_size", "batches", "baseline_crops"))
+    if problem:
+        return problem
     try:
         device = torch.device(args.device)
     except RuntimeError as err:
@@ -129,7 +123,7 @@ def _check_args(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     problem = _check_args(args)
     if problem:
-        return _error(problem)
+        return error("data", problem)
     torch.set_num_threads(1)  # per-core figures: this process uses one core, as each loader worker does
     try:
         shard_list = resolve_shards(args.shards)
@@ -137,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
                                     args.seed)
         ours = measure_pipeline(args, shard_list)
     except (ValueError, rio.StorageError) as err:
-        return _error(str(err))
+        return error("data", str(err))
     cores = max(1, args.workers)
     speedup = ours["crops_per_s_per_core"] / baseline
     size = f"{shard_list.num_samples} samples" if shard_list.num_samples is not None else "size unknown (no manifest)"

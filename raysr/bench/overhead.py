@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 
 import torch
 
+from raysr.bench import below_one, error
 from raysr.bench.step import build, command_line, commit, hr_batches, report_final, start_ray, timed_steps
 from raysr.config import load_config
 
@@ -101,17 +101,12 @@ def measure_ray(args: dict) -> dict:
     return m
 
 
-def _error(message: str) -> int:
-    print(f"raysr.bench overhead: error: {message}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
-    for name in ("steps", "log_every", "batch_size", "gt_size"):
-        if getattr(args, name) < 1:
-            return _error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    problem = below_one(args, ("steps", "log_every", "batch_size", "gt_size"))
+    if problem:
+        return error("overhead", problem)
     if args.warmup < 0:
-        return _error(f"--warmup must be >= 0, got {args.warmup}")
+        return error("overhead", f"--warmup must be >= 0, got {args.warmup}")
     settings = {k: getattr(args, k) for k in ("steps", "warmup", "log_every", "batch_size", "gt_size")}
     saved = torch.get_num_threads()
     try:
@@ -119,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             under_ray = measure_ray(settings)
         except RuntimeError as err:
-            return _error(str(err))
+            return error("overhead", str(err))
         after = plain_loop(settings)
     finally:
         torch.set_num_threads(saved)

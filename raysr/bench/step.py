@@ -38,7 +38,6 @@ import re
 import resource
 import statistics
 import subprocess
-import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -47,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raysr.bench import below_one, error
 from raysr.bench.imresize import numpy_imresize
 from raysr.config import ConfigError, config_from_dict, load_config, parse_override, set_key
 
@@ -382,17 +382,11 @@ def measure_ddp(cfg, args, workers: int, use_gpu: bool) -> dict:
 # --------------------------------------------------------------------------- command
 
 
-def _error(message: str) -> int:
-    # stderr: with --json, stdout's last line must stay the JSON result (or nothing)
-    print(f"raysr.bench step: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _check_args(args: argparse.Namespace) -> str:
     """What is wrong with the command line, or ""."""
-    for name in ("batch_size", "gt_size", "steps", "interval", "workers"):
-        if getattr(args, name) < 1:
-            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+    problem = below_one(args, ("batch_size", "gt_size", "steps", "interval", "workers"))
+    if problem:
+        return problem
     if args.warmup < 0:
         return f"--warmup must be >= 0, got {args.warmup}"
     if args.peak_tflops is not None and args.peak_tflops <= 0:
@@ -403,13 +397,13 @@ def _check_args(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     problem = _check_args(args)
     if problem:
-        return _error(problem)
+        return error("step", problem)
     os.environ.setdefault("RAYSR_OFFLINE", "1")  # a benchmark never downloads: cached VGG or random
     try:
         device = resolve_device(args.device)
         cfg = bench_config(args)
     except (ValueError, ConfigError) as err:
-        return _error(str(err))
+        return error("step", str(err))
     if args.workers > 1:
         return run_scaling(args, cfg, device)
 
@@ -487,13 +481,13 @@ def run_scaling(args: argparse.Namespace, cfg, device: torch.device) -> int:
     import ray
     have = ray.cluster_resources().get("GPU" if use_gpu else "CPU", 0)
     if have < args.workers:
-        return _error(f"--workers {args.workers} needs {args.workers} {'GPUs' if use_gpu else 'CPUs'}; "
+        return error("step", f"--workers {args.workers} needs {args.workers} {'GPUs' if use_gpu else 'CPUs'}; "
                       f"the Ray cluster has {have:g}")
     try:
         one = measure_ddp(cfg, args, 1, use_gpu)
         many = measure_ddp(cfg, args, args.workers, use_gpu)
     except RuntimeError as err:
-        return _error(str(err))
+        return error("step", str(err))
     efficiency = many["crops_per_s"] / (args.workers * one["crops_per_s"])
     result = {"bench": "step", "model": args.model, "phase": args.phase, "workers": args.workers,
               "command": command_line(args),

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
+from raysr.bench import error
 from raysr.bench.step import commit
 
 
@@ -24,11 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", default=None, help="run.storage for the run (default: a new temporary folder)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the raysr.train arguments")
-
-
-def _error(message: str) -> int:
-    print(f"raysr.bench train: error: {message}", file=sys.stderr)
-    return 2
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,12 +41,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = train.resolve(train.build_parser().parse_args(argv))
     except (ConfigError, StorageError) as err:
-        return _error(str(err))
+        return error("train", str(err))
     start = time.perf_counter()
     result = train.fit(cfg)
     wall_s = time.perf_counter() - start
     if result is None or result.checkpoint is None:
-        return _error("the training run failed (its error is printed above)")
+        return error("train", "the training run failed (its error is printed above)")
     with result.checkpoint.as_directory() as d, open(os.path.join(d, METRICS_FILE)) as f:
         m = json.load(f)
     out = {"bench": "train", "command": "python -m raysr.train " + " ".join(train_args), "commit": commit(),
