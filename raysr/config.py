@@ -151,7 +151,12 @@ class OptimConfig:
 class RunConfig:
     name: str = "raysr"
     storage: str = "~/raysr_runs"  # local directory or s3://bucket/prefix
-    num_workers: int = 1  # Ray Train workers (one per GPU)
+    # Ray Train workers (one per GPU): N waits for N; [min, max] is elastic: starts with what is
+    # there (up to max), goes on with fewer (at least min) when a node is lost, grows back to max
+    num_workers: Union[int, list[int]] = 1
+    # elastic runs: how often Ray looks for capacity to grow the worker group (Ray's
+    # ScalingConfig.elastic_resize_monitor_interval_s); each resize restarts from the latest checkpoint
+    resize_monitor_interval_s: float = 60.0
     use_gpu: Union[bool, Literal["auto"]] = "auto"
     checkpoint_every: int = 5000
     val_every: int = 5000
@@ -166,6 +171,20 @@ class RunConfig:
     compile: Literal["off", "default", "max-autotune-no-cudagraphs"] = "off"
     tf32: bool = True  # CUDA: fp32 matmuls and convolutions (the fp32 parts under bf16 too) in TF32
     cudnn_benchmark: bool = True  # CUDA: cuDNN times its algorithms per input shape, keeps the fastest
+
+    @property
+    def elastic(self) -> bool:
+        """Whether ``num_workers`` is a ``[min, max]`` range."""
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers a run uses; the global batch is ``data.batch_size × max_workers`` at every size."""
+        return self.num_workers[-1] if self.elastic else self.num_workers
 
 
 @dataclass
@@ -388,10 +407,10 @@ def validate(cfg: Config) -> None:
               ("model.generator.num_grow_ch", g.num_grow_ch), ("data.gt_size", data.gt_size),
               ("data.batch_size", data.batch_size), ("data.crops_per_image", data.crops_per_image),
               ("train.total_steps", train.total_steps), ("train.max_nonfinite", train.max_nonfinite),
-              ("run.num_workers", run.num_workers),
               ("run.checkpoint_every", run.checkpoint_every), ("run.val_every", run.val_every),
               ("run.log_every", run.log_every), ("run.keep_checkpoints", run.keep_checkpoints),
               ("optim.g.lr", cfg.optim.g.lr), ("optim.d.lr", cfg.optim.d.lr))
+    _check_num_workers(run)
     if data.num_workers < 0:
         raise ConfigError(f"data.num_workers: {data.num_workers} must be >= 0 (0 loads in the training process)")
     if run.max_failures < -1:
@@ -440,6 +459,26 @@ def validate(cfg: Config) -> None:
                       ("loss.perceptual.weights_path", cfg.loss.perceptual.weights_path)):
         if path and not path.startswith(("s3://", "http://", "https://")) and not os.path.exists(os.path.expanduser(path)):
             raise ConfigError(f"{key}: {path} does not exist")
+
+
+def _check_num_workers(run: RunConfig) -> None:
+    if not run.elastic:
+        _positive(("run.num_workers", run.num_workers))
+        return
+    if len(run.num_workers) != 2:
+        raise ConfigError(f"run.num_workers: {run.num_workers} must be one number N or a list [min, max], "
+                          "e.g. [2, 8]")
+    low, high = run.num_workers
+    if low < 1:
+        raise ConfigError(f"run.num_workers: [{low}, {high}]: min must be >= 1")
+    if low > high:
+        raise ConfigError(f"run.num_workers: [{low}, {high}]: min must be <= max; did you mean [{high}, {low}]?")
+    if run.max_failures == 0:
+        raise ConfigError(f"run.num_workers: [{low}, {high}] with run.max_failures=0: an elastic run goes on "
+                          "with fewer workers by restarting after the lost node's failure; set run.max_failures "
+                          "to 1 or more, or -1 for unlimited")
+    if run.resize_monitor_interval_s <= 0:
+        raise ConfigError(f"run.resize_monitor_interval_s: {run.resize_monitor_interval_s} must be > 0 (seconds)")
 
 
 def _positive(*pairs: tuple[str, float]) -> None:

@@ -194,14 +194,22 @@ def _has_batchnorm(m: nn.Module) -> bool:
 # --------------------------------------------------------------------------- the step
 
 
-def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor | float]:
+def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor, micro_batches: int = 1,
+               global_batch: int | None = None) -> dict[str, torch.Tensor | float]:
     """One optimisation step on a batch. lr: (N,3,h,w), hr: (N,3,h·scale,w·scale), float in [0,1].
 
-    Returns the step's scalars: losses and mean D logits as 0-dim float32 tensors on the
-    batch's device, never read here (the step makes no host sync, so the GPU queue stays
-    full; :class:`raysr.runlog.Meter` reads them once per log interval), and the learning
-    rate ``lr`` as a float. The order of events follows BasicSR's SRGAN/ESRGAN models:
-    update G with D frozen, then D.
+    ``micro_batches`` > 1 accumulates gradients: the batch is cut into that many micro-batches
+    (``torch.tensor_split``: sizes differ by at most 1), each run forward and backward on its
+    own (DDP all-reduces only after the last), with its loss weighted by its crops, so the
+    gradient is that of the mean loss over the whole batch. ``global_batch``: the crops of this
+    step on all DDP ranks together (default ``N × world size``); a rank's gradient is weighted
+    by its share, so ranks may hold different numbers of crops (elastic runs, raysr.train).
+
+    Returns the step's scalars: losses (the means over this rank's N crops) and mean D logits
+    as 0-dim float32 tensors on the batch's device, never read here (the step makes no host
+    sync, so the GPU queue stays full; :class:`raysr.runlog.Meter` reads them once per log
+    interval), and the learning rate ``lr`` as a float. The order of events follows BasicSR's
+    SRGAN/ESRGAN models: update G with D frozen, then D.
     """
     cfg, device = s.cfg, lr.device
     autocast = autocast_for(device, cfg.run.precision)
@@ -210,52 +218,71 @@ def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, t
     out: dict[str, torch.Tensor | float] = {}
     gan = cfg.train.phase == "gan"
     update_g = not gan or s.step >= cfg.train.d_init_steps
+    world = _world_size()
+    global_batch = global_batch or lr.shape[0] * world
 
     # Buffers (BatchNorm statistics) change in the forward passes; a skipped step restores them.
     buffers = [b for m in (s.g_module, s.d_module) if m is not None for b in m.buffers()]
     saved_buffers = [b.clone() for b in buffers]
-
-    # ---- generator: loss and gradients (its update waits for the finiteness check below)
-    if not update_g:  # D warm-up (Real-ESRGAN's net_d_init_iters): G only produces fakes
-        with torch.no_grad(), autocast:
-            sr = s.g(lr)
-    else:
-        with autocast:
-            sr = s.g(lr)
-            l_pix = cfg.loss.pixel.weight * pixel_loss(sr.float(), hr, cfg.loss.pixel.type)
-            loss_g = l_pix
-            out["loss_pix"] = _scalar(l_pix)
-            if gan:
-                if s.perceptual_for_g is not None:
-                    l_percep = cfg.loss.perceptual.weight * s.perceptual_for_g(sr, hr)
-                    loss_g = loss_g + l_percep
-                    out["loss_percep"] = _scalar(l_percep)
-                s.d_module.requires_grad_(False)
-                fake_g = s.d_for_g(sr)
-                real_g = s.d_for_g(hr).detach() if cfg.loss.adversarial.type == "ragan" else None
-                l_adv = cfg.loss.adversarial.weight * g_adv_loss(cfg.loss.adversarial.type, fake_g, real_g)
-                s.d_module.requires_grad_(True)
-                loss_g = loss_g + l_adv
-                out["loss_adv"] = _scalar(l_adv)
-        s.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        if cfg.train.grad_clip > 0:  # VDSR: clip to θ/γ so the bound follows the learning rate
-            torch.nn.utils.clip_grad_value_(s.g_module.parameters(), cfg.train.grad_clip / s.sched_g.get_last_lr()[0])
-        out["loss_g"] = _scalar(loss_g)
-
-    # ---- discriminator: loss and gradients. D sees sr.detach() and HR, neither of which G's
-    # update changes, so computing this before G's update gives BasicSR's G-then-D step exactly.
+    s.opt_g.zero_grad(set_to_none=True)
     if gan:
-        with autocast:
-            real_d = s.d(hr)
-            fake_d = s.d(sr.detach())
-            loss_d = d_adv_loss(cfg.loss.adversarial.type, real_d, fake_d)
         s.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        out.update(loss_d=_scalar(loss_d), d_real=_scalar(real_d.float().mean()), d_fake=_scalar(fake_d.float().mean()))
+
+    def record(key: str, value: torch.Tensor, share: float) -> None:  # this rank's mean over its N crops
+        out[key] = out[key] + share * _scalar(value) if key in out else share * _scalar(value)
+
+    chunks = list(zip(lr.tensor_split(micro_batches), hr.tensor_split(micro_batches)))
+    for i, (lr_i, hr_i) in enumerate(chunks):
+        # The micro-batch's part of the global batch's mean loss; × world because DDP averages
+        # the ranks' gradients. 1.0 for one micro-batch per rank and equal ranks (no rounding).
+        weight, share = lr_i.shape[0] * world / global_batch, lr_i.shape[0] / lr.shape[0]
+        last = i == len(chunks) - 1
+
+        # ---- generator: loss and gradients (its update waits for the finiteness check below)
+        if not update_g:  # D warm-up (Real-ESRGAN's net_d_init_iters): G only produces fakes
+            with torch.no_grad(), autocast:
+                sr = s.g(lr_i)
+        else:
+            with _no_sync(s.g, last):
+                with autocast:
+                    sr = s.g(lr_i)
+                    l_pix = cfg.loss.pixel.weight * pixel_loss(sr.float(), hr_i, cfg.loss.pixel.type)
+                    loss_g = l_pix
+                    record("loss_pix", l_pix, share)
+                    if gan:
+                        if s.perceptual_for_g is not None:
+                            l_percep = cfg.loss.perceptual.weight * s.perceptual_for_g(sr, hr_i)
+                            loss_g = loss_g + l_percep
+                            record("loss_percep", l_percep, share)
+                        s.d_module.requires_grad_(False)
+                        fake_g = s.d_for_g(sr)
+                        real_g = s.d_for_g(hr_i).detach() if cfg.loss.adversarial.type == "ragan" else None
+                        l_adv = cfg.loss.adversarial.weight * g_adv_loss(cfg.loss.adversarial.type, fake_g, real_g)
+                        s.d_module.requires_grad_(True)
+                        loss_g = loss_g + l_adv
+                        record("loss_adv", l_adv, share)
+                (weight * loss_g).backward()
+            record("loss_g", loss_g, share)
+
+        # ---- discriminator: loss and gradients. D sees sr.detach() and HR, neither of which G's
+        # update changes, so computing this before G's update gives BasicSR's G-then-D step exactly.
+        if gan:
+            with _no_sync(s.d, last):
+                with autocast:
+                    real_d = s.d(hr_i)
+                    fake_d = s.d(sr.detach())
+                    loss_d = d_adv_loss(cfg.loss.adversarial.type, real_d, fake_d)
+                (weight * loss_d).backward()
+            record("loss_d", loss_d, share)
+            record("d_real", real_d.float().mean(), share)
+            record("d_fake", fake_d.float().mean(), share)
+
+    if update_g and cfg.train.grad_clip > 0:  # VDSR: clip to θ/γ so the bound follows the learning rate
+        torch.nn.utils.clip_grad_value_(s.g_module.parameters(), cfg.train.grad_clip / s.sched_g.get_last_lr()[0])
 
     # ---- updates, all skipped when any loss or gradient is NaN/inf (on any rank)
-    skip = _nonfinite([(loss_g, s.g_module) if update_g else None, (loss_d, s.d_module) if gan else None], device)
+    skip = _nonfinite([(out["loss_g"], s.g_module) if update_g else None,
+                       (out["loss_d"], s.d_module) if gan else None], device)
     with torch.no_grad():
         for b, old in zip(buffers, saved_buffers):
             b.copy_(torch.where(skip > 0, old, b))
@@ -281,6 +308,21 @@ def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, t
     return out
 
 
+def _world_size() -> int:
+    """DDP ranks (1 without torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _no_sync(module: nn.Module, last: bool):
+    """DDP's ``no_sync`` for every micro-batch but the ``last``: gradients add up locally and are
+    all-reduced once per step. Nothing for a module that is not DDP-wrapped."""
+    if last or not isinstance(module, nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return module.no_sync()
+
+
 def _nonfinite(parts, device: torch.device) -> torch.Tensor:
     """0-dim float32 on ``device``: 1.0 if any ``(loss, module)`` has a NaN/inf loss or gradient, on
     any DDP rank (an all-reduce, so every replica skips the same steps), else 0.0. No host read."""
@@ -293,7 +335,7 @@ def _nonfinite(parts, device: torch.device) -> torch.Tensor:
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         if grads:  # GradScaler's own check: sets found to 1 on any non-finite gradient (scale 1: unchanged)
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones((), device=device))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _world_size() > 1:
         torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
     return found
 

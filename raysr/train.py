@@ -7,8 +7,8 @@
 Order of events: resolve and validate the config (exit 2 on any error, before
 Ray starts) -> connect to Ray (RAY_ADDRESS / ``ray job submit``) or start a
 local one on 127.0.0.1 -> TorchTrainer runs :func:`train_loop_per_worker` on
-``run.num_workers`` workers -> each worker streams its share of the shards, runs
-:func:`raysr.engine.train_step`, and reports metrics; rank 0 validates and
+``run.num_workers`` workers (N, or elastic: [min, max]) -> each worker streams its
+share of the shards, runs :func:`raysr.engine.train_step`, and reports metrics; rank 0 validates and
 writes checkpoints to ``<run.storage>/<run.name>``. Re-running with the same
 ``run.name`` resumes from the latest checkpoint. ``train.init_from=psnr`` puts a
 PSNR-phase run (``<run.name>_psnr``) before the GAN phase (:func:`fit_both_phases`).
@@ -262,7 +262,7 @@ def make_trainer(cfg: Config, callbacks=(), storage: str | None = None, name: st
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict()},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=bool(use_gpu)),
+        scaling_config=scaling_config(cfg, bool(use_gpu)),
         run_config=ray.train.RunConfig(
             name=name or cfg.run.name,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
@@ -271,6 +271,24 @@ def make_trainer(cfg: Config, callbacks=(), storage: str | None = None, name: st
             callbacks=list(callbacks),
             **storage_args(storage or cfg.run.storage)),
     )
+
+
+def scaling_config(cfg: Config, use_gpu: bool):
+    """Ray's ScalingConfig: ``run.num_workers`` N, or elastic between [min, max] workers, Ray looking
+    for capacity to grow every ``run.resize_monitor_interval_s``. A resize restarts the worker group
+    from the latest checkpoint (losing the steps since); a lost node counts as one of
+    ``run.max_failures``, after which the group goes on with the workers that are left."""
+    import ray.train
+
+    if not cfg.run.elastic:
+        return ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu)
+    return ray.train.ScalingConfig(num_workers=(cfg.run.min_workers, cfg.run.max_workers), use_gpu=use_gpu,
+                                   elastic_resize_monitor_interval_s=cfg.run.resize_monitor_interval_s)
+
+
+def describe_workers(run) -> str:
+    """``2 worker(s)``, or ``1-4 workers (elastic)``, for the start line."""
+    return f"{run.min_workers}-{run.max_workers} workers (elastic)" if run.elastic else f"{run.num_workers} worker(s)"
 
 
 def fit(cfg: Config, callbacks=()):
@@ -283,7 +301,7 @@ def fit(cfg: Config, callbacks=()):
     trainer = make_trainer(cfg, callbacks)
     device = "GPU" if trainer.scaling_config.use_gpu else "CPU"
     print(f"raysr: run {cfg.run.name} -> {run_dir(cfg)} | {cfg.model.generator.name} x{cfg.scale}, "
-          f"{cfg.train.phase} phase, {cfg.train.total_steps} steps, {cfg.run.num_workers} worker(s) on {device}",
+          f"{cfg.train.phase} phase, {cfg.train.total_steps} steps, {describe_workers(cfg.run)} on {device}",
           flush=True)
     run_checkpoint.pop_divergence(run_dir(cfg))  # a rerun (resume) starts without the last one's verdict
     try:
@@ -367,10 +385,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     quiet_output(cfg.run.verbose, rank)
     device = ray.train.torch.get_device()
+    # The global batch is data.batch_size × max workers at every world size: rank r plays the
+    # max workers' ranks r, r + world, ... (micro-batches of data.batch_size, gradients
+    # accumulated), so fewer workers after a lost node change the step's time, not the optimisation.
+    global_batch = cfg.data.batch_size * cfg.run.max_workers
+    micro_batches = len(range(rank, cfg.run.max_workers, world))
 
     # ---- build: identical initial weights on every rank (DDP also broadcasts them)
     torch.manual_seed(cfg.run.seed)
-    state = build_state(cfg, device, lambda module, has_bn: ddp(module, has_bn, world, device))
+    state = build_state(cfg, device, lambda module, has_bn: ddp(module, has_bn, world, device,
+                                                                static_graph=world == cfg.run.max_workers))
 
     # ---- resume
     checkpoint = ray.train.get_checkpoint()
@@ -378,12 +402,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as d:
             run_checkpoint.restore(state, run_checkpoint.read_state(d, map_location=device))
         if rank == 0:
-            say(f"raysr: resumed {cfg.run.name} at step {state.step}")
+            say(f"raysr: resumed {cfg.run.name} at step {state.step} on {world} worker(s)"
+                + (f" (global batch {global_batch}: up to {micro_batches} micro-batches of {cfg.data.batch_size} "
+                   "per worker)" if cfg.run.elastic else ""))
     torch.manual_seed(cfg.run.seed + 1000 * rank + state.step)
 
     lr_on = resolve_lr_on(cfg.data.lr_on, device)
     loader = make_train_loader(
-        cfg.data.train, gt_size=cfg.data.gt_size, scale=cfg.scale, batch_size=cfg.data.batch_size, rank=rank,
+        cfg.data.train, gt_size=cfg.data.gt_size, scale=cfg.scale, batch_size=micro_batches * cfg.data.batch_size, rank=rank,
         world_size=world, num_workers=cfg.data.num_workers, seed=cfg.run.seed + state.step,
         crops_per_image=cfg.data.crops_per_image, lr_on=lr_on)
     batches = DeviceBatches(loader, device, cfg.scale, lr_on)
@@ -402,8 +428,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         t_wait = time.perf_counter()
         lr, hr = batches.next()
         t_step = time.perf_counter()
-        scalars = train_step(state, lr, hr)
-        meter.add(scalars, batch=lr.shape[0] * world, wait=t_step - t_wait, total=time.perf_counter() - t_wait)
+        scalars = train_step(state, lr, hr, micro_batches=micro_batches, global_batch=global_batch)
+        meter.add(scalars, batch=global_batch, wait=t_step - t_wait, total=time.perf_counter() - t_wait)
 
         step, last = state.step, state.step >= cfg.train.total_steps
         do_val = last or step % cfg.run.val_every == 0
@@ -411,7 +437,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if not (do_val or do_ckpt or step % cfg.run.log_every == 0):
             continue
         metrics = {"step": step, **meter.summary(), "skipped": batches.skipped(), "samples": batches.samples_seen(),
-                   "checkpoint_block_s": checkpoint_block_s}  # the training ranks' wait at the last checkpoint
+                   "checkpoint_block_s": checkpoint_block_s,  # the training ranks' wait at the last checkpoint
+                   "world_size": world, "global_batch": global_batch}
         diverged_at = int(state.diverged_at)  # the same on every rank: the skip flag is all-reduced
         if diverged_at >= 0:  # stop before any validation or checkpoint of this interval
             metrics["diverged_at"] = diverged_at
@@ -475,7 +502,7 @@ def upload_checkpoint(storage, checkpoint, dir_name: str):
     return ray.train.Checkpoint(dest, filesystem=fs)
 
 
-def ddp(module, has_batchnorm: bool, world: int, device):
+def ddp(module, has_batchnorm: bool, world: int, device, static_graph: bool = True):
     """``module`` wrapped for data-parallel training (as is on a single worker).
 
     BatchNorm statistics stay per replica (as BasicSR): syncing buffers every forward would
@@ -486,8 +513,10 @@ def ddp(module, has_batchnorm: bool, world: int, device):
     frozen), so freezing D never changes D's DDP graph; D runs twice (real, fake) before its one
     backward, which autograd sums into one gradient per parameter; G's forward under no_grad during
     D warm-up (``train.d_init_steps``) is invisible to DDP. A gloo run of both patterns gave
-    bit-identical weights with and without it. Buckets stay at torch's 25 MB (first 1 MB):
-    not measured on GPUs yet.
+    bit-identical weights with and without it. ``static_graph`` is off where ranks accumulate
+    micro-batches (an elastic run below its max workers): DDP's static graph fails on ``no_sync``
+    (torch 2.13: "expect_autograd_hooks_ INTERNAL ASSERT FAILED"). Buckets stay at torch's 25 MB
+    (first 1 MB): not measured on GPUs yet.
     """
     import torch
 
@@ -495,7 +524,7 @@ def ddp(module, has_batchnorm: bool, world: int, device):
         return module
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=not has_batchnorm,
-                                                     gradient_as_bucket_view=True, static_graph=True)
+                                                     gradient_as_bucket_view=True, static_graph=static_graph)
 
 
 def weight_fingerprint(module) -> float:

@@ -82,3 +82,28 @@ def test_allowed_values_come_from_the_model_files():
         load_config(overrides=["train.phase=gan", "data.gt_size=80", "loss.perceptual.allow_random_weights=true"])
     load_config(overrides=["train.phase=gan", "loss.perceptual.allow_random_weights=true",
                            f"loss.perceptual.layers={{{VGG19_LAYERS[-1]}: 1.0}}"])
+
+
+def test_num_workers_takes_a_number_or_an_elastic_min_max_range(tmp_path):
+    fixed = load_config(overrides=["run.num_workers=4"]).run
+    assert (fixed.num_workers, fixed.elastic, fixed.min_workers, fixed.max_workers) == (4, False, 4, 4)
+    elastic = load_config(overrides=["run.num_workers=[2, 8]", "run.resize_monitor_interval_s=5"]).run
+    assert (elastic.elastic, elastic.min_workers, elastic.max_workers) == (True, 2, 8)
+    assert elastic.resize_monitor_interval_s == 5.0
+    assert load_config().run.resize_monitor_interval_s == 60.0  # Ray's own default
+    path = tmp_path / "elastic.yaml"
+    path.write_text("run:\n  num_workers: [1, 2]\n")
+    assert load_config(config_file=str(path)).run.num_workers == [1, 2]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["run.num_workers=[0, 2]"], "run.num_workers: [0, 2]: min must be >= 1"),
+    (["run.num_workers=[4, 2]"], "run.num_workers: [4, 2]: min must be <= max; did you mean [2, 4]?"),
+    (["run.num_workers=[1, 2, 3]"], "run.num_workers: [1, 2, 3] must be one number N or a list [min, max]"),
+    (["run.num_workers=0"], "run.num_workers: 0 must be > 0"),
+    (["run.num_workers=[1, 2]", "run.max_failures=0"], "run.num_workers: [1, 2] with run.max_failures=0"),
+    (["run.num_workers=[1, 2]", "run.resize_monitor_interval_s=0"], "run.resize_monitor_interval_s: 0.0 must be > 0"),
+])
+def test_num_workers_errors_name_the_key_and_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(overrides=overrides)

@@ -375,3 +375,113 @@ def test_max_nonfinite_steps_in_a_row_mark_the_step_it_diverged_at():
     train_step(state, lr, nan_hr)
     train_step(state, lr, nan_hr)
     assert int(state.diverged_at) == 6  # the third in a row was step 6; step 7 does not move it
+
+
+# --------------------------------------------------------------------------- gradient accumulation
+
+
+def without_batchnorm(module: torch.nn.Module) -> None:
+    """Every BatchNorm of ``module`` replaced by the identity, in place."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, torch.nn.Identity())
+        else:
+            without_batchnorm(child)
+
+
+@pytest.mark.parametrize("phase", ["psnr", "gan"])
+@pytest.mark.parametrize("micro_batches", [2, 3])
+def test_accumulating_micro_batches_gives_the_whole_batch_step(phase, micro_batches):
+    """Three steps on batches of 6 crops, each step in ``micro_batches`` micro-batches (3 or 2 crops
+    each; 3 micro-batches of 2), against one pass per batch: the same weights of G, D and the EMA.
+
+    Equal in exact arithmetic because every loss is a mean over crops of per-crop terms and each
+    micro-batch's loss is weighted by its crops. In the GAN phase that takes a discriminator
+    without BatchNorm (BatchNorm normalises over the micro-batch, so D's outputs, and G's
+    adversarial gradient through D, depend on how the batch is cut) and the vanilla GAN loss
+    (RaGAN compares each logit with the batch mean of the other kind's). With BatchNorm and RaGAN
+    a micro-batch computes what one DDP rank of a run with more workers computes on its batch.
+    Tolerances: the last step's gradients to 1e-4 of their largest element (float32 sums in
+    another order); the weights to 1e-6, 1 % of one GAN-phase Adam step (lr 1e-4; measured 0.15 %, in D): Adam
+    divides each gradient by √v + 1e-8, which makes a 1e-9 difference of an element near 1e-8 visible."""
+    overrides = (TINY_PSNR + ["loss.pixel.type=mse"] if phase == "psnr" else
+                 TINY_GAN + ["loss.adversarial.type=vanilla", "model.generator.name=srresnet", "train.ema_decay=0.5"])
+    gt = 32 if phase == "psnr" else 96
+    runs = []
+    for micro in (1, micro_batches):
+        torch.manual_seed(0)
+        state = build_state(load_config("quickstart" if phase == "psnr" else "esrgan_x4", overrides=overrides),
+                            torch.device("cpu"))
+        if state.d_module is not None:
+            without_batchnorm(state.d_module)
+        for i in range(3):
+            out = floats(train_step(state, *batch(60 + i, n=6, gt=gt), micro_batches=micro))
+        runs.append((state, out))
+    (whole, whole_out), (accumulated, accumulated_out) = runs
+    assert accumulated.step == whole.step == 3
+    nets = ("g_module", "d_module", "ema") if phase == "gan" else ("g_module",)
+    for what in nets:
+        a, b = getattr(whole, what), getattr(accumulated, what)
+        a, b = (a.module, b.module) if what == "ema" else (a, b)
+        assert not torch.equal(params(a), params(b))  # really another float path
+        torch.testing.assert_close(params(b), params(a), rtol=0, atol=1e-2 * 1e-4, msg=what)
+        if what != "ema":
+            grad_a, grad_b = (torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (a, b))
+            torch.testing.assert_close(grad_b, grad_a, rtol=0, atol=1e-4 * grad_a.abs().max().item(), msg=what)
+    for key, value in whole_out.items():  # the reported losses are the means over the whole batch
+        assert accumulated_out[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def test_a_rank_weights_its_gradient_by_its_share_of_the_global_batch():
+    """``global_batch``: a rank holding 2 of 8 crops scales its gradient by 2/8 (one rank here,
+    so no DDP average); its reported loss stays the mean over its own crops."""
+    runs = {}
+    for global_batch in (None, 8):
+        torch.manual_seed(0)
+        state = build_state(load_config("quickstart", overrides=TINY_PSNR + ["loss.pixel.type=mse"]),
+                            torch.device("cpu"))
+        out = floats(train_step(state, *batch(70), global_batch=global_batch))
+        runs[global_batch] = ([p.grad.clone() for p in state.g_module.parameters()], out)
+    for full, quarter in zip(runs[None][0], runs[8][0]):
+        torch.testing.assert_close(quarter, full * 0.25, rtol=1e-6, atol=0)
+    assert runs[8][1]["loss_pix"] == runs[None][1]["loss_pix"]
+
+
+def _ddp_rank(rank: int, port: int, result_path: str) -> None:
+    """One of two gloo ranks of a run with max 3 workers: rank 0 plays ranks 0 and 2 (2 micro-batches),
+    rank 1 plays rank 1; three steps; rank 0 saves G's weights."""
+    import os
+
+    from raysr.train import ddp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = load_config("quickstart", overrides=TINY_PSNR + ["loss.pixel.type=mse"])
+    state = build_state(cfg, torch.device("cpu"), lambda m, has_bn: ddp(m, has_bn, 2, torch.device("cpu"),
+                                                                       static_graph=False))
+    for step in range(3):
+        lr, hr = batch(80 + step, n=6)  # the 6 crops of the global batch: max ranks 0, 1, 2 hold 2 each
+        mine = [v for v in range(rank, 3, 2)]
+        lr, hr = torch.cat([lr[2 * v:2 * v + 2] for v in mine]), torch.cat([hr[2 * v:2 * v + 2] for v in mine])
+        train_step(state, lr, hr, micro_batches=len(mine), global_batch=6)
+    if rank == 0:
+        torch.save(params(state.g_module), result_path)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ddp_ranks_with_uneven_micro_batches_give_the_one_process_step(tmp_path):
+    """DDP over gloo, 2 ranks standing in for 3 (2 and 1 micro-batches, no_sync on all but the last):
+    the weights of one process stepping on all 6 crops at once, to the tolerance above."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_rank, args=(port, str(tmp_path / "g.pt")), nprocs=2)
+    torch.manual_seed(0)
+    state = build_state(load_config("quickstart", overrides=TINY_PSNR + ["loss.pixel.type=mse"]), torch.device("cpu"))
+    for step in range(3):
+        train_step(state, *batch(80 + step, n=6))
+    torch.testing.assert_close(torch.load(tmp_path / "g.pt"), params(state.g_module), rtol=0, atol=1e-6)

@@ -76,11 +76,11 @@ class TrialProgress(tune.Callback):
 def trial_resources(cfg: Config, cluster: dict) -> tuple[int, str]:
     """How many trials fit the cluster at once, and one line saying why.
 
-    Each trial runs ``run.num_workers`` workers (1 GPU each on GPUs, which
-    request no CPU; else 1 CPU each) plus a driver of ``TRIAL_DRIVER_CPUS``.
+    Each trial runs up to ``run.num_workers`` workers (the max of an elastic [min, max]; 1 GPU
+    each on GPUs, which request no CPU; else 1 CPU each) plus a driver of ``TRIAL_DRIVER_CPUS``.
     ``cluster``: ``ray.cluster_resources()``. At least 1 (an autoscaler adds nodes).
     """
-    n = cfg.run.num_workers
+    n = cfg.run.max_workers
     use_gpu = cluster.get("GPU", 0) > 0 if cfg.run.use_gpu == "auto" else cfg.run.use_gpu
     if use_gpu:
         fits = int(cluster.get("GPU", 0) // n)

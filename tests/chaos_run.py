@@ -1,0 +1,164 @@
+"""A training run on a multi-node Ray cluster on this machine that loses a node and gets one back.
+
+    python tests/chaos_run.py fixed|elastic TRAIN_SHARDS VAL_DIR OUT_DIR
+
+Run by tests/test_elastic.py in a subprocess of its own, so that its cluster (a head without
+CPUs, two 1-CPU nodes, all on 127.0.0.1, temp files in a private folder) never meets the test
+session's local Ray. Writes ``OUT_DIR/reports.jsonl`` (every report: all ranks' metrics, the
+checkpoint, the time), ``OUT_DIR/events.json`` (when the node was removed and added) and the run
+under ``OUT_DIR/runs``.
+
+- fixed: ``run.num_workers=2``. Once the first checkpoint is registered, the node of one training
+  worker is removed and a new node added; the group waits for 2 workers and resumes.
+- elastic: ``run.num_workers=[1,2]``. The same removal; the run goes on with 1 worker; once that
+  worker's first checkpoint is registered a node is added, and the group grows back to 2.
+
+The Ray Train callback (in Ray's controller) holds the run at the report the scenario waits for,
+until this process has removed or added the node: each step then happens at a known point of
+the run, however fast the tiny model steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+TOTAL_STEPS = 12
+CHECKPOINT_EVERY = 2
+
+
+def overrides(mode: str, train: str, val: str, out: Path) -> list[str]:
+    workers = "[1, 2]" if mode == "elastic" else "2"
+    return ["model.generator.num_feat=8", "model.generator.num_block=1", "data.gt_size=32", "data.batch_size=2",
+            "data.num_workers=0", f"data.train={train}", f"data.val={val}", f"run.num_workers={workers}",
+            f"train.total_steps={TOTAL_STEPS}", f"run.checkpoint_every={CHECKPOINT_EVERY}", "run.val_every=1000",
+            "run.log_every=1", "run.max_failures=3", "run.resize_monitor_interval_s=1",
+            f"run.storage={out / 'runs'}", f"run.name={mode}"]
+
+
+def recorder(out: Path):
+    """Appends each report to reports.jsonl. At a checkpointed report of the world size that
+    ``hold.json`` names ({"world_size": W}) it writes ``held`` and holds Ray's controller, so the
+    run goes no further, until the scenario deletes ``held``."""
+    import ray.train
+
+    class RecordAndHold(ray.train.UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(out / "reports.jsonl", "a") as f:
+                f.write(json.dumps({"metrics": metrics, "checkpoint": checkpoint.path if checkpoint else None,
+                                    "time": time.time()}) + "\n")
+            hold = out / "hold.json"
+            if checkpoint is None or not hold.exists() or \
+                    json.loads(hold.read_text())["world_size"] != metrics[0]["world_size"]:
+                return
+            held = out / "held"
+            held.write_text(str(metrics[0]["step"]))
+            deadline = time.monotonic() + 120
+            while held.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    return RecordAndHold()
+
+
+def held_step(out: Path, timeout: float = 180) -> int:
+    """Wait until the run is held at a report; its step."""
+    deadline = time.monotonic() + timeout
+    while not (out / "held").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the run never reached the report the scenario waits for")
+        time.sleep(0.05)
+    time.sleep(0.05)  # the file's text is written
+    return int((out / "held").read_text())
+
+
+def scenario(mode: str, cluster, out: Path, events: dict) -> None:
+    """Remove the node of a training worker at the first checkpoint, then add a node."""
+    from ray.util.state import list_actors
+
+    events["removed_after_step"] = held_step(out)
+    workers = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker"),
+                                                             ("state", "=", "ALIVE")])
+    victim = next(n for n in cluster.worker_nodes if n.node_id == workers[-1].node_id)
+    if mode == "elastic":  # the next hold: the first checkpoint of the group of 1
+        (out / "hold.json").write_text(json.dumps({"world_size": 1}))
+    else:
+        (out / "hold.json").unlink()
+    cluster.remove_node(victim, allow_graceful=False)  # as a reclaimed spot node: all its processes killed
+    events["removed"] = time.time()
+    (out / "held").unlink()
+    if mode == "elastic":
+        events["added_after_step"] = held_step(out)
+        (out / "hold.json").unlink()
+    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    events["added"] = time.time()
+    if mode == "elastic":
+        # Held a few seconds more, so that Ray's resource view has the new node when the controller
+        # next decides on a resize (and the group of 1 cannot finish the run before).
+        time.sleep(5)
+        (out / "held").unlink()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(mode: str, train_dir: str, val: str, out_dir: str) -> int:
+    out = Path(out_dir)
+    # Shorter than Ray's defaults, to keep the test short: Ray Train's controller polls the workers
+    # every 0.5 s (2 s), gives a worker group 20 s to start (60 s), and the GCS declares a node dead
+    # after 3 missed 1 s health checks (5 missed 3 s ones). README's figures are measured with these.
+    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_TRAIN_V2_ENABLED="1",
+                      RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20")
+    from ray.cluster_utils import Cluster
+
+    from raysr.config import load_config
+    from raysr.train import fit, init_ray
+
+    # Ray's temp files (and the ray_current_cluster file Cluster writes) under RAY_TMPDIR, the
+    # caller's private folder: never in the machine's shared /tmp/ray
+    temp_dir = os.path.join(os.environ["RAY_TMPDIR"], "ray")
+    os.makedirs(temp_dir, exist_ok=True)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": True, "dashboard_host": "127.0.0.1",
+        "gcs_server_port": free_port(), "dashboard_port": free_port(),  # never a port another Ray holds
+        "temp_dir": temp_dir, "_system_config": {"health_check_initial_delay_ms": 1000,
+                                                 "health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
+                                                 "health_check_failure_threshold": 3}})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    os.environ["RAY_ADDRESS"] = cluster.address
+    (out / "hold.json").write_text(json.dumps({"world_size": 2}))  # the first checkpoint of the group of 2
+    events: dict = {"start": time.time()}
+    # Ray starts nodes from the main thread only (signal handlers), so training runs in a thread;
+    # ray.init here first, for the same reason
+    init_ray()
+    outcome: dict = {}
+
+    def train():
+        result = fit(load_config(preset="quickstart", overrides=overrides(mode, train_dir, val, out)),
+                     callbacks=[recorder(out)])
+        outcome["ok"] = result is not None and result.error is None
+        events["end"] = time.time()
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    try:
+        scenario(mode, cluster, out, events)
+        thread.join()
+        (out / "events.json").write_text(json.dumps(events))
+        return 0 if outcome.get("ok") else 1
+    finally:
+        import ray
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))

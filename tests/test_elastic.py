@@ -1,0 +1,98 @@
+"""Node loss on a real multi-node Ray cluster on this machine (tests/chaos_run.py, in a subprocess):
+a fixed-size run waits for its node to come back, an elastic run goes on with fewer workers and
+grows back. Both must end at their exact last step, with a global batch that never changed, a
+clean final checkpoint and at most one checkpoint interval of steps computed twice."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from raysr.demo import build_demo_data
+
+CHAOS_RUN = Path(__file__).with_name("chaos_run.py")
+TOTAL_STEPS, CHECKPOINT_EVERY, GLOBAL_BATCH = 12, 2, 4  # as chaos_run.py sets them: batch 2 x 2 workers
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    train, val = build_demo_data(str(tmp_path_factory.mktemp("elastic_demo")))
+    return train, val
+
+
+def chaos(mode: str, demo, out: Path) -> tuple[list[dict], dict]:
+    """Run tests/chaos_run.py MODE; its reports (rank 0's metrics, checkpoint, time) and events."""
+    ray_tmp = tempfile.mkdtemp(prefix="rsx_", dir="/tmp")  # short: Ray's unix sockets live under it
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=os.pathsep.join([str(CHAOS_RUN.parents[1]), env.get("PYTHONPATH", "")]))
+    try:
+        done = subprocess.run([sys.executable, str(CHAOS_RUN), mode, *demo, str(out)], env=env, capture_output=True,
+                              text=True, timeout=400)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    reports = [json.loads(line) for line in (out / "reports.jsonl").read_text().splitlines()]
+    return [{**r["metrics"][0], "checkpoint": r["checkpoint"], "time": r["time"]} for r in reports], \
+        json.loads((out / "events.json").read_text())
+
+
+def recomputed(reports: list[dict]) -> int:
+    """Steps reported more than once (done again after a restart from the latest checkpoint)."""
+    steps = [r["step"] for r in reports]
+    return len(steps) - len(set(steps))
+
+
+def assert_clean_final_checkpoint(run: Path) -> None:
+    state = torch.load(run / f"checkpoint_{TOTAL_STEPS:08d}" / "state.pt", weights_only=True)
+    assert state["step"] == TOTAL_STEPS
+    assert {int(s["step"]) for s in state["opt_g"]["state"].values()} == {TOTAL_STEPS}  # no step lost or doubled
+    for part in ("g", "g_ema") if "g_ema" in state else ("g",):
+        for key, value in state[part].items():
+            assert not value.is_floating_point() or bool(torch.isfinite(value).all()), f"{part}.{key}"
+
+
+def assert_steps_and_batch(reports: list[dict]) -> None:
+    steps = [r["step"] for r in reports]
+    assert steps[-1] == TOTAL_STEPS and set(steps) == set(range(1, TOTAL_STEPS + 1))
+    assert recomputed(reports) <= CHECKPOINT_EVERY  # at most one checkpoint interval done twice
+    assert {r["global_batch"] for r in reports} == {GLOBAL_BATCH}
+    assert all(math.isfinite(r["loss_g"]) for r in reports)
+
+
+def test_a_fixed_size_run_waits_for_a_lost_node_and_ends_at_its_last_step(demo, tmp_path):
+    t0 = time.monotonic()
+    reports, events = chaos("fixed", demo, tmp_path)
+    assert_steps_and_batch(reports)
+    assert {r["world_size"] for r in reports} == {2}
+    after = [r for r in reports if r["time"] > events["removed"]]
+    assert after[0]["step"] == events["removed_after_step"] + 1  # resumed from the checkpoint it was held at
+    assert_clean_final_checkpoint(tmp_path / "runs" / "fixed")
+    print(f"\nfixed: wall {time.monotonic() - t0:.0f} s, recovery {after[0]['time'] - events['removed']:.1f} s "
+          f"(node removal -> next step), {recomputed(reports)} step(s) recomputed")
+
+
+def test_an_elastic_run_goes_on_with_one_worker_and_grows_back_to_two(demo, tmp_path):
+    t0 = time.monotonic()
+    reports, events = chaos("elastic", demo, tmp_path)
+    assert_steps_and_batch(reports)
+    sizes = [r["world_size"] for r in reports]
+    first_one, last_one = sizes.index(1), len(sizes) - 1 - sizes[::-1].index(1)
+    assert set(sizes[:first_one]) == {2} and set(sizes[first_one:last_one + 1]) == {1}
+    assert sizes[-1] == 2 and set(sizes[last_one + 1:]) == {2}  # grown back once capacity returned
+    assert reports[first_one]["step"] == events["removed_after_step"] + 1
+    assert reports[last_one]["time"] < reports[last_one + 1]["time"]
+    assert_clean_final_checkpoint(tmp_path / "runs" / "elastic")
+    shrink = reports[first_one]["time"] - events["removed"]
+    grow = reports[last_one + 1]["time"] - events["added"]
+    print(f"\nelastic: wall {time.monotonic() - t0:.0f} s, shrink {shrink:.1f} s (node removal -> next step on 1 "
+          f"worker), grow {grow:.1f} s (node added -> next step on 2), {recomputed(reports)} step(s) recomputed")
