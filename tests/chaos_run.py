@@ -44,7 +44,8 @@ def overrides(mode: str, train: str, val: str, out: Path) -> list[str]:
 def recorder(out: Path):
     """Appends each report to reports.jsonl. At a checkpointed report of the world size that
     ``hold.json`` names ({"world_size": W}) it writes ``held`` and holds Ray's controller, so the
-    run goes no further, until the scenario deletes ``held``."""
+    run goes no further, until the scenario deletes ``held``. With {"world_size": W, "pause_s": P}
+    it pauses P seconds at every report of that world size instead (and holds nothing)."""
     import ray.train
 
     class RecordAndHold(ray.train.UserCallback):
@@ -53,8 +54,13 @@ def recorder(out: Path):
                 f.write(json.dumps({"metrics": metrics, "checkpoint": checkpoint.path if checkpoint else None,
                                     "time": time.time()}) + "\n")
             hold = out / "hold.json"
-            if checkpoint is None or not hold.exists() or \
-                    json.loads(hold.read_text())["world_size"] != metrics[0]["world_size"]:
+            rule = json.loads(hold.read_text()) if hold.exists() else None
+            if rule is None or rule["world_size"] != metrics[0]["world_size"]:
+                return
+            if "pause_s" in rule:  # slow the run down at every report of that world size
+                time.sleep(rule["pause_s"])
+                return
+            if checkpoint is None:
                 return
             held = out / "held"
             held.write_text(str(metrics[0]["step"]))
@@ -93,13 +99,15 @@ def scenario(mode: str, cluster, out: Path, events: dict) -> None:
     (out / "held").unlink()
     if mode == "elastic":
         events["added_after_step"] = held_step(out)
-        (out / "hold.json").unlink()
     cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     events["added"] = time.time()
     if mode == "elastic":
         # Held a few seconds more, so that Ray's resource view has the new node when the controller
-        # next decides on a resize (and the group of 1 cannot finish the run before).
+        # next decides on a resize; then every report of the group of 1 is slowed down, so that on
+        # a busy machine it cannot finish the run before the controller has grown it (the step
+        # count, not the time, is what the test checks).
         time.sleep(5)
+        (out / "hold.json").write_text(json.dumps({"world_size": 1, "pause_s": 2.0}))
         (out / "held").unlink()
 
 
