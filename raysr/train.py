@@ -409,8 +409,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     lr_on = resolve_lr_on(cfg.data.lr_on, device)
     loader = make_train_loader(
-        cfg.data.train, gt_size=cfg.data.gt_size, scale=cfg.scale, batch_size=micro_batches * cfg.data.batch_size, rank=rank,
-        world_size=world, num_workers=cfg.data.num_workers, seed=cfg.run.seed + state.step,
+        cfg.data.train, gt_size=cfg.data.gt_size, scale=cfg.scale, batch_size=micro_batches * cfg.data.batch_size,
+        rank=rank, world_size=world, num_workers=cfg.data.num_workers, seed=cfg.run.seed + state.step,
         crops_per_image=cfg.data.crops_per_image, lr_on=lr_on)
     batches = DeviceBatches(loader, device, cfg.scale, lr_on)
     if rank == 0:  # rank 0 validates, logs and writes checkpoints

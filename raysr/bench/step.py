@@ -150,6 +150,20 @@ def hr_batches(cfg, device: torch.device, count: int = 4, seed: int = 0) -> list
     return out
 
 
+def lr_made_on_device(cfg, device: torch.device, seed: int):
+    """``next_batch(i) -> (lr, hr)`` as ours runs: HR batches resident on ``device`` (:func:`hr_batches`),
+    LR made there from them at every step (``data.lr_on: device``)."""
+    from raysr.data.stream import make_lr
+
+    batches = hr_batches(cfg, device, seed=seed)
+
+    def next_batch(i):
+        hr = batches[i % len(batches)]
+        return make_lr(hr, cfg.scale), hr
+
+    return next_batch
+
+
 @contextmanager
 def _quiet_random_vgg():
     with warnings.catch_warnings():
@@ -271,16 +285,9 @@ def commit() -> str | None:
 
 
 def measure_ours(cfg, device: torch.device, args) -> dict:
-    from raysr.data.stream import make_lr
-
     torch.manual_seed(args.seed)
-    batches = hr_batches(cfg, device, seed=args.seed)
+    next_batch = lr_made_on_device(cfg, device, seed=args.seed)
     state = build(cfg, device)
-
-    def next_batch(i):
-        hr = batches[i % len(batches)]
-        return make_lr(hr, cfg.scale), hr
-
     timing = timed_steps(state, next_batch, args.steps, args.warmup, args.interval)
     timing["peak_mem_gb"] = peak_memory_gb(device)
     del state
@@ -320,7 +327,6 @@ def ddp_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from raysr.data.stream import make_lr
     from raysr.train import ddp, quiet_output
 
     cfg = config_from_dict(config["cfg"])
@@ -330,12 +336,7 @@ def ddp_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(config["seed"])
     state = build(cfg, device, lambda module, has_bn: ddp(module, has_bn, world, device))
-    batches = hr_batches(cfg, device, seed=config["seed"] + rank)
-
-    def next_batch(i):
-        hr = batches[i % len(batches)]
-        return make_lr(hr, cfg.scale), hr
-
+    next_batch = lr_made_on_device(cfg, device, seed=config["seed"] + rank)
     timing = timed_steps(state, next_batch, config["steps"], config["warmup"], config["interval"])
     timing.pop("metrics")
     report_final({**timing, "world_size": world, "peak_mem_gb": peak_memory_gb(device)})
@@ -395,6 +396,8 @@ def _check_args(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from raysr.engine import uses_bf16
+
     problem = _check_args(args)
     if problem:
         return error("step", problem)
@@ -421,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
         "bench": "step", "model": args.model, "phase": args.phase, "generator": cfg.model.generator.name,
         "num_block": cfg.model.generator.num_block, "batch_size": cfg.data.batch_size, "gt_size": cfg.data.gt_size,
         "scale": cfg.scale, "compile": cfg.run.compile,
-        "precision": "bf16" if _bf16(cfg, device) else "fp32",
+        "precision": "bf16" if uses_bf16(device, cfg.run.precision) else "fp32",
         "device": device_name(device), "torch": torch.__version__, "commit": commit(),
         "command": command_line(args),
         "steps": args.steps, "warmup": args.warmup,
@@ -445,11 +448,6 @@ def command_line(args: argparse.Namespace) -> str:
     """The command as typed (``python -m raysr.bench`` sets ``args.argv``), for the results file."""
     import shlex
     return "python -m raysr.bench " + shlex.join(getattr(args, "argv", None) or ["step"])
-
-
-def _bf16(cfg, device) -> bool:
-    from raysr.engine import uses_bf16
-    return uses_bf16(device, cfg.run.precision)
 
 
 def print_step(r: dict) -> None:
