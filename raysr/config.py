@@ -160,6 +160,16 @@ class RunConfig:
     use_gpu: Union[bool, Literal["auto"]] = "auto"
     checkpoint_every: int = 5000
     val_every: int = 5000
+    # async: a Ray actor of its own (run.validation_resources) scores a copy of the generator while
+    # the training ranks go on; its results reach the report after they finish. inline: rank 0
+    # validates and every rank waits for it (BasicSR's way).
+    validation: Literal["async", "inline"] = "async"
+    # Ray resources of that actor: {CPU: n} scores on n CPU threads, {GPU: 1} on a GPU of its own;
+    # any Ray resource name (memory in bytes, custom resources) is passed on
+    validation_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    # how long a due validation may wait for that actor to be placed (an autoscaler adding a node)
+    # before rank 0 does it inline
+    validation_wait_s: float = 300.0
     log_every: int = 100
     keep_checkpoints: int = 5
     max_failures: int = 3
@@ -255,7 +265,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict) or not value:
-            raise ConfigError(f"{key}: expected a non-empty mapping like {{conv5_4: 1.0}}, got {value!r}")
+            example = "{conv5_4: 1.0}" if key.endswith("layers") else "{CPU: 1}"
+            raise ConfigError(f"{key}: expected a non-empty mapping like {example}, got {value!r}")
         return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
@@ -411,6 +422,7 @@ def validate(cfg: Config) -> None:
               ("run.log_every", run.log_every), ("run.keep_checkpoints", run.keep_checkpoints),
               ("optim.g.lr", cfg.optim.g.lr), ("optim.d.lr", cfg.optim.d.lr))
     _check_num_workers(run)
+    _check_validation(run)
     if data.num_workers < 0:
         raise ConfigError(f"data.num_workers: {data.num_workers} must be >= 0 (0 loads in the training process)")
     if run.max_failures < -1:
@@ -479,6 +491,17 @@ def _check_num_workers(run: RunConfig) -> None:
                           "to 1 or more, or -1 for unlimited")
     if run.resize_monitor_interval_s <= 0:
         raise ConfigError(f"run.resize_monitor_interval_s: {run.resize_monitor_interval_s} must be > 0 (seconds)")
+
+
+def _check_validation(run: RunConfig) -> None:
+    for name, amount in run.validation_resources.items():
+        if amount < 0:
+            raise ConfigError(f"run.validation_resources.{name}: {amount} must be >= 0")
+        if name in ("cpu", "gpu", "num_cpus", "num_gpus"):
+            raise ConfigError(f"run.validation_resources.{name}: Ray names this resource {name[-3:].upper()}; "
+                              f"write {{{name[-3:].upper()}: {amount:g}}}")
+    if run.validation_wait_s < 0:
+        raise ConfigError(f"run.validation_wait_s: {run.validation_wait_s} must be >= 0 (seconds)")
 
 
 def _positive(*pairs: tuple[str, float]) -> None:

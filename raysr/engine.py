@@ -177,14 +177,19 @@ def build_state(cfg: Config, device: torch.device, wrap=lambda m, has_bn: m) -> 
         state.d = wrap(state.d_for_g, _has_batchnorm(d_module))
         state.opt_d = build_optimizer(d_module.parameters(), cfg.optim.d, cfg.optim.fused)
         state.sched_d = build_scheduler(state.opt_d, cfg.optim.schedule)
-        perc = cfg.loss.perceptual
-        if perc.weight > 0:
-            state.perceptual = PerceptualLoss(
-                layers=perc.layers, before_relu=perc.before_relu, criterion=perc.criterion,
-                feature_scale=perc.feature_scale, weights=perc.weights_path,
-                allow_random_weights=perc.allow_random_weights).to(device, memory_format=layout)
+        if cfg.loss.perceptual.weight > 0:
+            state.perceptual = perceptual_loss(cfg, device, layout)
             state.perceptual_for_g = compiled(state.perceptual, run.compile)
     return state
+
+
+def perceptual_loss(cfg: Config, device: torch.device,
+                    layout: torch.memory_format = torch.contiguous_format) -> PerceptualLoss:
+    """The VGG perceptual loss ``loss.perceptual`` configures (weights loaded, frozen), on ``device``."""
+    perc = cfg.loss.perceptual
+    return PerceptualLoss(layers=perc.layers, before_relu=perc.before_relu, criterion=perc.criterion,
+                          feature_scale=perc.feature_scale, weights=perc.weights_path,
+                          allow_random_weights=perc.allow_random_weights).to(device, memory_format=layout)
 
 
 def _has_batchnorm(m: nn.Module) -> bool:

@@ -2,8 +2,9 @@
 
     state.pt        {"step", "config", "g", "opt_g", "sched_g", "rng"[, "g_ema"][, "d", "opt_d", "sched_d"]}
     generator.pth   raysr's generator file (BasicSR's params / params_ema + the architecture)
-    metrics.json    the metrics reported at that step
-    comparison.png  bicubic | SR | HR of the first validation image (when that step validated)
+    metrics.json    the metrics reported at that step, with the newest validation finished by then
+                    (psnr, ssim, ... of the weights at step ``val_step``; the last checkpoint's is its own)
+    comparison.png  bicubic | SR | HR of the first validation image, from that validation
 
 This module is the one place that knows this layout: it builds ``state.pt`` from the
 training state it is given (:class:`raysr.engine.TrainState`, used by its attributes

@@ -62,8 +62,17 @@ class Meter:
         return out
 
 
+def validation_line(m: dict) -> str:
+    """``raysr: validation of step V: psnr (bicubic) | ssim [| lpips] | T s``, for a validation that
+    finished with a newer one before the same report (which shows only the newer)."""
+    parts = [f"psnr {m['psnr']:.2f} (bicubic {m['psnr_bicubic']:.2f})", f"ssim {m['ssim']:.4f}"]
+    parts += [f"{key} {m[key]:.4g}" for key in ("lpips", "perceptual") if key in m]
+    return f"raysr: validation of step {m['val_step']}: " + " | ".join(parts) + f" | {m['val_time_s']:.1f} s"
+
+
 def progress_line(total_steps: int, m: dict) -> str:
-    """``raysr: step S/T | losses | psnr (bicubic) | lr | crops/s | data wait | ETA [| skipped N]``."""
+    """``raysr: step S/T | losses | psnr (bicubic) [at step V] | lr | crops/s | data wait | ETA [| skipped N]``:
+    a validation that finished at this report shows the step of the weights it scored when that is earlier."""
     step = m["step"]
     remaining = (total_steps - step) * m.get("step_time_s", 0.0)
     parts = [f"step {step}/{total_steps}"]
@@ -71,7 +80,8 @@ def progress_line(total_steps: int, m: dict) -> str:
         if key in m:
             parts.append(f"{key} {m[key]:.4g}")
     if "psnr" in m:
-        parts.append(f"psnr {m['psnr']:.2f} (bicubic {m['psnr_bicubic']:.2f})")
+        at = f" at step {m['val_step']}" if m.get("val_step", step) != step else ""
+        parts.append(f"psnr {m['psnr']:.2f} (bicubic {m['psnr_bicubic']:.2f}){at}")
     parts += [f"lr {m['lr']:.2e}", f"{m['crops_per_s']:.1f} crops/s", f"data {100 * m['data_wait_frac']:.0f}%",
               f"ETA {duration(remaining)}"]
     if m.get("skipped"):

@@ -8,14 +8,15 @@ Order of events: resolve and validate the config (exit 2 on any error, before
 Ray starts) -> connect to Ray (RAY_ADDRESS / ``ray job submit``) or start a
 local one on 127.0.0.1 -> TorchTrainer runs :func:`train_loop_per_worker` on
 ``run.num_workers`` workers (N, or elastic: [min, max]) -> each worker streams its
-share of the shards, runs :func:`raysr.engine.train_step`, and reports metrics; rank 0 validates and
-writes checkpoints to ``<run.storage>/<run.name>``. Re-running with the same
+share of the shards, runs :func:`raysr.engine.train_step`, and reports metrics; rank 0 writes
+checkpoints to ``<run.storage>/<run.name>`` and hands validations to an actor that scores them
+while training goes on (:class:`ValidationQueue`). Re-running with the same
 ``run.name`` resumes from the latest checkpoint. ``train.init_from=psnr`` puts a
 PSNR-phase run (``<run.name>_psnr``) before the GAN phase (:func:`fit_both_phases`).
 
 The pieces the worker loop uses live beside it in their own modules: the step in
 :mod:`raysr.engine`, the checkpoint layout in :mod:`raysr.run_checkpoint`, scoring in
-:mod:`raysr.scoring`, the progress line and TensorBoard in :mod:`raysr.runlog`.
+:mod:`raysr.scoring` and :mod:`raysr.validation`, the progress line and TensorBoard in :mod:`raysr.runlog`.
 """
 
 from __future__ import annotations
@@ -188,8 +189,10 @@ def init_ray() -> None:
     import ray
     if ray.is_initialized():
         return
+    global STARTED_LOCAL_RAY
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        STARTED_LOCAL_RAY = os.environ["RAY_ADDRESS"] == "local"  # a new instance of this process's own
         return
     # A local instance binds to 127.0.0.1 only when Ray believes it is a single-machine install;
     # on Linux it otherwise listens on every interface. Ray reads this once, when first imported,
@@ -201,6 +204,11 @@ def init_ray() -> None:
     # The dashboard (127.0.0.1:8265) also serves the state API that Ray Train's controller polls.
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
              logging_level=logging.WARNING, log_to_driver=True)
+    STARTED_LOCAL_RAY = True
+
+
+# Whether init_ray started a Ray instance of its own (this machine only: its resources never grow).
+STARTED_LOCAL_RAY = False
 
 
 def storage_args(storage: str) -> dict:
@@ -259,6 +267,7 @@ def make_trainer(cfg: Config, callbacks=(), storage: str | None = None, name: st
             print("raysr: warning: run.use_gpu=auto found no GPU in the cluster right now, so training runs on "
                   "CPUs; on an autoscaling cluster whose GPU nodes start at zero, set run.use_gpu=true so Ray "
                   "asks for GPU nodes", file=sys.stderr)
+    cfg = validation_for_local_ray(cfg, bool(use_gpu))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict()},
@@ -271,6 +280,32 @@ def make_trainer(cfg: Config, callbacks=(), storage: str | None = None, name: st
             callbacks=list(callbacks),
             **storage_args(storage or cfg.run.storage)),
     )
+
+
+def validation_for_local_ray(cfg: Config, use_gpu: bool, other_cpus: float = 0.0) -> Config:
+    """``cfg``, or ``cfg`` with ``run.validation=inline`` when this process started its own Ray
+    (:func:`init_ray`: one machine, which never grows) and the validation actor cannot fit there
+    beside the training workers and ``other_cpus`` (a Tune trial's driver): it would never be placed.
+    """
+    import ray
+
+    if cfg.run.validation != "async" or not STARTED_LOCAL_RAY:
+        return cfg
+    have = ray.cluster_resources()
+    need = dict(cfg.run.validation_resources)
+    need["GPU" if use_gpu else "CPU"] = need.get("GPU" if use_gpu else "CPU", 0.0) + cfg.run.max_workers
+    need["CPU"] = need.get("CPU", 0.0) + other_cpus
+    if all(have.get(k, 0.0) >= v for k, v in need.items()):
+        return cfg
+    spare = max(0.0, have.get("CPU", 0.0) - (need["CPU"] - cfg.run.validation_resources.get("CPU", 0.0)))
+    say(f"raysr: the validation actor (run.validation_resources={cfg.run.validation_resources}) does not fit "
+        f"beside {cfg.run.max_workers} worker(s) on this machine ({have.get('CPU', 0):g} CPUs, "
+        f"{have.get('GPU', 0):g} GPUs), so rank 0 validates (run.validation=inline) and every worker waits for it; "
+        f"set run.validation_resources={{CPU: {spare:g}}} (what is left here; 0 shares the workers' cores) "
+        "to keep validation off the training path")
+    data = cfg.to_dict()
+    data["run"]["validation"] = "inline"
+    return config_from_dict(data)
 
 
 def scaling_config(cfg: Config, use_gpu: bool):
@@ -372,13 +407,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from raysr.data import load_validation, make_train_loader
+    from raysr.data import make_train_loader
     from raysr.data.device_batches import DeviceBatches
     from raysr.data.loader import resolve_lr_on
     from raysr.engine import build_state, train_step
-    from raysr.lpips import load_lpips
-    from raysr.runlog import Meter, TensorBoard, progress_line
-    from raysr.scoring import bicubic_baseline, validate, validation_images
+    from raysr.runlog import Meter, TensorBoard, progress_line, validation_line
 
     cfg = config_from_dict(loop_config["cfg"])
     ctx = ray.train.get_context()
@@ -413,11 +446,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         rank=rank, world_size=world, num_workers=cfg.data.num_workers, seed=cfg.run.seed + state.step,
         crops_per_image=cfg.data.crops_per_image, lr_on=lr_on)
     batches = DeviceBatches(loader, device, cfg.scale, lr_on)
-    if rank == 0:  # rank 0 validates, logs and writes checkpoints
-        val_images = validation_images(load_validation(cfg.data.val, cfg.scale))
-        baseline = bicubic_baseline(val_images, cfg.scale)
-        lpips_fn = load_lpips(device=device)[0]
+    if rank == 0:  # rank 0 has the validations done, logs and writes checkpoints
+        validation = ValidationQueue(cfg, device, state.perceptual)
         board = TensorBoard(run_dir(cfg))
+        latest_val, latest_comparison = {}, None  # the newest validation that has finished
     meter = Meter()
     checkpoint_block_s = 0.0
     # S3: raysr's upload, which fails loudly; local folders: Ray's own copy
@@ -445,17 +477,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 say(progress_line(cfg.train.total_steps, metrics))
                 run_checkpoint.write_divergence(run_dir(cfg), metrics)
+                validation.close()
             ray.train.report(metrics)
             break
         if do_ckpt:  # replicas must hold identical weights; a drift here means DDP is broken
             metrics["g_fingerprint"] = weight_fingerprint(state.g_module)
-        comparison = None
-        if do_val and rank == 0:
-            val_metrics, comparison = validate(state.g_eval, val_images, cfg.scale, state.perceptual, lpips_fn)
-            metrics.update(val_metrics, **baseline)
         if rank == 0:
+            # async: the snapshot is handed over and training goes on; results arrive at a later
+            # report (the last one waits for every validation). val_block_s: rank 0's (so every
+            # rank's) time in validation at this report.
+            t_val = time.perf_counter()
+            if do_val:
+                validation.submit(step, state.g_eval)
+            finished = validation.collect(wait=last)
+            metrics.update(val_block_s=time.perf_counter() - t_val, val_skipped=validation.skipped,
+                           val_done=validation.done)
+            board.log(step, metrics, None)
+            for val_metrics, comparison in finished:  # at the step of the weights they scored
+                board.log(val_metrics["val_step"], val_metrics, comparison)
+            for val_metrics, _ in finished[:-1]:  # the report carries the newest; the others get a line
+                say(validation_line(val_metrics))
+            if finished:
+                latest_val, latest_comparison = finished[-1]
+                metrics.update(latest_val)  # reported once: Tune sees each validation once
             say(progress_line(cfg.train.total_steps, metrics))
-            board.log(step, metrics, comparison)
         if do_ckpt:
             # Written locally, then uploaded in the background (and the local copy deleted): the
             # ranks wait only for the local write. Ray registers a checkpoint once its upload is
@@ -464,7 +509,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             checkpoint = None
             if rank == 0:
                 local = tempfile.mkdtemp(prefix="raysr_checkpoint_")
-                run_checkpoint.write(local, state, metrics, comparison)
+                run_checkpoint.write(local, state, {**metrics, **latest_val}, latest_comparison)
                 board.flush()
                 checkpoint = ray.train.Checkpoint.from_directory(local)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}",
@@ -476,8 +521,144 @@ def train_loop_per_worker(loop_config: dict) -> None:
         meter.reset_interval()
     batches.close()
     if rank == 0:
+        validation.close()
         board.close()
 
+
+class ValidationQueue:
+    """Rank 0's validations: handed to a :class:`raysr.validation.Validator` in a Ray actor of
+    their own (``run.validation=async``) or done in place (``inline``); their results come back
+    through :meth:`collect`.
+
+    async: :meth:`submit` copies the generator's weights to host memory and returns; the actor
+    (``run.validation_resources``) scores one snapshot at a time while training goes on. A
+    snapshot due while the actor is still busy waits; a newer one replaces it (counted in
+    ``skipped``: the actor is slower than ``run.val_every`` steps of training). While the actor
+    cannot be placed (no free resources yet), a due snapshot waits up to
+    ``run.validation_wait_s``, then rank 0 scores it itself. Ray restarts an actor that dies (its
+    node lost, its process killed) and retries its validation, ``VALIDATOR_RESTARTS`` times; after
+    that rank 0 validates for the rest of the run. The actor is owned by rank 0's process, so it
+    ends with it.
+    """
+
+    def __init__(self, cfg: Config, device, perceptual=None):
+        self.cfg, self.device, self.perceptual = cfg, device, perceptual
+        self.inline = cfg.run.validation == "inline"
+        self.local = None  # the in-process Validator (inline, or while the actor is not there)
+        self.actor = self.ready = None
+        self.running = None  # (step, host weights, ObjectRef of the actor's (metrics, comparison))
+        self.queued = None  # (step, host weights)
+        self.finished: list[tuple[dict, bytes | None]] = []
+        self.skipped = 0
+        self.done = 0  # validations finished (each reaches TensorBoard; the newest at a report, the report too)
+        self.warned: set[str] = set()
+        if self.inline:
+            self._in_process()
+        else:
+            self.actor, self.ready = self._start_actor()
+        self.since = time.monotonic()
+
+    def _start_actor(self):
+        import ray
+
+        from raysr.validation import Validator
+
+        resources = self.cfg.run.validation_resources
+        options = {"num_cpus": resources.get("CPU", 0.0), "num_gpus": resources.get("GPU", 0.0),
+                   "max_restarts": VALIDATOR_RESTARTS, "max_task_retries": VALIDATOR_RESTARTS}
+        if "memory" in resources:
+            options["memory"] = resources["memory"]
+        custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
+        if custom:
+            options["resources"] = custom
+        actor = ray.remote(Validator).options(**options).remote(
+            self.cfg, None, None, max(1, int(resources.get("CPU", 1))))
+        return actor, actor.ready.remote()
+
+    def submit(self, step: int, g) -> None:
+        """Validate ``g`` (the generator as of training step ``step``): now when inline, else a
+        host copy of its weights goes to the actor."""
+        if self.inline:
+            self.finished.append(self.local.score(step, g))
+            return
+        from raysr.validation import snapshot
+
+        if self.queued is not None:
+            self.skipped += 1
+            busy = (f"still scoring step {self.running[0]}" if self.running else
+                    "still starting (placed, then loading the validation images)")
+            self._warn("busy", f"raysr: validation of step {self.queued[0]} skipped, step {step} is due and the "
+                       f"validator is {busy}. If this goes on, validation takes longer than run.val_every="
+                       f"{self.cfg.run.val_every} steps of training: give it more resources "
+                       "(run.validation_resources, e.g. {GPU: 1}) or raise run.val_every (said once)")
+        self.queued = (step, snapshot(g))
+        self._advance(wait=False)
+
+    def collect(self, wait: bool = False) -> list[tuple[dict, bytes | None]]:
+        """The ``(metrics, comparison PNG)`` of validations finished since the last call, oldest
+        first; ``wait``: of every one submitted (the end of a run)."""
+        self._advance(wait)
+        while wait and (self.running or self.queued):
+            self._advance(wait)
+        out, self.finished = self.finished, []
+        self.done += len(out)
+        return out
+
+    def _advance(self, wait: bool) -> None:
+        """Take the actor's result if it is done, then start (or, past the wait, score in place) the queued one."""
+        import ray
+
+        if self.running is not None:
+            step, weights, ref = self.running
+            if not ray.wait([ref], timeout=None if wait else 0)[0]:
+                return
+            self.running = None
+            try:
+                self.finished.append(ray.get(ref))
+            except ray.exceptions.RayActorError as err:
+                say(f"raysr: the validation actor died ({type(err).__name__}) after {VALIDATOR_RESTARTS} "
+                    "restart(s); rank 0 validates for the rest of the run")
+                self.inline = True
+                self.finished.append(self._in_process().score_weights(step, weights))
+        if self.queued is None:
+            return
+        step, weights = self.queued
+        if not self.inline:
+            remaining = self.cfg.run.validation_wait_s - (time.monotonic() - self.since)
+            if ray.wait([self.ready], timeout=max(0.0, remaining) if wait else 0)[0]:
+                ray.get(self.ready)  # raises the actor's own error if it could not be built
+                self.running, self.queued = (step, weights, self.actor.score_weights.remote(step, weights)), None
+                return
+            if remaining > 0:
+                return
+            self._warn("placed", f"raysr: the validation actor ({self.cfg.run.validation_resources}) has not been "
+                       f"placed after run.validation_wait_s={self.cfg.run.validation_wait_s:g} s; rank 0 validates "
+                       "until it is. Free those resources, lower run.validation_resources, or set "
+                       "run.validation=inline (said once)")
+        self.queued = None
+        self.finished.append(self._in_process().score_weights(step, weights))
+
+    def _in_process(self):
+        from raysr.validation import Validator
+
+        if self.local is None:
+            self.local = Validator(self.cfg, self.device, self.perceptual)
+        return self.local
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            say(message)
+
+    def close(self) -> None:
+        import ray
+
+        if self.actor is not None:
+            ray.kill(self.actor)
+            self.actor = None
+
+
+VALIDATOR_RESTARTS = 3  # Ray restarts of a validation actor that died (and retries of its validation)
 
 UPLOAD_CHUNK_BYTES = 8 << 20
 

@@ -38,7 +38,9 @@ def overrides(mode: str, train: str, val: str, out: Path) -> list[str]:
             "data.num_workers=0", f"data.train={train}", f"data.val={val}", f"run.num_workers={workers}",
             f"train.total_steps={TOTAL_STEPS}", f"run.checkpoint_every={CHECKPOINT_EVERY}", "run.val_every=1000",
             "run.log_every=1", "run.max_failures=3", "run.resize_monitor_interval_s=1",
-            f"run.storage={out / 'runs'}", f"run.name={mode}"]
+            # a 0-CPU validation actor: each node's one CPU stays a training worker's (a 1-CPU
+            # validator would take the joining node's CPU before the elastic group grows onto it)
+            "run.validation_resources={CPU: 0}", f"run.storage={out / 'runs'}", f"run.name={mode}"]
 
 
 def recorder(out: Path):

@@ -254,13 +254,19 @@ def test_asha_needs_an_early_validation():
 
 
 def test_trial_resources():
-    cfg = load_config(preset="quickstart")  # 1 worker, use_gpu auto
-    assert trial_resources(cfg, {"CPU": 2.0})[0] == 1  # 1 + 0.1 CPU per trial: two would need 2.2
-    assert trial_resources(cfg, {"CPU": 16.0})[0] == 14  # floor(16 / 1.1)
+    cfg = load_config(preset="quickstart")  # 1 worker, use_gpu auto, a 1-CPU validation actor
+    assert trial_resources(cfg, {"CPU": 2.0})[0] == 1  # 1 + 0.1 + 1 CPU per trial: too much, yet at least 1
+    assert trial_resources(cfg, {"CPU": 16.0})[0] == 7  # floor(16 / 2.1)
+    inline = load_config(preset="quickstart", overrides=["run.validation=inline"])
+    assert trial_resources(inline, {"CPU": 16.0})[0] == 14  # floor(16 / 1.1)
     assert trial_resources(cfg, {"CPU": 64.0, "GPU": 8.0})[0] == 8  # GPU workers take no CPU
     cfg4 = load_config(preset="quickstart", overrides=["run.num_workers=4", "run.use_gpu=true"])
     assert trial_resources(cfg4, {"CPU": 64.0, "GPU": 8.0})[0] == 2
     assert trial_resources(cfg4, {"CPU": 4.0})[0] == 1  # nothing fits yet: an autoscaler adds nodes
+    gpu_validator = load_config(preset="quickstart", overrides=["run.num_workers=3", "run.use_gpu=true",
+                                                                "run.validation_resources={GPU: 1, CPU: 4}"])
+    assert trial_resources(gpu_validator, {"CPU": 64.0, "GPU": 8.0})[0] == 2  # 4 GPUs per trial
+    assert trial_resources(gpu_validator, {"CPU": 6.0, "GPU": 8.0})[0] == 1  # 4.1 CPUs per trial
 
 
 def test_pareto_front():

@@ -18,7 +18,7 @@ import raysr.tune
 from raysr.cli import EXIT_BAD_INPUT, add_config_args, say
 from raysr.config import ConfigError, PSNR_PHASE, config_from_dict, load_yaml
 from raysr.io import is_s3, join, read_bytes, write_bytes
-from raysr.train import init_ray, prepare_demo_data, resolve, storage_args
+from raysr.train import init_ray, prepare_demo_data, resolve, storage_args, validation_for_local_ray
 from raysr.tune.report import RUNS_DIR, check_metric, metric_mode, write_report
 from raysr.tune.space import SPACE_EXAMPLE, SearchSpace, check_space, load_space, trial_config
 from raysr.tune.trial import (TRIAL_DRIVER_CPUS, TrialProgress, asha_schedule, run_trial, trial_dirname,
@@ -149,15 +149,18 @@ def _flatten(data, prefix: str = "") -> dict:
 
 def make_tuner(search: Search, resume: bool) -> tune.Tuner:
     """A new Tuner for ``search``, or the restored one when ``resume`` (Ray already initialised)."""
+    cfg = config_from_dict(search.base)
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if cfg.run.use_gpu == "auto" else cfg.run.use_gpu
+    # what the trials run with (search.base, as saved and compared on --resume, stays as given)
+    base = validation_for_local_ray(cfg, use_gpu, other_cpus=TRIAL_DRIVER_CPUS).to_dict()
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=search.base, space=search.space, runs_dir=join(search.folder, RUNS_DIR)),
+        tune.with_parameters(run_trial, base=base, space=search.space, runs_dir=join(search.folder, RUNS_DIR)),
         {"CPU": TRIAL_DRIVER_CPUS})
     if resume:
         path, filesystem = experiment_location(search)
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=filesystem)
-    cfg = config_from_dict(search.base)
-    concurrent, why = trial_resources(cfg, ray.cluster_resources())
+    concurrent, why = trial_resources(config_from_dict(base), ray.cluster_resources())
     if search.max_concurrent:
         concurrent, why = search.max_concurrent, "--max-concurrent"
     scheduler, search_alg = None, None

@@ -38,12 +38,17 @@ class ValidationReport(TuneReportCallback):
 
     Schedulers and searchers then always see the validation metrics they key on
     (Tune's strict metric check and Optuna's intermediate values need them in
-    every result); the per-step losses stay in the run's TensorBoard.
+    every result); the per-step losses stay in the run's TensorBoard. A validation
+    reaches the report after it finishes (run.validation=async), while training went on:
+    Tune gets it at the step of the weights it scored (``val_step``; ``train_step`` is the
+    step the report was made at), so ASHA's rungs judge each trial at its validation steps.
     """
 
     def after_report(self, run_context, metrics, checkpoint):
         if VALIDATION_KEY in metrics[0]:
-            super().after_report(run_context, metrics, checkpoint)
+            result = metrics[0]
+            result = {**result, "step": result.get("val_step", result["step"]), "train_step": result["step"]}
+            super().after_report(run_context, [result, *metrics[1:]], checkpoint)
 
 
 def trial_dirname(trial) -> str:
@@ -77,18 +82,25 @@ def trial_resources(cfg: Config, cluster: dict) -> tuple[int, str]:
     """How many trials fit the cluster at once, and one line saying why.
 
     Each trial runs up to ``run.num_workers`` workers (the max of an elastic [min, max]; 1 GPU
-    each on GPUs, which request no CPU; else 1 CPU each) plus a driver of ``TRIAL_DRIVER_CPUS``.
+    each on GPUs, which request no CPU; else 1 CPU each), a driver of ``TRIAL_DRIVER_CPUS`` and,
+    with ``run.validation=async``, a validation actor of ``run.validation_resources``.
     ``cluster``: ``ray.cluster_resources()``. At least 1 (an autoscaler adds nodes).
     """
     n = cfg.run.max_workers
     use_gpu = cluster.get("GPU", 0) > 0 if cfg.run.use_gpu == "auto" else cfg.run.use_gpu
-    if use_gpu:
-        fits = int(cluster.get("GPU", 0) // n)
-        why = f"{n} GPU worker(s) per trial, {cluster.get('GPU', 0):g} GPUs"
-    else:
-        fits = int(cluster.get("CPU", 0) // (n + TRIAL_DRIVER_CPUS))
-        why = f"{n} CPU worker(s) + {TRIAL_DRIVER_CPUS} CPU driver per trial, {cluster.get('CPU', 0):g} CPUs"
+    validator = cfg.run.validation_resources if cfg.run.validation == "async" else {}
+    cpus = TRIAL_DRIVER_CPUS + validator.get("CPU", 0.0) + (0 if use_gpu else n)
+    gpus = validator.get("GPU", 0.0) + (n if use_gpu else 0)
+    fits = min(int(cluster.get(kind, 0) // need) for kind, need in (("CPU", cpus), ("GPU", gpus)) if need > 0)
+    why = (f"{n} {'GPU' if use_gpu else 'CPU'} worker(s), a {TRIAL_DRIVER_CPUS} CPU driver"
+           + (f", a validator of {_amounts(validator)}" if validator else "")
+           + f" per trial; {_amounts({k: cluster.get(k, 0) for k in ('CPU', 'GPU') if cluster.get(k, 0)})}")
     return max(1, fits), why
+
+
+def _amounts(resources: dict) -> str:
+    """``{CPU: 1.0, GPU: 8.0}`` -> ``1 CPU, 8 GPU``."""
+    return ", ".join(f"{v:g} {k}" for k, v in resources.items()) or "nothing"
 
 
 def asha_schedule(total_steps: int, val_every: int) -> tuple[int, int]:
