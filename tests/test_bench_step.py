@@ -131,3 +131,23 @@ def test_train_bench_reads_a_real_runs_last_interval(ray_local, demo_data, tmp_p
     m = json.loads(runs[0].read_text())
     assert (r["crops_per_s"], r["data_wait_frac"]) == (m["crops_per_s"], m["data_wait_frac"])
     assert 0 <= r["data_wait_frac"] <= 1
+
+
+def test_validation_bench_compares_inline_with_async_on_the_same_run(ray_local, demo_data, tmp_path, capsys):
+    total, every = 12, 4
+    r = bench_json(capsys, [
+        "validation", "--storage", str(tmp_path), "--json", "--", "--set", f"data.train={demo_data.train}",
+        "--set", f"data.val={demo_data.val}", "--set", f"train.total_steps={total}", "--set", "run.log_every=2",
+        "--set", f"run.val_every={every}", "--set", f"run.checkpoint_every={total}", "--set", "data.num_workers=0",
+        "--set", "model.generator.num_feat=8", "--set", "model.generator.num_block=1"])
+    inline, async_ = r["inline"], r["async"]
+    for run in (inline, async_):
+        assert run["steps"] == run["final_step"] == total
+        assert run["validations"] + run["skipped"] == total // every
+    assert inline["skipped"] == 0
+    # inline, the ranks wait for each whole validation (a validation's time is inside its val_block_s)
+    assert inline["blocked_s"] >= inline["validations"] * inline["val_time_s"]
+    # the same seed and data: both runs end with the same weights, and both score them the same
+    assert async_["final_psnr"] == inline["final_psnr"]
+    assert r["blocked_ratio"] == pytest.approx(async_["blocked_s"] / inline["blocked_s"])
+    assert len(list(tmp_path.glob("bench_validation_*/checkpoint_00000012/metrics.json"))) == 2

@@ -5,7 +5,8 @@ Each benchmark is a module here exposing ``add_arguments(parser)`` and
 run (``step``: BasicSR's fp32 eager step; ``data``: its per-crop pipeline;
 ``overhead``: a plain PyTorch loop; ``step --workers``: one worker), so results
 read as ratios on whatever machine runs them. ``train`` times a real
-``raysr.train`` run by its own metrics (crops/s, ``data_wait_frac``).
+``raysr.train`` run by its own metrics (crops/s, ``data_wait_frac``); ``validation``: the
+ranks' time blocked by validation, async beside inline.
 """
 
 BENCHMARKS = {
@@ -14,6 +15,7 @@ BENCHMARKS = {
     "step": "raysr.bench.step",
     "overhead": "raysr.bench.overhead",
     "train": "raysr.bench.train_run",
+    "validation": "raysr.bench.validation",
 }
 
 
