@@ -62,10 +62,14 @@ class Meter:
         return out
 
 
+def _psnr(m: dict) -> str:
+    return f"psnr {m['psnr']:.2f} (bicubic {m['psnr_bicubic']:.2f})"
+
+
 def validation_line(m: dict) -> str:
     """``raysr: validation of step V: psnr (bicubic) | ssim [| lpips] | T s``, for a validation that
     finished with a newer one before the same report (which shows only the newer)."""
-    parts = [f"psnr {m['psnr']:.2f} (bicubic {m['psnr_bicubic']:.2f})", f"ssim {m['ssim']:.4f}"]
+    parts = [_psnr(m), f"ssim {m['ssim']:.4f}"]
     parts += [f"{key} {m[key]:.4g}" for key in ("lpips", "perceptual") if key in m]
     return f"raysr: validation of step {m['val_step']}: " + " | ".join(parts) + f" | {m['val_time_s']:.1f} s"
 
@@ -81,7 +85,7 @@ def progress_line(total_steps: int, m: dict) -> str:
             parts.append(f"{key} {m[key]:.4g}")
     if "psnr" in m:
         at = f" at step {m['val_step']}" if m.get("val_step", step) != step else ""
-        parts.append(f"psnr {m['psnr']:.2f} (bicubic {m['psnr_bicubic']:.2f}){at}")
+        parts.append(_psnr(m) + at)
     parts += [f"lr {m['lr']:.2e}", f"{m['crops_per_s']:.1f} crops/s", f"data {100 * m['data_wait_frac']:.0f}%",
               f"ETA {duration(remaining)}"]
     if m.get("skipped"):

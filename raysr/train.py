@@ -260,18 +260,16 @@ def make_trainer(cfg: Config, callbacks=(), storage: str | None = None, name: st
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    use_gpu = cfg.run.use_gpu
-    if use_gpu == "auto":
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        if not use_gpu and os.environ.get("RAY_ADDRESS"):
-            print("raysr: warning: run.use_gpu=auto found no GPU in the cluster right now, so training runs on "
-                  "CPUs; on an autoscaling cluster whose GPU nodes start at zero, set run.use_gpu=true so Ray "
-                  "asks for GPU nodes", file=sys.stderr)
-    cfg = validation_for_local_ray(cfg, bool(use_gpu))
+    use_gpu = uses_gpu(cfg)
+    if cfg.run.use_gpu == "auto" and not use_gpu and os.environ.get("RAY_ADDRESS"):
+        print("raysr: warning: run.use_gpu=auto found no GPU in the cluster right now, so training runs on "
+              "CPUs; on an autoscaling cluster whose GPU nodes start at zero, set run.use_gpu=true so Ray "
+              "asks for GPU nodes", file=sys.stderr)
+    cfg = validation_for_local_ray(cfg)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict()},
-        scaling_config=scaling_config(cfg, bool(use_gpu)),
+        scaling_config=scaling_config(cfg, use_gpu),
         run_config=ray.train.RunConfig(
             name=name or cfg.run.name,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
@@ -282,7 +280,15 @@ def make_trainer(cfg: Config, callbacks=(), storage: str | None = None, name: st
     )
 
 
-def validation_for_local_ray(cfg: Config, use_gpu: bool, other_cpus: float = 0.0) -> Config:
+def uses_gpu(cfg: Config) -> bool:
+    """Whether the run's workers take GPUs: ``run.use_gpu``, or with ``auto`` whether the cluster has
+    any right now (Ray already initialised)."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0 if cfg.run.use_gpu == "auto" else cfg.run.use_gpu
+
+
+def validation_for_local_ray(cfg: Config, other_cpus: float = 0.0) -> Config:
     """``cfg``, or ``cfg`` with ``run.validation=inline`` when this process started its own Ray
     (:func:`init_ray`: one machine, which never grows) and the validation actor cannot fit there
     beside the training workers and ``other_cpus`` (a Tune trial's driver): it would never be placed.
@@ -293,7 +299,8 @@ def validation_for_local_ray(cfg: Config, use_gpu: bool, other_cpus: float = 0.0
         return cfg
     have = ray.cluster_resources()
     need = dict(cfg.run.validation_resources)
-    need["GPU" if use_gpu else "CPU"] = need.get("GPU" if use_gpu else "CPU", 0.0) + cfg.run.max_workers
+    kind = "GPU" if uses_gpu(cfg) else "CPU"
+    need[kind] = need.get(kind, 0.0) + cfg.run.max_workers
     need["CPU"] = need.get("CPU", 0.0) + other_cpus
     if all(have.get(k, 0.0) >= v for k, v in need.items()):
         return cfg
@@ -581,7 +588,7 @@ class ValidationQueue:
         if self.inline:
             self.finished.append(self.local.score(step, g))
             return
-        from raysr.validation import snapshot
+        from raysr.weights import cpu_state_dict
 
         if self.queued is not None:
             self.skipped += 1
@@ -591,7 +598,7 @@ class ValidationQueue:
                        f"validator is {busy}. If this goes on, validation takes longer than run.val_every="
                        f"{self.cfg.run.val_every} steps of training: give it more resources "
                        "(run.validation_resources, e.g. {GPU: 1}) or raise run.val_every (said once)")
-        self.queued = (step, snapshot(g))
+        self.queued = (step, cpu_state_dict(g))
         self._advance(wait=False)
 
     def collect(self, wait: bool = False) -> list[tuple[dict, bytes | None]]:

@@ -65,7 +65,8 @@ class Validator:
         return metrics, comparison
 
     def score_weights(self, step: int, weights: Mapping[str, torch.Tensor]) -> tuple[dict, bytes | None]:
-        """:meth:`score` of the run's generator holding ``weights`` (a state dict, any device)."""
+        """:meth:`score` of the run's generator holding ``weights`` (a state dict, any device; rank 0
+        sends :func:`raysr.weights.cpu_state_dict` copies, which training then cannot change)."""
         if self.g is None:
             self.g = generator_from_config(self.cfg.model.generator).to(self.device).eval()
         self.g.load_state_dict(strip_wrapper_prefixes(dict(weights)))
@@ -74,8 +75,3 @@ class Validator:
     def ready(self) -> dict:
         """The bicubic baseline (``psnr_bicubic``, ``ssim_bicubic``): returns once the validator is built."""
         return dict(self.baseline)
-
-
-def snapshot(g: nn.Module) -> dict[str, torch.Tensor]:
-    """A host-memory copy of ``g``'s state dict: what a validator scores while ``g`` trains on."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in g.state_dict().items()}

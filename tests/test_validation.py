@@ -24,7 +24,8 @@ from raysr.config import load_config
 from raysr.data import load_validation
 from raysr.models import generator_from_config
 from raysr.scoring import bicubic_baseline, validate, validation_images
-from raysr.validation import Validator, snapshot
+from raysr.validation import Validator
+from raysr.weights import cpu_state_dict
 from test_train import read_reports, report_recorder
 
 SCALE = 4
@@ -44,7 +45,7 @@ def test_a_snapshot_scores_as_the_generator_it_was_taken_from_while_that_trains_
     g = generator_from_config(cfg.model.generator)
     images = val_images(demo_data.val)
     expected, expected_png = validate(g, images, SCALE)
-    weights = snapshot(g)
+    weights = cpu_state_dict(g)
     with torch.no_grad():  # training goes on after the snapshot was taken
         for p in g.parameters():
             p.mul_(0.5)
@@ -164,19 +165,19 @@ def test_on_its_own_local_ray_a_validator_that_cannot_fit_means_inline(ray_local
     monkeypatch.setattr(raysr.train, "STARTED_LOCAL_RAY", True)
     cpus = ray_local.cluster_resources()["CPU"]
     fits = load_config(overrides=["run.num_workers=1", f"run.validation_resources={{CPU: {cpus - 1}}}"])
-    assert validation_for_local_ray(fits, use_gpu=False) is fits
+    assert validation_for_local_ray(fits) is fits
     too_big = load_config(overrides=["run.num_workers=1", f"run.validation_resources={{CPU: {cpus}}}"])
-    assert validation_for_local_ray(too_big, use_gpu=False).run.validation == "inline"
+    assert validation_for_local_ray(too_big).run.validation == "inline"
     out = capsys.readouterr().out
     assert "does not fit beside 1 worker(s) on this machine" in out
     assert f"set run.validation_resources={{CPU: {cpus - 1:g}}} (what is left here" in out  # cpus - 1 worker
     gpu = load_config(overrides=["run.validation_resources={GPU: 1}"])
-    assert validation_for_local_ray(gpu, use_gpu=False).run.validation == "inline"  # no GPU here
+    assert validation_for_local_ray(gpu).run.validation == "inline"  # no GPU here
     with_driver = load_config(overrides=["run.num_workers=1", f"run.validation_resources={{CPU: {cpus - 1}}}"])
-    assert validation_for_local_ray(with_driver, use_gpu=False, other_cpus=0.1).run.validation == "inline"
+    assert validation_for_local_ray(with_driver, other_cpus=0.1).run.validation == "inline"
     assert f"set run.validation_resources={{CPU: {cpus - 1.1:g}}}" in capsys.readouterr().out
     monkeypatch.setattr(raysr.train, "STARTED_LOCAL_RAY", False)  # a cluster may grow: left to the wait
-    assert validation_for_local_ray(too_big, use_gpu=False) is too_big
+    assert validation_for_local_ray(too_big) is too_big
 
 
 @pytest.mark.parametrize("overrides, message", [

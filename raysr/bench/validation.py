@@ -53,9 +53,7 @@ def one_run(train_args: list[str], mode: str, storage: str) -> dict:
             "--set", f"run.name={name}"]
     cfg = train.resolve(train.build_parser().parse_args(argv))
     train.init_ray()
-    import ray
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if cfg.run.use_gpu == "auto" else cfg.run.use_gpu
-    if mode == "async" and train.validation_for_local_ray(cfg, use_gpu).run.validation != "async":
+    if mode == "async" and train.validation_for_local_ray(cfg).run.validation != "async":
         raise ValueError("the validation actor does not fit beside the workers on this machine: "
                          "lower run.validation_resources or run.num_workers")
     reports = os.path.join(storage, name + ".jsonl")

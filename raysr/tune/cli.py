@@ -149,18 +149,16 @@ def _flatten(data, prefix: str = "") -> dict:
 
 def make_tuner(search: Search, resume: bool) -> tune.Tuner:
     """A new Tuner for ``search``, or the restored one when ``resume`` (Ray already initialised)."""
-    cfg = config_from_dict(search.base)
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if cfg.run.use_gpu == "auto" else cfg.run.use_gpu
     # what the trials run with (search.base, as saved and compared on --resume, stays as given)
-    base = validation_for_local_ray(cfg, use_gpu, other_cpus=TRIAL_DRIVER_CPUS).to_dict()
+    cfg = validation_for_local_ray(config_from_dict(search.base), other_cpus=TRIAL_DRIVER_CPUS)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, space=search.space, runs_dir=join(search.folder, RUNS_DIR)),
+        tune.with_parameters(run_trial, base=cfg.to_dict(), space=search.space, runs_dir=join(search.folder, RUNS_DIR)),
         {"CPU": TRIAL_DRIVER_CPUS})
     if resume:
         path, filesystem = experiment_location(search)
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=filesystem)
-    concurrent, why = trial_resources(config_from_dict(base), ray.cluster_resources())
+    concurrent, why = trial_resources(cfg, ray.cluster_resources())
     if search.max_concurrent:
         concurrent, why = search.max_concurrent, "--max-concurrent"
     scheduler, search_alg = None, None
