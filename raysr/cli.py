@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raysr import io as rio
-from raysr.checkpoint import interpolate, load_generator
+from raysr import storage
+from raysr.generator_file import interpolate, load_generator
 from raysr.weights import check_compatible
 
 EXIT_BAD_INPUT = 2
@@ -89,7 +89,7 @@ def load_model(source: str, option: str = "--model", rgb_only: bool = True, scal
     directory, corrupt, of an unknown layout, or (``rgb_only``) not RGB -> RGB;
     :class:`ScaleUnknownError` naming ``scale_option`` if the scale must be given.
     """
-    if not rio.is_s3(source):
+    if not storage.is_s3(source):
         path = Path(source)
         if path.is_dir():
             found = sorted(p.name for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
@@ -130,7 +130,7 @@ def _arch_given_a_scale(source: str) -> str | None:
 def mix_generators(model: nn.Module, model_b: nn.Module, alpha: float,
                    names: tuple[str, str] = ("--model", "--model-b")) -> nn.Module:
     """ESRGAN network interpolation (1 - alpha) * model + alpha * model_b
-    (:func:`raysr.checkpoint.interpolate`), with errors naming the CLI options ``names``."""
+    (:func:`raysr.generator_file.interpolate`), with errors naming the CLI options ``names``."""
     hint = "ESRGAN interpolation mixes two trainings of one architecture, e.g. its PSNR and GAN stages"
     try:
         check_compatible(model.state_dict(), model_b.state_dict(), *names)

@@ -392,20 +392,20 @@ def load_config(preset: str | None = None, config_file: str | None = None,
     for text in overrides:
         set_key(data, *parse_override(text))
     cfg = _build(Config, data)
-    validate(cfg)
+    check_config(cfg)
     return cfg
 
 
 def config_from_dict(data: dict) -> Config:
     """A validated Config from its ``to_dict()`` form (used to restore a run's saved config)."""
     cfg = _build(Config, data)
-    validate(cfg)
+    check_config(cfg)
     return cfg
 
 
 # --------------------------------------------------------------------------- validation
 
-def validate(cfg: Config) -> None:
+def check_config(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express. Raises ConfigError."""
     g, d, data, train, run = cfg.model.generator, cfg.model.discriminator, cfg.data, cfg.train, cfg.run
     from raysr.models import GENERATOR_SCALES, VGG_INPUT_SIZES

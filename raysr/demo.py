@@ -44,17 +44,17 @@ def build_demo_data(root: str) -> tuple[str, str]:
     """
     import tempfile
 
-    from raysr import io as rio
+    from raysr import storage
     from raysr.data.make_shards import make_shards
     from raysr.data.manifest import manifest_uri
 
     source = sample_photo_dir()
-    shard_dir, val_dir = rio.join(root, "shards"), rio.join(root, "val")
+    shard_dir, val_dir = storage.join(root, "shards"), storage.join(root, "val")
     for name in VAL_PHOTOS:
-        target = rio.join(val_dir, name)
-        if not rio.exists(target):
-            rio.write_bytes(target, (source / name).read_bytes())
-    if not rio.exists(manifest_uri(shard_dir)):
+        target = storage.join(val_dir, name)
+        if not storage.exists(target):
+            storage.write_bytes(target, (source / name).read_bytes())
+    if not storage.exists(manifest_uri(shard_dir)):
         print(f"raysr: building demo shards from scikit-image's sample photos in {shard_dir}", flush=True)
         with tempfile.TemporaryDirectory(prefix="raysr_demo_") as photos:
             for name in TRAIN_PHOTOS:

@@ -159,7 +159,7 @@ def build_state(cfg: Config, device: torch.device, wrap=lambda m, has_bn: m) -> 
     layout = torch.channels_last if uses_bf16(device, run.precision) else torch.contiguous_format
     g_module = generator_from_config(cfg.model.generator).to(device)
     if cfg.train.init_from:
-        from raysr.checkpoint import load_generator
+        from raysr.generator_file import load_generator
         init = load_generator(cfg.train.init_from)
         try:
             g_module.load_state_dict(init.state_dict())

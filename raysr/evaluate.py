@@ -49,9 +49,9 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from raysr import io as rio
-from raysr.data.validation import mod_crop
-from raysr.imageio import DecodedImage, ImageError, list_images, probe_image, read_image, to_uint8_rgb, write_image
+from raysr import storage
+from raysr.validation.pairs import mod_crop
+from raysr.images import DecodedImage, ImageError, list_images, probe_image, read_image, to_uint8_rgb, write_image
 from raysr.lpips import BACKBONE_FILES, LpipsFn, load_lpips
 from raysr.metrics import SSIM_WINDOW
 from raysr.models import generator_name
@@ -92,7 +92,7 @@ def _normalized_index(files: Sequence[str], scale: int, option: str) -> dict[str
 def collect_samples(hr_dir: str, lr_dir: str | None, scale: int) -> list[Sample]:
     """Pair GT files with LR files and check every header; InputError on any problem."""
     for option, folder in (("--hr", hr_dir), ("--lr", lr_dir)):
-        if folder is not None and not rio.is_s3(folder) and not Path(folder).is_dir():
+        if folder is not None and not storage.is_s3(folder) and not Path(folder).is_dir():
             raise InputError(f"{option} {folder}: not a directory")
     hr_files, _ = list_images(hr_dir, recursive=False)
     if not hr_files:
@@ -120,7 +120,7 @@ def collect_samples(hr_dir: str, lr_dir: str | None, scale: int) -> list[Sample]
                     raise ImageError(f"{lr}: LR is {lr_info.height}x{lr_info.width} but GT {hr} cropped to a "
                                      f"multiple of {scale} is {size[0]}x{size[1]}, so LR should be "
                                      f"{size[0] // scale}x{size[1] // scale}; is --scale right?")
-        except (ImageError, rio.StorageError) as err:
+        except (ImageError, storage.StorageError) as err:
             bad.append(str(err))
             continue
         samples.append(Sample(name=Path(hr).name, hr=hr, lr=lr, size=size))
@@ -160,14 +160,14 @@ def evaluate(samples: Sequence[Sample], scale: int, model: nn.Module | None, lpi
             for sample in samples:
                 try:
                     hr, lr = _load_pair(sample, scale)
-                except (ImageError, rio.StorageError) as err:
+                except (ImageError, storage.StorageError) as err:
                     raise InputError(f"{err}; stopped after {progress.done} of {len(samples)} images, "
                                      "nothing saved") from err
                 baseline = bicubic_sr(lr, scale)
                 sr = baseline if model is None else super_resolve(model, lr)[0]
                 if save_sr is not None:
-                    target = rio.join(save_sr, Path(sample.name).stem + ".png")
-                    is_new = not rio.exists(target)
+                    target = storage.join(save_sr, Path(sample.name).stem + ".png")
+                    is_new = not storage.exists(target)
                     write_image(target, DecodedImage(sr, "PNG"))
                     if is_new:
                         created.append(target)
@@ -178,7 +178,7 @@ def evaluate(samples: Sequence[Sample], scale: int, model: nn.Module | None, lpi
                 progress.step(sample.name)
     except BaseException:
         for target in created:
-            rio.remove(target)
+            storage.remove(target)
         raise
     return {"images": rows, "mean": mean_scores(rows),
             "bicubic": {"mean": mean_scores([r["bicubic"] for r in rows])}}
@@ -258,9 +258,9 @@ def _check_outputs(args: argparse.Namespace, samples: Sequence[Sample]) -> None:
     if args.save_sr is None:
         return
     for sample in samples:
-        target = rio.join(args.save_sr, Path(sample.name).stem + ".png")
+        target = storage.join(args.save_sr, Path(sample.name).stem + ".png")
         for source in (sample.hr, sample.lr):
-            if source is not None and not rio.is_s3(source) and not rio.is_s3(target) and \
+            if source is not None and not storage.is_s3(source) and not storage.is_s3(target) and \
                     Path(source).resolve() == Path(target).resolve():
                 raise InputError(f"--save-sr {args.save_sr} would overwrite {source}; choose another folder")
 
@@ -283,7 +283,7 @@ def _run(args: argparse.Namespace) -> int:
     print(format_table(report))
     if args.json:
         try:
-            rio.write_bytes(args.json, (json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n").encode())
+            storage.write_bytes(args.json, (json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n").encode())
         except OSError as err:
             raise InputError(f"cannot write --json {args.json}: {err}") from err
     return 0

@@ -5,7 +5,7 @@
 Writes θ = (1 − α)·θ_PSNR + α·θ_GAN (ESRGAN, sec. 3.4): α = 0 is the PSNR-oriented
 network (smooth), α = 1 the GAN one (sharp, with artefacts); values between trade
 one for the other without retraining. Both checkpoints must hold the same
-architecture, in any layout :func:`raysr.checkpoint.load_generator` reads. To
+architecture, in any layout :func:`raysr.generator_file.load_generator` reads. To
 compare several α on images without saving checkpoints, use
 ``python -m raysr.upscale --model PSNR --model-b GAN --alpha 0 0.4 0.8 1``.
 """
@@ -17,8 +17,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from raysr import io as rio
-from raysr.checkpoint import SAVE_FORMATS, save_generator
+from raysr import storage
+from raysr.generator_file import SAVE_FORMATS, save_generator
 from raysr.cli import InputError, check_model_scale, cli, load_model, mix_generators
 
 
@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
     gan_net = load_model(args.gan, "--gan", rgb_only=False, scale=args.model_scale)
     # replacing an input would lose the original weights; that is almost always a typo
     for option, source in (("--psnr", args.psnr), ("--gan", args.gan)):
-        if source == args.output or (not rio.is_s3(source) and not rio.is_s3(args.output)
+        if source == args.output or (not storage.is_s3(source) and not storage.is_s3(args.output)
                                      and os.path.exists(args.output) and os.path.samefile(source, args.output)):
             raise InputError(f"--output {args.output} is the {option} checkpoint; write to a new file")
     mixed = mix_generators(psnr_net, gan_net, args.alpha, names=("--psnr", "--gan"))

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raysr import io as rio
+from raysr import storage
 from raysr.hub import WeightsHashError, WeightsUnavailable, cache_path, fetch
 
 # torchvision's ImageNet files for the backbones LPIPS supports (names as torchvision saves them)
@@ -84,10 +84,10 @@ def load_lpips(net: str = "alex", backbone: str | os.PathLike | None = None,
         source = fetch(backbone if backbone is not None else backbone_url(net), f"LPIPS-{net} backbone weights")
     except (WeightsUnavailable, WeightsHashError) as err:
         return None, str(err)
-    if not rio.exists(source):
+    if not storage.exists(source):
         return None, f"no {net} backbone weights at {source}; pass the path of torchvision's {BACKBONE_FILES[net]}"
     try:
-        features = torch.load(io.BytesIO(rio.read_bytes(source)), map_location="cpu", weights_only=True)
+        features = torch.load(io.BytesIO(storage.read_bytes(source)), map_location="cpu", weights_only=True)
         # pnet_rand: build the backbone without torchvision's pretrained download
         model = lpips.LPIPS(net=net, version=LPIPS_VERSION, pretrained=True, pnet_rand=True, verbose=False)
         model.net.load_state_dict(_backbone_state(model.net, features), strict=True)

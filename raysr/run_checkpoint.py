@@ -9,7 +9,7 @@
 This module is the one place that knows this layout: it builds ``state.pt`` from the
 training state it is given (:class:`raysr.engine.TrainState`, used by its attributes
 only, so nothing here imports the engine), writes the folder, restores a training
-state for resume, and reads the generator back out for ``raysr.checkpoint.load_generator``.
+state for resume, and reads the generator back out for ``raysr.generator_file.load_generator``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from raysr.config import GeneratorConfig
-from raysr.io import exists, join, read_bytes, remove, write_bytes
+from raysr.storage import exists, join, read_bytes, remove, write_bytes
 from raysr.models import GENERATORS, build_generator, generator_from_config, generator_name
 from raysr.weights import format_kwargs, generator_payload, is_state_dict, load_exact, sample_keys, \
     strip_wrapper_prefixes

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from raysr.io import is_s3, join, write_bytes
+from raysr.storage import is_s3, join, write_bytes
 
 
 COUNTED = ("nonfinite_steps",)  # step scalars summed over the interval (0/1 per step), not averaged

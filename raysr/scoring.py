@@ -1,6 +1,6 @@
 """How raysr scores a generator: the SR literature's protocol, in one place.
 
-Training's validation (:func:`validate`, :func:`bicubic_baseline`), ``raysr.evaluate`` and,
+Training's validation (:func:`score_generator`, :func:`bicubic_baseline`), ``raysr.evaluate`` and,
 through the metrics a run reports, ``raysr.tune``'s tables all score with these functions,
 so a run's validation PSNR is what ``raysr.evaluate`` reports for its generator on the
 same images:
@@ -71,7 +71,7 @@ def mean_scores(rows: Sequence[dict], keys: Sequence[str] = METRICS + ("lpips",)
 
 
 def validation_images(val_set) -> list[np.ndarray]:
-    """The GTmod HR images of a :class:`raysr.data.ValidationSet` as uint8 (H, W, 3) (exact:
+    """The GTmod HR images of a :class:`raysr.validation.pairs.ValidationSet` as uint8 (H, W, 3) (exact:
     the set keeps uint8 and divides by 255)."""
     return [to_uint8(val_set[i][2]) for i in range(len(val_set))]
 
@@ -83,7 +83,7 @@ def bicubic_baseline(images: Sequence[np.ndarray], scale: int) -> dict:
     return {"psnr_bicubic": mean["psnr_y"], "ssim_bicubic": mean["ssim_y"]}
 
 
-def validate(g: nn.Module, images: Sequence[np.ndarray], scale: int, perceptual=None,
+def score_generator(g: nn.Module, images: Sequence[np.ndarray], scale: int, perceptual=None,
              lpips_fn=None) -> tuple[dict, bytes | None]:
     """Validation metrics of ``g`` over GTmod uint8 images (one at a time, on ``g``'s device),
     plus a comparison PNG.

@@ -29,13 +29,11 @@ import sys
 import tempfile
 import time
 
-import pyarrow.fs
-
 from raysr import run_checkpoint
 from raysr.cli import add_config_args, say
 from raysr.config import (PSNR_PHASE, Config, ConfigError, available_presets, config_from_dict, load_config,
                           parse_override, set_key)
-from raysr.io import S3_MAX_ATTEMPTS, StorageError, is_s3, join, split_s3
+from raysr.storage import StorageError, is_s3, join, storage_args
 from raysr.run_checkpoint import COMPARISON_FILE, GENERATOR_FILE, METRICS_FILE
 
 PSNR_PREFIX = "psnr."  # --set psnr.KEY=VALUE: a key of the PSNR phase that train.init_from=psnr runs first
@@ -209,46 +207,6 @@ def init_ray() -> None:
 
 # Whether init_ray started a Ray instance of its own (this machine only: its resources never grow).
 STARTED_LOCAL_RAY = False
-
-
-def storage_args(storage: str) -> dict:
-    """``RunConfig`` storage arguments for a local directory or s3://bucket/prefix.
-
-    S3 gets a pyarrow S3FileSystem and a ``bucket/prefix`` path (with AWS_ENDPOINT_URL for
-    MinIO, Ceph, moto) whose requests are retried ``S3_MAX_ATTEMPTS`` times, as raysr.io's are
-    (Ray itself does not retry a checkpoint upload).
-    """
-    if not is_s3(storage):
-        return {"storage_path": os.path.abspath(os.path.expanduser(storage))}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-    kwargs = {}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-        region = region or "us-east-1"
-    elif not region:  # on AWS proper, the bucket's own region (as Ray's from_uri finds it)
-        region = pyarrow.fs.resolve_s3_region(split_s3(storage)[0])
-    fs = RetryingS3FileSystem(S3_MAX_ATTEMPTS, region=region, **kwargs)
-    return {"storage_path": storage[len("s3://"):].rstrip("/"), "storage_filesystem": fs}
-
-
-class RetryingS3FileSystem(pyarrow.fs.S3FileSystem):
-    """pyarrow's S3FileSystem with ``max_attempts`` tries per request (AWS standard retry mode:
-    throttling, 5xx and broken connections, with backoff), kept when pickled.
-
-    Ray pickles the storage filesystem into its controller and every worker, and pyarrow's
-    ``S3FileSystem.__reduce__`` leaves the retry strategy out (pyarrow 26): unpickled, it falls
-    back to pyarrow's default of 3 attempts, which three 503 SlowDown in a row exhaust.
-    """
-
-    def __init__(self, max_attempts: int, **kwargs):
-        super().__init__(retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=max_attempts), **kwargs)
-        self.max_attempts, self.kwargs = max_attempts, kwargs
-
-    def __reduce__(self):
-        # a partial: __reduce__ cannot pass keyword arguments to the constructor itself
-        return functools.partial(RetryingS3FileSystem, self.max_attempts, **self.kwargs), ()
 
 
 def make_trainer(cfg: Config, callbacks=(), storage: str | None = None, name: str | None = None):
@@ -568,7 +526,7 @@ class ValidationQueue:
     def _start_actor(self):
         import ray
 
-        from raysr.validation import Validator
+        from raysr.validation.validator import Validator
 
         resources = self.cfg.run.validation_resources
         options = {"num_cpus": resources.get("CPU", 0.0), "num_gpus": resources.get("GPU", 0.0),
@@ -646,7 +604,7 @@ class ValidationQueue:
         self.finished.append(self._in_process().score_weights(step, weights))
 
     def _in_process(self):
-        from raysr.validation import Validator
+        from raysr.validation.validator import Validator
 
         if self.local is None:
             self.local = Validator(self.cfg, self.device, self.perceptual)

@@ -3,7 +3,7 @@
     python -m raysr.upscale --model runs/esrgan/generator.pth --input photos/ --output photos_x4/
     python -m raysr.upscale --model psnr.pth --model-b gan.pth --alpha 0 0.5 1 --input a.png --output sweep/
 
-Reads any checkpoint :func:`raysr.checkpoint.load_generator` reads (raysr, BasicSR /
+Reads any checkpoint :func:`raysr.generator_file.load_generator` reads (raysr, BasicSR /
 Real-ESRGAN, both ESRGAN-repo layouts, a training run's ``generator.pth``), local or
 ``s3://``. Large images go through the network in overlapping tiles whose padded
 margins are cropped away; with the default --tile-pad the result matches whole-image
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from raysr import io as rio
-from raysr.imageio import (DecodedImage, ImageError, from_float_rgb, is_under, list_images, probe_image,
+from raysr import storage
+from raysr.images import (DecodedImage, ImageError, from_float_rgb, is_under, list_images, probe_image,
                            read_image, relative_path, to_float_rgb, write_image)
 from raysr.inference import DEFAULT_TILE_PAD, PRECISIONS, upscale_tensor
 from raysr.ops.resize import imresize, weight_matrix
@@ -118,8 +118,8 @@ def _output_names(rel: str, alphas: Sequence[float] | None, joined: bool) -> lis
 
 def _collect_inputs(source: str, output: str) -> list[tuple[str, str]]:
     """``(uri, path relative to the input root)`` of every input image."""
-    if rio.is_s3(source):
-        is_file = rio.exists(source)
+    if storage.is_s3(source):
+        is_file = storage.exists(source)
     else:
         if not Path(source).exists():
             raise InputError(f"--input {source}: no such file or directory")
@@ -142,7 +142,7 @@ def _probe_all(inputs: Sequence[tuple[str, str]]) -> None:
     for uri, _ in inputs:
         try:
             probe_image(uri)
-        except (ImageError, rio.StorageError) as err:
+        except (ImageError, storage.StorageError) as err:
             bad.append(str(err))
     if bad:
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
@@ -151,7 +151,7 @@ def _probe_all(inputs: Sequence[tuple[str, str]]) -> None:
 
 
 def _same_file(a: str, b: str) -> bool:
-    if rio.is_s3(a) or rio.is_s3(b):
+    if storage.is_s3(a) or storage.is_s3(b):
         return a == b
     return Path(a).resolve() == Path(b).resolve()
 
@@ -210,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
     _probe_all(inputs)
     jobs = []  # (input uri, [output uris])
     for uri, rel in inputs:
-        outs = [rio.join(args.output, name) for name in _output_names(rel, args.alpha, args.side_by_side)]
+        outs = [storage.join(args.output, name) for name in _output_names(rel, args.alpha, args.side_by_side)]
         clash = next((o for o in outs if _same_file(o, uri)), None)
         if clash:
             raise InputError(f"output {clash} would overwrite its input; choose another --output folder")
@@ -236,7 +236,7 @@ def _upscale_job(args: argparse.Namespace, models: Sequence[nn.Module], uri: str
     stopped = f"stopped after {progress.done} of {progress.total} inputs"
     try:
         results = upscale_image(models, read_image(uri), args.scale_out, args.tile, args.tile_pad, args.precision)
-    except (ImageError, rio.StorageError) as err:
+    except (ImageError, storage.StorageError) as err:
         raise InputError(f"{err}; {stopped} (their outputs are complete, nothing partial was written)") from err
     except torch.cuda.OutOfMemoryError as err:
         raise InputError(f"{uri} does not fit in GPU memory at once; pass --tile 512 (or smaller) "

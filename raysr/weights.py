@@ -6,7 +6,7 @@ The raysr generator file (``generator.pth`` of a run, ``save_generator(fmt="rays
      "params": state_dict, "params_ema": state_dict (optional)}
 
 is BasicSR's ``{"params", "params_ema"}`` plus the architecture, so BasicSR reads it
-and raysr rebuilds the network without guessing. Both ``raysr.checkpoint`` (generator
+and raysr rebuilds the network without guessing. Both ``raysr.generator_file`` (generator
 files in every layout) and ``raysr.run_checkpoint`` (a run's checkpoint folder) build on
 this module, which imports neither.
 """

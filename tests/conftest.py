@@ -86,11 +86,11 @@ def s3_endpoint():
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
     server.start()
-    import raysr.io
-    raysr.io._clients.clear()
+    import raysr.storage
+    raysr.storage._clients.clear()
     yield S3_ENDPOINT
     server.stop()
-    raysr.io._clients.clear()
+    raysr.storage._clients.clear()
 
 
 @pytest.fixture
@@ -105,9 +105,9 @@ def s3_faults(s3_endpoint):
 @pytest.fixture
 def s3_bucket(s3_endpoint) -> str:
     """A fresh, empty bucket on the moto server; returns its name."""
-    import raysr.io
+    import raysr.storage
     name = f"raysr-test-{uuid.uuid4().hex[:12]}"
-    raysr.io.s3_client().create_bucket(Bucket=name)
+    raysr.storage.s3_client().create_bucket(Bucket=name)
     return name
 
 

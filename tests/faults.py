@@ -1,6 +1,6 @@
 """A fault-injecting HTTP proxy for S3 traffic on loopback: real sockets, real faults.
 
-:class:`FaultProxy` sits between S3 clients (boto3 in raysr.io, pyarrow's S3FileSystem in Ray's
+:class:`FaultProxy` sits between S3 clients (boto3 in raysr.storage, pyarrow's S3FileSystem in Ray's
 checkpoint upload) and an S3 endpoint (moto's server). It reads each request's head and body
 framing itself (so it knows where one request ends and the next begins on a keep-alive
 connection) and pumps the replies back as raw bytes. Armed :class:`Fault` s hit the requests

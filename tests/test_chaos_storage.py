@@ -1,7 +1,7 @@
 """Storage faults during real training runs: S3 that throttles, drops connections, cuts bodies short
 and stalls, and a worker killed while its checkpoint is uploading.
 
-Every S3 client of the test session — raysr.io's boto3 in the Ray Train workers (shard reads),
+Every S3 client of the test session — raysr.storage's boto3 in the Ray Train workers (shard reads),
 pyarrow's S3FileSystem in Ray's checkpoint upload and its controller's run state — reaches the moto
 server through the loopback proxy of tests/faults.py; each test arms faults on it (``s3_faults``)
 and checks what a user cares about: the run finished at its exact step, no shard sample was
@@ -23,10 +23,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import raysr.io as rio
+from raysr import storage
 from faults import Fault, pid_of_client
 from raysr import run_checkpoint
-from raysr.checkpoint import load_generator
+from raysr.generator_file import load_generator
 from raysr.config import load_config
 from raysr.train import fit
 from test_train import CHECKPOINT_FILES, checkpoint_keys, read_reports, report_recorder, tiny_gan_overrides
@@ -38,10 +38,10 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # where Ray Train records the che
 @pytest.fixture(scope="module")
 def s3_data(s3_endpoint, demo_data) -> SimpleNamespace:
     """The demo shards copied to S3 (validation photos stay local: rank 0 reads them once)."""
-    rio.s3_client().create_bucket(Bucket=BUCKET)
+    storage.s3_client().create_bucket(Bucket=BUCKET)
     for path in sorted(Path(demo_data.train).iterdir()):
         with open(path, "rb") as f:
-            rio.write_stream(f"s3://{BUCKET}/shards/{path.name}", f)
+            storage.write_stream(f"s3://{BUCKET}/shards/{path.name}", f)
     return SimpleNamespace(train=f"s3://{BUCKET}/shards", val=demo_data.val)
 
 
@@ -54,7 +54,7 @@ def run(overrides: list[str], record: Path):
 
 def registered_checkpoints(name: str) -> list[int]:
     """The steps of the checkpoints Ray Train registered for run ``name`` (its run state in the bucket)."""
-    snapshot = json.loads(rio.read_bytes(f"s3://{BUCKET}/runs/{name}/{SNAPSHOT}"))
+    snapshot = json.loads(storage.read_bytes(f"s3://{BUCKET}/runs/{name}/{SNAPSHOT}"))
     dirs = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
     return sorted(int(d[len("checkpoint_"):]) for d in dirs)
 
@@ -64,12 +64,12 @@ def assert_complete_and_loadable(name: str, step: int) -> None:
     base = f"s3://{BUCKET}/runs/{name}/checkpoint_{step:08d}"
     assert checkpoint_keys(BUCKET, name)[step] == CHECKPOINT_FILES, base
     assert run_checkpoint.is_complete(base), base
-    state = torch.load(io.BytesIO(rio.read_bytes(f"{base}/state.pt")), map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(storage.read_bytes(f"{base}/state.pt")), map_location="cpu", weights_only=True)
     assert state["step"] == step
     assert {int(s["step"]) for s in state["opt_g"]["state"].values()} == {step}  # Adam: none lost, none doubled
     g = load_generator(f"{base}/generator.pth")
     assert g(torch.rand(1, 3, 8, 8)).shape == (1, 3, 32, 32)
-    assert json.loads(rio.read_bytes(f"{base}/metrics.json"))["step"] == step
+    assert json.loads(storage.read_bytes(f"{base}/metrics.json"))["step"] == step
 
 
 def steps_of(reports: list[dict]) -> list[int]:
@@ -78,7 +78,7 @@ def steps_of(reports: list[dict]) -> list[int]:
 
 def test_shard_reads_survive_503s_resets_cut_bodies_and_slow_replies(ray_local, s3_data, s3_faults, tmp_path):
     """The workers' shard GETs: three answered 503 SlowDown, two connections reset, two replies stalled
-    for 1 s, two bodies cut after 1 MiB. botocore retries the requests, raysr.io resumes the cut bodies
+    for 1 s, two bodies cut after 1 MiB. botocore retries the requests, raysr.storage resumes the cut bodies
     with a Range request; no sample is skipped and the run ends at its exact step."""
     faults = s3_faults.arm(Fault("slowdown", times=3, method="GET", path=".tar"),
                            Fault("reset", times=2, method="GET", path=".tar"),

@@ -245,10 +245,10 @@ def photo_dir(tmp_path, make_image):
 
 
 def ensure_bucket(uri: str) -> None:
-    import raysr.io
+    import raysr.storage
 
-    bucket, _ = raysr.io.split_s3(uri)
-    client = raysr.io.s3_client()
+    bucket, _ = raysr.storage.split_s3(uri)
+    client = raysr.storage.s3_client()
     if bucket not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
         client.create_bucket(Bucket=bucket)
 
@@ -481,7 +481,7 @@ def test_raysr_command_lines_parse_and_resolve(docs, s3_endpoint, photo_dir, tmp
     of those URIs (the guide's steps fit together); other examples get shards made at their URL.
     Documented local paths (a user's /data/…) are swapped for test files.
     """
-    import raysr.io
+    import raysr.storage
     import raysr.train
     from raysr.data.make_shards import main as make_shards_main
 
@@ -497,7 +497,7 @@ def test_raysr_command_lines_parse_and_resolve(docs, s3_endpoint, photo_dir, tmp
     def make_shards(argv: list[str], output: str, what: str) -> None:
         rc = make_shards_main(argv + ["--input", str(photo_dir), "--output", output, "--workers", "1"])
         assert rc == 0, f"{what} failed: {capsys.readouterr().err}"
-        assert raysr.io.exists(raysr.io.join(output, "manifest.parquet"))
+        assert raysr.storage.exists(raysr.storage.join(output, "manifest.parquet"))
 
     local = local_stand_ins(tmp_path, photo_dir, make_shards)
 
@@ -505,7 +505,7 @@ def test_raysr_command_lines_parse_and_resolve(docs, s3_endpoint, photo_dir, tmp
     for cmd in (c for c in commands if c.module == "raysr.data.make_shards"):
         what = f"{cmd.where}: python -m {cmd.module} {' '.join(cmd.argv)}"
         args = parse_or_fail(parser_for(cmd.module), cmd.argv, what)
-        if raysr.io.is_s3(args.output):
+        if raysr.storage.is_s3(args.output):
             ensure_bucket(args.output)
             make_shards(cmd.argv, args.output, what)
             produced.add(args.output.rstrip("/"))

@@ -230,26 +230,26 @@ def test_jpeg_and_webp_formats(tmp_path):
 
 
 def test_an_interrupted_run_resumes_from_its_manifest(tmp_path, monkeypatch):
-    import raysr.io
+    import raysr.storage
 
     write_images(tmp_path / "in", [(96, 96)] * 5)
     args = dict(crop_size=48, step=48, min_size=16, shard_size_mb=0.05, workers=1, progress=False)
     clean = make_shards([str(tmp_path / "in")], str(tmp_path / "clean"), **args)
-    real_write, uploads = raysr.io.write_stream, []
+    real_write, uploads = raysr.storage.write_stream, []
 
     def dies_on_third_shard(uri, fileobj, metadata=None):
         if uri.endswith(".tar"):
             uploads.append(uri)
             if len(uploads) == 3:
-                raise raysr.io.StorageError(f"simulated crash writing {uri}")
+                raise raysr.storage.StorageError(f"simulated crash writing {uri}")
         real_write(uri, fileobj, metadata)
 
-    monkeypatch.setattr(raysr.io, "write_stream", dies_on_third_shard)
-    with pytest.raises(raysr.io.StorageError, match="simulated crash"):
+    monkeypatch.setattr(raysr.storage, "write_stream", dies_on_third_shard)
+    with pytest.raises(raysr.storage.StorageError, match="simulated crash"):
         make_shards([str(tmp_path / "in")], str(tmp_path / "out"), **args)
     listed = pq.read_table(tmp_path / "out" / "manifest.parquet").num_rows
     assert 1 <= listed < len(clean.entries)
-    monkeypatch.setattr(raysr.io, "write_stream", real_write)
+    monkeypatch.setattr(raysr.storage, "write_stream", real_write)
     resumed = make_shards([str(tmp_path / "in")], str(tmp_path / "out"), **args)
     assert resumed.reused == listed and resumed.written == len(clean.entries) - listed
     assert [e.sha256 for e in resumed.entries] == [e.sha256 for e in clean.entries]
@@ -285,11 +285,11 @@ def test_unwritable_output_exits_2_before_encoding(tmp_path, monkeypatch, capsys
 def test_a_write_error_midway_exits_2_naming_the_file(tmp_path, monkeypatch, capsys):
     import errno
 
-    import raysr.io
+    import raysr.storage
     from raysr.data.make_shards import main
 
     write_images(tmp_path / "in", [(96, 96)] * 3)
-    real_write, tars = raysr.io.write_stream, []
+    real_write, tars = raysr.storage.write_stream, []
 
     def disk_fills_on_second_shard(uri, fileobj, metadata=None):
         if uri.endswith(".tar"):
@@ -298,7 +298,7 @@ def test_a_write_error_midway_exits_2_naming_the_file(tmp_path, monkeypatch, cap
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), uri)
         real_write(uri, fileobj, metadata)
 
-    monkeypatch.setattr(raysr.io, "write_stream", disk_fills_on_second_shard)
+    monkeypatch.setattr(raysr.storage, "write_stream", disk_fills_on_second_shard)
     code = main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--crop-size", "48",
                  "--step", "48", "--min-size", "16", "--shard-size-mb", "0.05", "--workers", "1"])
     captured = capsys.readouterr()

@@ -11,10 +11,10 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-import raysr.io
+import raysr.storage
 from raysr.data import DataStats, iter_pairs, resolve_shards
 from raysr.data.make_shards import make_shards
-from raysr.io import StorageError
+from raysr.storage import StorageError
 from faults import Fault, FaultProxy
 from test_data_common import to_uint8, write_images
 
@@ -24,7 +24,7 @@ CROP = 48
 @pytest.fixture(scope="module")
 def bucket(s3_endpoint):
     name = "raysr-test-data-s3"
-    raysr.io.s3_client().create_bucket(Bucket=name)
+    raysr.storage.s3_client().create_bucket(Bucket=name)
     return name
 
 
@@ -57,8 +57,8 @@ def _stream_all(prefix):
 
 def test_make_shards_to_s3_and_stream_back(s3_shards, bucket):
     prefix, crops, source = s3_shards
-    client = raysr.io.s3_client()
-    manifest = pq.read_table(io.BytesIO(raysr.io.read_bytes(prefix + "/manifest.parquet"))).to_pylist()
+    client = raysr.storage.s3_client()
+    manifest = pq.read_table(io.BytesIO(raysr.storage.read_bytes(prefix + "/manifest.parquet"))).to_pylist()
     assert len(manifest) > 1 and sum(row["samples"] for row in manifest) == 9
     for row in manifest:
         key = f"hr/div/{row['name']}"
@@ -115,13 +115,13 @@ def test_flaky_endpoint_is_survived(s3_shards, s3_endpoint, monkeypatch):
     # three connections reset, then two replies cut short after 20 kB (a body cut midway)
     resets, cuts = proxy.arm(Fault("reset", times=3), Fault("cut_reply", times=2, after_bytes=20_000))
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-    monkeypatch.setattr(raysr.io, "STREAM_RETRY_BASE_S", 0.01)
-    raysr.io._clients.clear()
+    monkeypatch.setattr(raysr.storage, "STREAM_RETRY_BASE_S", 0.01)
+    raysr.storage._clients.clear()
     try:
         got, stats = _stream_all(prefix)
     finally:
         proxy.close()
-        raysr.io._clients.clear()
+        raysr.storage._clients.clear()
     assert got == sorted(c.tobytes() for c in crops.values())
     assert stats.skipped == 0 and stats.bad_shards == 0
     assert resets.fired == 3 and cuts.fired == 2  # the faults really happened

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from raysr.data import DataStats, iter_images, iter_pairs, make_lr, resolve_shards
 from raysr.data.make_shards import make_shards
 from raysr.data.stream import shard_order
-from raysr.io import StorageError
+from raysr.storage import StorageError
 from test_data_common import assert_lr_matches, png_bytes, read_tar, shard_samples, to_uint8, write_images, write_tar
 
 SAMPLE = 64  # every sample is a 64x64 crop

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-import raysr.io as rio
+from raysr import storage
 from raysr.data import check_train_shards, iter_images, iter_pairs, make_train_loader
 from raysr.data.samples import split_member_name, tar_samples
 from test_data_common import assert_lr_matches, png_bytes, to_uint8, write_images, write_tar
@@ -54,7 +54,7 @@ def write_shardwriter_shards(folder: Path, samples, maxcount: int, seed: int = 0
 
 
 def upload(folder: Path, bucket: str, prefix: str) -> str:
-    client = rio.s3_client()
+    client = storage.s3_client()
     for path in sorted(folder.glob("*.tar")):
         client.upload_file(str(path), bucket, f"{prefix}/{path.name}")
     return f"s3://{bucket}/{prefix}"
@@ -63,7 +63,7 @@ def upload(folder: Path, bucket: str, prefix: str) -> str:
 @pytest.fixture(scope="module")
 def bucket(s3_endpoint):
     name = "raysr-test-webdataset"
-    rio.s3_client().create_bucket(Bucket=name)
+    storage.s3_client().create_bucket(Bucket=name)
     return name
 
 
@@ -97,7 +97,7 @@ def test_samples_group_as_webdataset_reads_them(wds_shards):
                  for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
     ours = []
     for url in urls:
-        with rio.open_stream(url) as stream:
+        with storage.open_stream(url) as stream:
             ours += [(key, sorted(files)) for key, files in tar_samples(stream)]
     assert ours == reference
     assert ("img00", ["crop.jpg", "crop.json"]) in ours and ("scan/img02", ["v2.final.jpeg"]) in ours

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from scipy.signal import correlate2d
 
-from raysr.checkpoint import save_generator
+from raysr.generator_file import save_generator
 from raysr.evaluate import dataset_key, main
 from raysr.lpips import load_lpips
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raysr.checkpoint import load_generator, save_generator
+from raysr.generator_file import load_generator, save_generator
 from raysr.interpolate import main
 
 sys.path.insert(0, str(Path(__file__).parent))

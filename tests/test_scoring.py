@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from raysr.checkpoint import load_generator, save_generator
-from raysr.data import load_validation
+from raysr.generator_file import load_generator, save_generator
+from raysr.validation.pairs import load_validation
 from raysr.evaluate import main as evaluate_main
 from raysr.metrics import psnr
 from raysr.ops.resize import imresize
-from raysr.scoring import bicubic_baseline, validate, validation_images
+from raysr.scoring import bicubic_baseline, score_generator, validation_images
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_upscale import tiny_generator  # noqa: E402
@@ -44,7 +44,7 @@ def test_validation_psnr_equals_evaluate_psnr(name, scale, val_folder, tmp_path)
     save_generator(g, tmp_path / "g.pth", fmt="raysr")
     images = validation_images(load_validation(str(val_folder), scale))
     assert [im.shape[:2] for im in images] == [(h - h % scale, w - w % scale) for h, w in SIZES]
-    metrics, comparison = validate(load_generator(tmp_path / "g.pth"), images, scale)
+    metrics, comparison = score_generator(load_generator(tmp_path / "g.pth"), images, scale)
     baseline = bicubic_baseline(images, scale)
 
     assert evaluate_main(["--hr", str(val_folder), "--scale", str(scale), "--model", str(tmp_path / "g.pth"),

@@ -32,8 +32,8 @@ import torch
 import yaml
 from PIL import Image
 
-import raysr.io as rio
-from raysr.checkpoint import load_generator
+from raysr import storage
+from raysr.generator_file import load_generator
 from raysr.config import load_config
 from raysr.data import make_lr
 from raysr.ops import imresize
@@ -83,7 +83,7 @@ def run_gan(overrides: list[str], record: Path):
 def checkpoint_keys(bucket: str, run: str) -> dict[int, set[str]]:
     """{step: file names} of every ``checkpoint_%08d`` directory of the run in the bucket."""
     found: dict[int, set[str]] = {}
-    pages = rio.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"runs/{run}/")
+    pages = storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"runs/{run}/")
     for page in pages:
         for obj in page.get("Contents", []):
             parts = obj["Key"].split("/")
@@ -97,11 +97,11 @@ def download_checkpoint(bucket: str, run: str, step: int) -> dict:
     base = f"s3://{bucket}/runs/{run}/checkpoint_{step:08d}"
 
     def load(name):
-        return torch.load(io.BytesIO(rio.read_bytes(f"{base}/{name}")), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(storage.read_bytes(f"{base}/{name}")), map_location="cpu", weights_only=True)
 
     return {"state": load("state.pt"), "generator": load("generator.pth"),
-            "metrics": json.loads(rio.read_bytes(f"{base}/metrics.json")),
-            "comparison": np.asarray(Image.open(io.BytesIO(rio.read_bytes(f"{base}/comparison.png"))))}
+            "metrics": json.loads(storage.read_bytes(f"{base}/metrics.json")),
+            "comparison": np.asarray(Image.open(io.BytesIO(storage.read_bytes(f"{base}/comparison.png"))))}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def gan_run(ray_local, s3_endpoint, demo_data, tmp_path_factory) -> SimpleNamesp
     """A 4-step GAN run on 2 workers, checkpointing every step to S3, read back right after it ends
     (the resume test later adds to the same run)."""
     bucket = "raysr-train-gan"
-    rio.s3_client().create_bucket(Bucket=bucket)
+    storage.s3_client().create_bucket(Bucket=bucket)
     overrides = tiny_gan_overrides(demo_data, f"s3://{bucket}/runs", "gan2w")
     record = tmp_path_factory.mktemp("gan_reports") / "reports.jsonl"
     result, reports = run_gan(overrides + ["train.total_steps=4", "run.log_every=2"], record)

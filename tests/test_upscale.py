@@ -1,4 +1,4 @@
-"""raysr.upscale and raysr.imageio: tiling, checkpoint layouts, image formats, bad inputs."""
+"""raysr.upscale and raysr.images: tiling, checkpoint layouts, image formats, bad inputs."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
-from raysr.checkpoint import save_generator
+from raysr.generator_file import save_generator
 from raysr.data.decode import decode_rgb
-from raysr.imageio import DecodedImage, ImageError, decode_image, encode_image
+from raysr.images import DecodedImage, ImageError, decode_image, encode_image
 from raysr.models import build_generator
 from raysr.ops.resize import imresize
 from raysr.inference import DEFAULT_TILE_PAD, upscale_tensor
@@ -536,17 +536,17 @@ def test_module_entry_point(tmp_path, make_image, x2_model):
 
 
 def test_s3_model_input_and_output(s3_bucket, tmp_path, make_image, x2_model):
-    from raysr import io as rio
+    from raysr import storage
 
     model, ckpt = x2_model
     image = make_image(7, 9, seed=23)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
-    rio.write_bytes(f"s3://{s3_bucket}/models/g.pth", ckpt.read_bytes())
-    rio.write_bytes(f"s3://{s3_bucket}/in/x/a.png", buf.getvalue())
-    rio.write_bytes(f"s3://{s3_bucket}/in/readme.txt", b"skipped")
+    storage.write_bytes(f"s3://{s3_bucket}/models/g.pth", ckpt.read_bytes())
+    storage.write_bytes(f"s3://{s3_bucket}/in/x/a.png", buf.getvalue())
+    storage.write_bytes(f"s3://{s3_bucket}/in/readme.txt", b"skipped")
     assert run(["--model", f"s3://{s3_bucket}/models/g.pth", "--input", f"s3://{s3_bucket}/in",
                 "--output", f"s3://{s3_bucket}/out"]) == 0
-    assert rio.list_files(f"s3://{s3_bucket}/out") == [f"s3://{s3_bucket}/out/x/a.png"]
-    got = np.asarray(Image.open(io.BytesIO(rio.read_bytes(f"s3://{s3_bucket}/out/x/a.png"))))
+    assert storage.list_files(f"s3://{s3_bucket}/out") == [f"s3://{s3_bucket}/out/x/a.png"]
+    got = np.asarray(Image.open(io.BytesIO(storage.read_bytes(f"s3://{s3_bucket}/out/x/a.png"))))
     assert_close_uint(got, expected_sr(model, image))

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from raysr.checkpoint import load_generator
+from raysr.generator_file import load_generator
 from raysr.config import load_config
-from raysr.data import load_validation
+from raysr.validation.pairs import load_validation
 from raysr.models import generator_from_config
-from raysr.scoring import bicubic_baseline, validate, validation_images
-from raysr.validation import Validator
+from raysr.scoring import bicubic_baseline, score_generator, validation_images
+from raysr.validation.validator import Validator
 from raysr.weights import cpu_state_dict
 from test_train import read_reports, report_recorder
 
@@ -44,7 +44,7 @@ def test_a_snapshot_scores_as_the_generator_it_was_taken_from_while_that_trains_
     torch.manual_seed(0)
     g = generator_from_config(cfg.model.generator)
     images = val_images(demo_data.val)
-    expected, expected_png = validate(g, images, SCALE)
+    expected, expected_png = score_generator(g, images, SCALE)
     weights = cpu_state_dict(g)
     with torch.no_grad():  # training goes on after the snapshot was taken
         for p in g.parameters():
@@ -84,7 +84,7 @@ def assert_each_psnr_is_that_of_its_checkpoint(reports: list[dict], run: Path, v
         if "psnr" not in m:
             continue
         g = load_generator(str(run / f"checkpoint_{m['val_step']:08d}" / "generator.pth"))
-        expected, _ = validate(g, images, SCALE)
+        expected, _ = score_generator(g, images, SCALE)
         assert m["psnr"] == expected["psnr"] and m["ssim"] == expected["ssim"], f"step {m['val_step']}"
         steps.append(m["val_step"])
     return steps

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysr.io import StorageError, write_bytes
+from raysr.storage import StorageError, write_bytes
 from raysr.models.vgg import VGG19_LAYERS, VGGFeatureExtractor, load_vgg19_weights
 
 # torchvision's vgg19 "E" config as written in torchvision.models.vgg.cfgs: each

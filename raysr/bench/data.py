@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from raysr import io as rio
+from raysr import storage
 from raysr.bench import below_one, error
 from raysr.bench.imresize import numpy_imresize
 from raysr.data import make_lr, make_train_loader, resolve_shards
@@ -55,7 +55,7 @@ def _encoded_images(shard_list, count: int) -> list[bytes]:
     """The encoded image members of the first ``count`` samples of the shards that have one."""
     found = []
     for url in shard_list.urls:
-        with rio.open_stream(url) as stream:
+        with storage.open_stream(url) as stream:
             for _, files in tar_samples(stream):
                 ext = image_member(files)
                 if ext is not None:
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         baseline = measure_baseline(_encoded_images(shard_list, 8), args.gt_size, args.scale, args.baseline_crops,
                                     args.seed)
         ours = measure_pipeline(args, shard_list)
-    except (ValueError, rio.StorageError) as err:
+    except (ValueError, storage.StorageError) as err:
         return error("data", str(err))
     cores = max(1, args.workers)
     speedup = ours["crops_per_s_per_core"] / baseline

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from raysr import train
     from raysr.config import ConfigError
-    from raysr.io import StorageError
+    from raysr.storage import StorageError
     from raysr.run_checkpoint import METRICS_FILE
 
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args

@@ -76,7 +76,7 @@ def one_run(train_args: list[str], mode: str, storage: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from raysr.config import ConfigError
-    from raysr.io import StorageError
+    from raysr.storage import StorageError
 
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     storage = args.storage or tempfile.mkdtemp(prefix="raysr_bench_validation_")

@@ -12,7 +12,6 @@
 * :func:`make_train_loader` — a rank's endless batches; epochs, where their length
   is known, the same on every rank (:mod:`raysr.data.loader`);
   :func:`make_lr` — LR from HR on any device.
-* :func:`load_validation` — full-image GT/LR pairs (:mod:`raysr.data.validation`).
 """
 
 from raysr.data.loader import TrainLoader, epoch_batches, make_train_loader
@@ -20,8 +19,7 @@ from raysr.data.manifest import Manifest, read_manifest
 from raysr.data.samples import check_train_shards
 from raysr.data.sources import ShardList, resolve_shards
 from raysr.data.stream import DataStats, iter_batches, iter_images, iter_pairs, make_lr
-from raysr.data.validation import ValidationSet, load_validation, mod_crop
 
-__all__ = ["DataStats", "Manifest", "ShardList", "TrainLoader", "ValidationSet", "check_train_shards",
-           "epoch_batches", "iter_batches", "iter_images", "iter_pairs", "load_validation", "make_lr",
-           "make_train_loader", "mod_crop", "read_manifest", "resolve_shards"]
+__all__ = ["DataStats", "Manifest", "ShardList", "TrainLoader", "check_train_shards",
+           "epoch_batches", "iter_batches", "iter_images", "iter_pairs", "make_lr",
+           "make_train_loader", "read_manifest", "resolve_shards"]

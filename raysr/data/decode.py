@@ -2,7 +2,7 @@
 
 Shards written by make_shards hold plain 8-bit RGB, which takes a fast path
 (one Pillow decode, no copies). Anything else (grayscale, palette, alpha,
-16-bit, EXIF-rotated, CMYK) goes through :mod:`raysr.imageio`, which the rest
+16-bit, EXIF-rotated, CMYK) goes through :mod:`raysr.images`, which the rest
 of raysr uses for user images: gray is repeated to 3 channels, alpha is dropped
 (as OpenCV's ``IMREAD_COLOR`` in BasicSR), 16-bit is rounded to 8-bit.
 """
@@ -14,7 +14,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from raysr.imageio import IMAGE_EXTENSIONS, ImageError, decode_image, is_png16, to_uint8_rgb
+from raysr.images import IMAGE_EXTENSIONS, ImageError, decode_image, is_png16, to_uint8_rgb
 
 EXIF_ORIENTATION = 0x0112
 # Errors Pillow raises for data that is not a decodable image.

@@ -44,10 +44,10 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from raysr import io as rio
+from raysr import storage
 from raysr.data.decode import DECODE_ERRORS, decode_rgb, is_image_name
 from raysr.data.manifest import ShardEntry, manifest_uri, read_entries, write_manifest
-from raysr.imageio import probe_image
+from raysr.images import probe_image
 from raysr.util import Progress
 
 LOG = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def find_inputs(inputs: Sequence[str]) -> list[tuple[str, str]]:
     """
     found: dict[str, str] = {}
     for item in inputs:
-        if rio.is_s3(item):
+        if storage.is_s3(item):
             raise ValueError(f"--input {item}: inputs must be local images; copy them here first "
                              "(e.g. aws s3 sync) and write the shards to S3 with --output")
         item = os.path.expanduser(item)
@@ -317,17 +317,17 @@ def _sha256_file(path: str) -> str:
 
 def shard_is_intact(url: str, nbytes: int, sha256: str) -> bool:
     """True if ``url`` exists with this size and sha256 (S3: the sha256 stored at upload)."""
-    info = rio.object_info(url)
+    info = storage.object_info(url)
     if info is None or info[0] != nbytes:
         return False
-    if rio.is_s3(url):
+    if storage.is_s3(url):
         return info[1].get("sha256") == sha256
     return _sha256_file(url) == sha256
 
 
 def _old_entries(uri: str) -> list[ShardEntry]:
     """Rows of an existing raysr manifest at ``uri`` ([] if absent or not ours)."""
-    if not rio.exists(uri):
+    if not storage.exists(uri):
         return []
     entries = read_entries(uri)
     if entries is None:
@@ -396,7 +396,7 @@ class _Plan:
         return {e.shard: e for e in entries
                 if 0 <= e.plan_start < e.plan_start + e.plan_count <= len(self)
                 and self.digest(e.plan_start, e.plan_count) == e.plan_sha256
-                and e.url == rio.join(output, e.name) and shard_is_intact(e.url, e.bytes, e.sha256)}
+                and e.url == storage.join(output, e.name) and shard_is_intact(e.url, e.bytes, e.sha256)}
 
 
 class _ShardSink:
@@ -427,7 +427,7 @@ class _ShardSink:
     def put(self, builder: _ShardBuilder, index: int, start: int, count: int, plan: _Plan) -> None:
         nbytes, digest = builder.finish()
         name = SHARD_NAME.format(index)
-        entry = ShardEntry(shard=index, name=name, url=rio.join(self.output, name), samples=builder.samples,
+        entry = ShardEntry(shard=index, name=name, url=storage.join(self.output, name), samples=builder.samples,
                            bytes=nbytes, sha256=digest, plan_start=start, plan_count=count,
                            plan_sha256=plan.digest(start, count))
         if len(self.in_flight) >= UPLOAD_THREADS:  # bound the shards waiting in memory / temp files
@@ -479,7 +479,7 @@ def _fill(builder: _ShardBuilder, plan: _Plan, cursor: int, stop: int, limit: in
 
 
 def check_output(output: str) -> None:
-    """Raise :class:`raysr.io.StorageError` unless shards can be written under ``output``.
+    """Raise :class:`raysr.storage.StorageError` unless shards can be written under ``output``.
 
     Local: an existing directory, or one that can be created, in which a file
     can be created (permission, read-only file system). S3: the bucket must
@@ -488,34 +488,34 @@ def check_output(output: str) -> None:
     any encoding, so a bad ``--output`` costs seconds, not an encoding pass.
     A full disk can only show while writing; :func:`main` reports that too.
     """
-    if rio.is_s3(output):
+    if storage.is_s3(output):
         _check_bucket(output)
         return
     path = Path(output)
     if path.exists() and not path.is_dir():
-        raise rio.StorageError(f"output {output} is an existing file, not a directory; give a directory "
+        raise storage.StorageError(f"output {output} is an existing file, not a directory; give a directory "
                                "(created if missing) or an s3://bucket/prefix")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
-        raise rio.StorageError(f"cannot write shards to output {output}: {err.strerror or err}"
+        raise storage.StorageError(f"cannot write shards to output {output}: {err.strerror or err}"
                                f"{f' ({err.filename})' if err.filename and str(err.filename) != output else ''}; "
                                "choose a directory you can write to") from err
 
 
 def _check_bucket(output: str) -> None:
-    bucket, _ = rio.split_s3(output)
+    bucket, _ = storage.split_s3(output)
     try:
-        rio.s3_client().head_bucket(Bucket=bucket)
+        storage.s3_client().head_bucket(Bucket=bucket)
     except Exception as err:  # botocore raises several unrelated classes
         code = str((getattr(err, "response", None) or {}).get("Error", {}).get("Code", ""))
         if code in ("404", "NoSuchBucket", "NotFound"):
-            raise rio.StorageError(f"bucket {bucket!r} of output {output} does not exist (S3 said {code}); "
+            raise storage.StorageError(f"bucket {bucket!r} of output {output} does not exist (S3 said {code}); "
                                    "create it or fix the URI") from err
         if code not in ("403", "AccessDenied"):
-            raise rio.StorageError(f"cannot reach the bucket of output {output}: {err}") from err
+            raise storage.StorageError(f"cannot reach the bucket of output {output}: {err}") from err
 
 
 def make_shards(inputs: Sequence[str], output: str, *, crop_size: int = 480, step: int = 240, min_size: int = 128,
@@ -530,13 +530,13 @@ def make_shards(inputs: Sequence[str], output: str, *, crop_size: int = 480, ste
     shard_size_mb: upper bound per shard in MiB (a single larger sample gets a
     shard of its own); workers: encoding processes (default: all cores).
     Returns a :class:`ShardsReport`. Raises ValueError for bad settings or
-    when no usable image is found, :class:`raysr.io.StorageError` when
+    when no usable image is found, :class:`raysr.storage.StorageError` when
     ``output`` cannot be written (checked before encoding, see
     :func:`check_output`), OSError when a write fails later (e.g. disk full;
     finished shards stay in the manifest and a re-run resumes).
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
-    output = output if rio.is_s3(output) else os.path.abspath(os.path.expanduser(output))
+    output = output if storage.is_s3(output) else os.path.abspath(os.path.expanduser(output))
     _check_settings(crop_size, step, min_size, fmt, quality, shard_size_mb, workers)
     check_output(output)
     settings = {"crop_size": crop_size, "step": step, "min_size": min_size, "format": fmt, "quality": quality,
@@ -594,7 +594,7 @@ def make_shards(inputs: Sequence[str], output: str, *, crop_size: int = 480, ste
 
 def _upload(url: str, file, sha256: str) -> None:
     try:
-        rio.write_stream(url, file, metadata={"sha256": sha256})
+        storage.write_stream(url, file, metadata={"sha256": sha256})
     finally:
         file.close()
 
@@ -632,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         report = make_shards(args.input, args.output, crop_size=args.crop_size, step=args.step,
                              min_size=args.min_size, fmt=args.format, quality=args.quality,
                              shard_size_mb=args.shard_size_mb, workers=args.workers)
-    except (ValueError, rio.StorageError) as err:
+    except (ValueError, storage.StorageError) as err:
         print(f"make_shards: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a write failing midway: disk full, quota, a vanished mount

@@ -20,7 +20,7 @@ import os
 import posixpath
 from dataclasses import dataclass, fields
 
-from raysr import io as rio
+from raysr import storage
 
 MANIFEST_NAME = "manifest.parquet"
 SETTINGS_KEY = "raysr"
@@ -67,12 +67,12 @@ class Manifest:
 
 def manifest_uri(folder: str) -> str:
     """Where the manifest of the shards in ``folder`` (local or s3:// prefix) is."""
-    return rio.join(folder, MANIFEST_NAME)
+    return storage.join(folder, MANIFEST_NAME)
 
 
 def parent(uri: str) -> str:
     """The folder or s3:// prefix holding ``uri``."""
-    return posixpath.dirname(uri) if rio.is_s3(uri) else os.path.dirname(uri)
+    return posixpath.dirname(uri) if storage.is_s3(uri) else os.path.dirname(uri)
 
 
 def write_manifest(uri: str, entries: list[ShardEntry], settings: dict) -> None:
@@ -86,19 +86,19 @@ def write_manifest(uri: str, entries: list[ShardEntry], settings: dict) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     buf.seek(0)
-    rio.write_stream(uri, buf)
+    storage.write_stream(uri, buf)
 
 
 def _read_table(uri: str):
     import pyarrow.parquet as pq
 
-    return pq.read_table(io.BytesIO(rio.read_bytes(uri)))
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
 
 
 def read_entries(uri: str) -> list[ShardEntry] | None:
     """The rows of a manifest make_shards wrote, or None if ``uri`` is another tool's table.
 
-    Raises :class:`raysr.io.StorageError` if ``uri`` is missing.
+    Raises :class:`raysr.storage.StorageError` if ``uri`` is missing.
     """
     table = _read_table(uri)
     if not set(ENTRY_FIELDS) <= set(table.column_names):
@@ -121,7 +121,7 @@ def read_manifest(uri: str) -> Manifest:
                          f"or 'url' column, found {sorted(columns)}")
     rows = table.to_pylist()
     base = parent(uri)
-    urls = [rio.join(base, row["name"]) if row.get("name") else row["url"] for row in rows]
+    urls = [storage.join(base, row["name"]) if row.get("name") else row["url"] for row in rows]
     return Manifest(uri=uri, urls=urls, samples=[int(row["samples"]) for row in rows],
                     bytes=[int(row.get("bytes") or 0) for row in rows],
                     sha256=[row.get("sha256") or "" for row in rows])

@@ -10,7 +10,7 @@ Any WebDataset shard trains, whichever tool wrote it (``make_shards``,
   sample. Members WebDataset skips are skipped (no dot in the base name,
   ``__meta__`` files), and so are hidden files (``.DS_Store``, macOS ``._`` forks).
 * A sample's image is its first member whose LAST extension is a format the
-  decoder reads (:data:`raysr.imageio.IMAGE_EXTENSIONS`: png, jpg/jpeg, webp,
+  decoder reads (:data:`raysr.images.IMAGE_EXTENSIONS`: png, jpg/jpeg, webp,
   bmp, tif/tiff, ppm, ...): ``c.jpg`` is a JPEG. Other members (``json``,
   ``cls``, ``txt``) are ignored.
 
@@ -29,10 +29,10 @@ from typing import Iterator
 
 import numpy as np
 
-from raysr import io as rio
+from raysr import storage
 from raysr.data.decode import DECODE_ERRORS, decode_rgb, is_image_name
 from raysr.data.sources import as_shard_list
-from raysr.imageio import IMAGE_EXTENSIONS
+from raysr.images import IMAGE_EXTENSIONS
 from raysr.util import check_int
 
 # Exceptions that mean "this tar is damaged" (not "the store is unreachable").
@@ -70,7 +70,7 @@ def tar_samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {extension: bytes})`` of each sample of a tar stream, in tar order.
 
     Raises DamagedTar where the tar breaks, after yielding every member read whole;
-    StorageError if the stream itself fails (see :func:`raysr.io.open_stream`).
+    StorageError if the stream itself fails (see :func:`raysr.storage.open_stream`).
     """
     key, files = None, {}
     try:
@@ -84,7 +84,7 @@ def tar_samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
                     files = {}
                 key = split[0]
                 files[split[1]] = tar.extractfile(info).read()
-    except rio.StorageError:
+    except storage.StorageError:
         raise
     except TAR_ERRORS as err:
         if files:  # every member read whole is intact
@@ -129,7 +129,7 @@ def check_train_shards(shards, min_size: int = 1) -> None:
     damaged = []
     for url in shard_list.urls[:CHECK_DAMAGED_SHARDS + 1]:
         members, samples, first_problem = Counter(), 0, ""
-        stream = rio.open_stream(url)
+        stream = storage.open_stream(url)
         try:
             for key, files in tar_samples(stream):
                 image, problem = decode_sample(key, files, min_size)

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import braceexpand
 
-from raysr import io as rio
+from raysr import storage
 from raysr.data.manifest import Manifest, manifest_uri, parent, read_manifest
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -65,15 +65,15 @@ def _expand_one(source: str) -> tuple[list[str], Manifest | None]:
         return manifest.urls, manifest
     if "{" in source:
         return list(braceexpand.braceexpand(source)), None
-    if not rio.is_s3(source) and glob.has_magic(source):
+    if not storage.is_s3(source) and glob.has_magic(source):
         return sorted(glob.glob(source, recursive=True)), None
     if _is_shard(source):
         return [source], None
     beside = manifest_uri(source)
-    if rio.exists(beside):
+    if storage.exists(beside):
         manifest = read_manifest(beside)
         return manifest.urls, manifest
-    return [u for u in rio.list_files(source) if _is_shard(u)], None
+    return [u for u in storage.list_files(source) if _is_shard(u)], None
 
 
 def _known_counts(urls: list[str], manifests: dict[str, Manifest]) -> list[int | None]:
@@ -83,7 +83,7 @@ def _known_counts(urls: list[str], manifests: dict[str, Manifest]) -> list[int |
         counts.update(zip(manifest.urls, manifest.samples))
     for folder in sorted({parent(u) for u in urls if u not in counts}):
         uri = manifest_uri(folder)
-        if uri not in manifests and rio.exists(uri):
+        if uri not in manifests and storage.exists(uri):
             manifest = read_manifest(uri)
             manifests[uri] = manifest
             counts.update(zip(manifest.urls, manifest.samples))
@@ -105,7 +105,7 @@ def resolve_shards(shards: str | Sequence[str]) -> ShardList:
     manifests: dict[str, Manifest] = {}
     for source in sources:
         source = source.strip()
-        found, manifest = _expand_one(source if rio.is_s3(source) else os.path.expanduser(source))
+        found, manifest = _expand_one(source if storage.is_s3(source) else os.path.expanduser(source))
         if not found:
             raise ValueError(f"no shards found in {source}; expected .tar files, a brace pattern such as "
                              "train-{000000..000009}.tar, or a manifest.parquet (make them with "
@@ -127,11 +127,11 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
     if not mode.startswith("r"):
         raise ValueError(f"s3:// shards are read-only through webdataset.gopen (mode {mode!r}); "
                          "write shards with python -m raysr.data.make_shards")
-    return rio.open_stream(url)
+    return storage.open_stream(url)
 
 
 def register_s3_opener() -> None:
-    """Let ``webdataset.WebDataset`` / ``gopen`` open ``s3://`` URLs via :func:`raysr.io.open_stream`."""
+    """Let ``webdataset.WebDataset`` / ``gopen`` open ``s3://`` URLs via :func:`raysr.storage.open_stream`."""
     import importlib
 
     # importlib: the package attribute ``webdataset.gopen`` is the function, not the module

@@ -14,8 +14,8 @@ The stages, each a generator feeding the next:
    stops training: a garbage or truncated tar, an undecodable or non-image
    member, or an image smaller than ``gt_size`` is skipped, counted in
    :class:`DataStats` and logged once per shard. A missing or denied shard
-   (404/403) raises :class:`raysr.io.StorageError` naming it; transient S3
-   errors are retried by :func:`raysr.io.open_stream`.
+   (404/403) raises :class:`raysr.storage.StorageError` naming it; transient S3
+   errors are retried by :func:`raysr.storage.open_stream`.
 3. random ``gt_size`` crops (``crops_per_image`` per decoded image, to amortise
    the decode), each under a random flip / rot90 (one of the 8 symmetries).
 4. a seeded shuffle buffer, so crops of one image and of one shard spread out.
@@ -34,7 +34,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from raysr import io as rio
+from raysr import storage
 from raysr.data.samples import DamagedTar, decode_sample, tar_samples
 from raysr.data.sources import as_shard_list
 from raysr.ops.convert import to_tensor
@@ -116,7 +116,7 @@ def make_lr(hr: torch.Tensor, scale: int, quantize: bool = True) -> torch.Tensor
     height, width = hr.shape[-2:]
     if height % scale or width % scale:
         raise ValueError(f"HR size {height}x{width} is not a multiple of scale={scale}; crop it first "
-                         "(raysr.data.mod_crop) so LR pixels align with HR pixels")
+                         "(raysr.validation.pairs.mod_crop) so LR pixels align with HR pixels")
     lr = imresize(hr, 1.0 / scale)
     if quantize:
         lr = lr.clamp(0.0, 1.0).mul(255.0).round().div(255.0)
@@ -179,7 +179,7 @@ def iter_shard(url: str, min_size: int, stats: DataStats, expected: int | None =
     """
     stats.shards += 1
     good, bad, first_problem = 0, 0, ""
-    stream = rio.open_stream(url)
+    stream = storage.open_stream(url)
     try:
         for key, files in tar_samples(stream):
             image, problem = decode_sample(key, files, min_size)

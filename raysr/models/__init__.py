@@ -2,7 +2,7 @@
 
 Generators map LR ``(N, C, h, w)`` float in [0, 1] to SR ``(N, C, h*scale, w*scale)``
 and carry ``.scale`` and ``.config`` (the constructor arguments, which
-``raysr.checkpoint`` stores so a checkpoint rebuilds its own network).
+``raysr.generator_file`` stores so a checkpoint rebuilds its own network).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """RRDBNet, the ESRGAN generator (Wang et al., "ESRGAN: Enhanced Super-Resolution GANs", 2018).
 
 Structure and parameter names equal BasicSR's ``RRDBNet``, so BasicSR and
-Real-ESRGAN checkpoints load as they are (``raysr.checkpoint`` also renames the
+Real-ESRGAN checkpoints load as they are (``raysr.generator_file`` also renames the
 two older ESRGAN-repo layouts). x2 and x1 follow Real-ESRGAN: the input is
 pixel-unshuffled (x2 -> 4x channels, x1 -> 16x) and then goes through the x4 net.
 """

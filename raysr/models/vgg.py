@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from raysr.hub import WeightsUnavailable, fetch
-from raysr.io import StorageError, read_bytes
+from raysr.storage import StorageError, read_bytes
 
 TORCHVISION_VGG19_FILE = "vgg19-dcbb9e9d.pth"
 TORCHVISION_VGG19_URL = f"https://download.pytorch.org/models/{TORCHVISION_VGG19_FILE}"

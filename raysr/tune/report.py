@@ -12,7 +12,7 @@ from pathlib import Path
 
 from raysr.cli import say
 from raysr.config import Config, ConfigError
-from raysr.io import is_s3, join, write_bytes
+from raysr.storage import is_s3, join, write_bytes
 from raysr.tune.space import SearchSpace, label, trial_config
 
 TRIALS_FILE = "trials.csv"

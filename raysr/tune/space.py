@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from raysr.config import Config, ConfigError, config_from_dict, load_yaml, set_key
-from raysr.io import StorageError, is_s3, read_bytes
+from raysr.storage import StorageError, is_s3, read_bytes
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 SPACE_EXAMPLE = ("loss.adversarial.weight: {loguniform: [1.0e-4, 1.0e-2]}\n"

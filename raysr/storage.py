@@ -11,6 +11,7 @@ request raises :class:`StorageError` naming the URI and what to check.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import shutil
@@ -19,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 from typing import BinaryIO
+
+import pyarrow.fs
 
 S3_PREFIX = "s3://"
 # botocore "standard" mode retries throttling, 5xx and connection errors with
@@ -349,3 +352,46 @@ def object_info(uri: str | os.PathLike) -> tuple[int, dict[str, str]] | None:
         return Path(uri).stat().st_size, {}
     except FileNotFoundError:
         return None
+
+
+# --------------------------------------------------------------------------- Ray Train's run storage
+
+
+def storage_args(storage: str) -> dict:
+    """``RunConfig`` storage arguments for a local directory or s3://bucket/prefix.
+
+    S3 gets a pyarrow S3FileSystem and a ``bucket/prefix`` path (with AWS_ENDPOINT_URL for
+    MinIO, Ceph, moto) whose requests are retried ``S3_MAX_ATTEMPTS`` times, as raysr.storage's are
+    (Ray itself does not retry a checkpoint upload).
+    """
+    if not is_s3(storage):
+        return {"storage_path": os.path.abspath(os.path.expanduser(storage))}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    kwargs = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        region = region or "us-east-1"
+    elif not region:  # on AWS proper, the bucket's own region (as Ray's from_uri finds it)
+        region = pyarrow.fs.resolve_s3_region(split_s3(storage)[0])
+    fs = RetryingS3FileSystem(S3_MAX_ATTEMPTS, region=region, **kwargs)
+    return {"storage_path": storage[len("s3://"):].rstrip("/"), "storage_filesystem": fs}
+
+
+class RetryingS3FileSystem(pyarrow.fs.S3FileSystem):
+    """pyarrow's S3FileSystem with ``max_attempts`` tries per request (AWS standard retry mode:
+    throttling, 5xx and broken connections, with backoff), kept when pickled.
+
+    Ray pickles the storage filesystem into its controller and every worker, and pyarrow's
+    ``S3FileSystem.__reduce__`` leaves the retry strategy out (pyarrow 26): unpickled, it falls
+    back to pyarrow's default of 3 attempts, which three 503 SlowDown in a row exhaust.
+    """
+
+    def __init__(self, max_attempts: int, **kwargs):
+        super().__init__(retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=max_attempts), **kwargs)
+        self.max_attempts, self.kwargs = max_attempts, kwargs
+
+    def __reduce__(self):
+        # a partial: __reduce__ cannot pass keyword arguments to the constructor itself
+        return functools.partial(RetryingS3FileSystem, self.max_attempts, **self.kwargs), ()

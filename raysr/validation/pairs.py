@@ -16,13 +16,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from raysr import io as rio
+from raysr import storage
 from raysr.data.decode import DECODE_ERRORS, decode_rgb
 from raysr.data.manifest import manifest_uri
 from raysr.data.sources import SHARD_SUFFIXES, resolve_shards
 from raysr.data.stream import DataStats, iter_shard, make_lr
-from raysr.imageio import list_images
-from raysr.io import StorageError
+from raysr.images import list_images
+from raysr.storage import StorageError
 from raysr.util import check_int
 
 LOG = logging.getLogger(__name__)
@@ -69,13 +69,13 @@ def _is_shard_source(source) -> bool:
         return True
     if source.endswith(SHARD_SUFFIXES + (".parquet",)) or "{" in source:
         return True
-    return rio.exists(manifest_uri(source))
+    return storage.exists(manifest_uri(source))
 
 
 def _folder_images(folder: str, scale: int) -> tuple[list[str], list[np.ndarray], list[str]]:
     paths, _ = list_images(folder)
     if not paths:
-        if any(u.endswith(SHARD_SUFFIXES) for u in rio.list_files(folder)):
+        if any(u.endswith(SHARD_SUFFIXES) for u in storage.list_files(folder)):
             return _shard_images(folder, scale)
         raise ValueError(f"{folder} holds no images (.png, .jpg, .webp, ...) and no shards; "
                          "point it at a folder of HR images or at shards")
@@ -84,7 +84,7 @@ def _folder_images(folder: str, scale: int) -> tuple[list[str], list[np.ndarray]
     for path in paths:
         name = os.path.splitext(path[len(root):].lstrip("/\\"))[0]
         try:
-            image = decode_rgb(rio.read_bytes(path), path)
+            image = decode_rgb(storage.read_bytes(path), path)
         except DECODE_ERRORS as err:
             if isinstance(err, StorageError):
                 raise

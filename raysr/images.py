@@ -5,7 +5,7 @@ Every image decodes to one array, ``(H, W, C)`` uint8 or uint16 with C = 1 (gray
 encodes back in the format it came in, so a 16-bit grayscale PNG with alpha comes
 out as one. Pillow reads everything except 16-bit colour PNGs, which it silently
 cuts to 8 bits; those go through the small PNG codec below. Paths may be local or
-``s3://`` URIs (see :mod:`raysr.io`); writes are atomic.
+``s3://`` URIs (see :mod:`raysr.storage`); writes are atomic.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from raysr import io as rio
+from raysr import storage
 
 # What a folder listing treats as an image; anything else in the folder is skipped.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".tga")
@@ -334,16 +334,16 @@ def probe_image(uri: str) -> ImageInfo:
     """Header facts of the image at ``uri`` (local path or s3://), without decoding pixels.
 
     Raises :class:`ImageError` for a file that is not an image, is animated, or is in
-    a format raysr could not write back; :class:`raysr.io.StorageError` if missing.
+    a format raysr could not write back; :class:`raysr.storage.StorageError` if missing.
     """
-    data = rio.read_bytes(uri) if rio.is_s3(uri) else None
+    data = storage.read_bytes(uri) if storage.is_s3(uri) else None
     try:
         im = _open(data, uri) if data is not None else Image.open(uri)
     except UnidentifiedImageError as err:
         raise ImageError(f"{uri}: not an image Pillow can read; expected PNG, JPEG, WebP, BMP, "
                          "TIFF or another Pillow format") from err
     except FileNotFoundError as err:
-        raise rio.StorageError(f"{uri} does not exist") from err
+        raise storage.StorageError(f"{uri} does not exist") from err
     with im:
         _check_frames(im, uri)
         writable_format(im.format)
@@ -362,7 +362,7 @@ def _swaps_axes(im: Image.Image) -> bool:
 
 def read_image(uri: str) -> DecodedImage:
     """Read and decode the image at a local path or s3:// URI (see :func:`decode_image`)."""
-    return decode_image(rio.read_bytes(uri), str(uri))
+    return decode_image(storage.read_bytes(uri), str(uri))
 
 
 # --------------------------------------------------------------------------- writing
@@ -434,7 +434,7 @@ def encode_image(image: DecodedImage) -> bytes:
 def write_image(uri: str, image: DecodedImage) -> None:
     """Encode ``image`` (see :func:`encode_image`) and write it atomically to a local path
     or s3:// URI: the file appears whole or not at all."""
-    rio.write_bytes(uri, encode_image(image))
+    storage.write_bytes(uri, encode_image(image))
 
 
 # --------------------------------------------------------------------------- pixels
@@ -488,7 +488,7 @@ def list_images(uri: str, recursive: bool = True, exclude: str | None = None) ->
     input folder) are left out.
     """
     images, skipped = [], []
-    for path in rio.list_files(uri):
+    for path in storage.list_files(uri):
         rel = PurePosixPath(relative_path(str(path), str(uri)))
         if any(part.startswith(".") for part in rel.parts) or (not recursive and len(rel.parts) > 1):
             continue
@@ -500,16 +500,16 @@ def list_images(uri: str, recursive: bool = True, exclude: str | None = None) ->
 
 def relative_path(path: str, root: str) -> str:
     """``path`` relative to the folder or s3:// prefix ``root``, with ``/`` separators."""
-    if rio.is_s3(path):
+    if storage.is_s3(path):
         return path[len(root.rstrip("/")):].lstrip("/")
     return Path(path).relative_to(Path(root)).as_posix()
 
 
 def is_under(path: str, folder: str) -> bool:
     """Whether ``path`` is ``folder`` or inside it (local paths resolved; s3 URIs by prefix)."""
-    if rio.is_s3(path) != rio.is_s3(folder):
+    if storage.is_s3(path) != storage.is_s3(folder):
         return False
-    if rio.is_s3(path):
+    if storage.is_s3(path):
         return (path.rstrip("/") + "/").startswith(folder.rstrip("/") + "/")
     try:
         Path(path).resolve().relative_to(Path(folder).resolve())

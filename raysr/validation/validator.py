@@ -1,5 +1,5 @@
 """Training's validation as one object: the validation images, their bicubic baseline and the
-networks that score a generator on them (:func:`raysr.scoring.validate`), in one process.
+networks that score a generator on them (:func:`raysr.scoring.score_generator`), in one process.
 
 ``raysr.train`` runs a :class:`Validator` in a Ray actor of its own (``run.validation=async``,
 the default), which scores snapshots of the generator's weights while the training ranks go
@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from raysr.config import Config
-from raysr.data import load_validation
+from raysr.validation.pairs import load_validation
 from raysr.lpips import load_lpips
 from raysr.models import generator_from_config
-from raysr.scoring import bicubic_baseline, validate, validation_images
+from raysr.scoring import bicubic_baseline, score_generator, validation_images
 from raysr.weights import strip_wrapper_prefixes
 
 
@@ -55,12 +55,12 @@ class Validator:
     def score(self, step: int, g: nn.Module) -> tuple[dict, bytes | None]:
         """``(metrics, comparison PNG)`` of ``g`` (on this validator's device) at training step ``step``.
 
-        metrics: ``psnr``, ``ssim`` (Y) [, ``lpips``, ``perceptual``] as :func:`raysr.scoring.validate`,
+        metrics: ``psnr``, ``ssim`` (Y) [, ``lpips``, ``perceptual``] as :func:`raysr.scoring.score_generator`,
         ``psnr_bicubic`` / ``ssim_bicubic``, ``val_step`` (the step of the weights scored) and
         ``val_time_s`` (seconds this validation took).
         """
         start = time.perf_counter()
-        metrics, comparison = validate(g, self.images, self.cfg.scale, self.perceptual, self.lpips_fn)
+        metrics, comparison = score_generator(g, self.images, self.cfg.scale, self.perceptual, self.lpips_fn)
         metrics.update(self.baseline, val_step=step, val_time_s=time.perf_counter() - start)
         return metrics, comparison
 

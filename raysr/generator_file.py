@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from raysr import run_checkpoint
-from raysr.io import read_bytes, write_bytes
+from raysr.storage import read_bytes, write_bytes
 from raysr.models import build_generator
 from raysr.weights import (RAYSR_FORMAT_VERSION, check_compatible, format_kwargs, generator_payload, is_state_dict,
                            load_exact, sample_keys, strip_wrapper_prefixes, unwrap)
@@ -95,7 +95,7 @@ def load_generator(source: str | os.PathLike | Mapping, **overrides) -> nn.Modul
 
     Raises ValueError for an unrecognised layout (naming the keys found and the
     supported formats) or weights that do not fit the network (naming the
-    missing / unexpected / mis-shaped parameters); raysr.io.StorageError when
+    missing / unexpected / mis-shaped parameters); raysr.storage.StorageError when
     the file cannot be read.
     """
     obj = _read(source) if isinstance(source, (str, os.PathLike)) else source

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from raysr.data import load_validation, mod_crop
+from raysr.validation.pairs import load_validation, mod_crop
 from raysr.data.make_shards import make_shards
 from test_data_common import assert_lr_matches, to_uint8, write_images
 
@@ -23,7 +23,7 @@ def test_folder_images_become_gtmod_and_exact_lr(tmp_path, caplog):
     images = write_images(tmp_path / "Set3", [(37, 50), (64, 48), (30, 41)])
     (tmp_path / "Set3" / "notes.txt").write_text("not an image")
     (tmp_path / "Set3" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    with caplog.at_level(logging.WARNING, logger="raysr.data.validation"):
+    with caplog.at_level(logging.WARNING, logger="raysr.validation.pairs"):
         val = load_validation(str(tmp_path / "Set3"), 4)
     assert val.names == ["img00", "img01", "img02"] and len(val) == 3
     assert val.skipped == ["zz_broken"] and "zz_broken.png" in caplog.text

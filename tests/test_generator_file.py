@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-import raysr.io
-from raysr.checkpoint import interpolate, load_generator, save_generator
+import raysr.storage
+from raysr.generator_file import interpolate, load_generator, save_generator
 from raysr.config import load_config
 from raysr import run_checkpoint
 from raysr.engine import build_state
@@ -202,7 +202,7 @@ def test_unrecognised_checkpoints_say_what_was_found(tmp_path):
         load_generator(save(t, tmp_path / "tensor.pth"))
     with pytest.raises(ValueError, match=r"raysr checkpoint version 2 is not supported"):
         load_generator({"format": "raysr", "version": 2, "arch": "rrdbnet", "kwargs": {}, "params": {"a": t}})
-    with pytest.raises(raysr.io.StorageError, match="does not exist"):
+    with pytest.raises(raysr.storage.StorageError, match="does not exist"):
         load_generator(tmp_path / "missing.pth")
 
 
@@ -243,11 +243,11 @@ def test_s3_save_and_load(s3_bucket):
     raw, ema = rrdbnet(seed=4), rrdbnet(seed=5)
     uri = f"s3://{s3_bucket}/runs/esrgan/g.pth"
     save_generator(raw, uri, fmt="raysr", ema=ema)
-    assert raysr.io.exists(uri)
+    assert raysr.storage.exists(uri)
     same_network(load_generator(uri), ema)
     save_generator(raw, uri.replace("g.pth", "basicsr.pth"))
     same_network(load_generator(uri.replace("g.pth", "basicsr.pth")), raw)
-    with pytest.raises(raysr.io.StorageError, match="does not exist"):
+    with pytest.raises(raysr.storage.StorageError, match="does not exist"):
         load_generator(f"s3://{s3_bucket}/runs/none.pth")
 
 
