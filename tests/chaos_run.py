@@ -65,7 +65,9 @@ def recorder(out: Path):
             if checkpoint is None:
                 return
             held = out / "held"
-            held.write_text(str(metrics[0]["step"]))
+            partial = out / "held.partial"  # renamed into place: the scenario never reads a half-written file
+            partial.write_text(str(metrics[0]["step"]))
+            partial.rename(held)
             deadline = time.monotonic() + 120
             while held.exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -80,7 +82,6 @@ def held_step(out: Path, timeout: float = 180) -> int:
         if time.monotonic() > deadline:
             raise TimeoutError("the run never reached the report the scenario waits for")
         time.sleep(0.05)
-    time.sleep(0.05)  # the file's text is written
     return int((out / "held").read_text())
 
 
@@ -104,13 +105,25 @@ def scenario(mode: str, cluster, out: Path, events: dict) -> None:
     cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     events["added"] = time.time()
     if mode == "elastic":
-        # Held a few seconds more, so that Ray's resource view has the new node when the controller
-        # next decides on a resize; then every report of the group of 1 is slowed down, so that on
-        # a busy machine it cannot finish the run before the controller has grown it (the step
-        # count, not the time, is what the test checks).
-        time.sleep(5)
+        # Held until Ray's resource view has the new node's free CPU, which the controller reads
+        # when it next decides on a resize. Then every report of the group of 1 is slowed down
+        # (the controller can only resize between reports), so that on a busy machine the group
+        # cannot finish the run before the controller has grown it: the step count, not the
+        # time, is what the test checks.
+        wait_for_free_cpus(1)
         (out / "hold.json").write_text(json.dumps({"world_size": 1, "pause_s": 2.0}))
         (out / "held").unlink()
+
+
+def wait_for_free_cpus(cpus: float, timeout: float = 60) -> None:
+    """Wait until Ray's resource view (the GCS's, which Ray Train's controller reads) has ``cpus`` free CPUs."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0.0) < cpus:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Ray never showed {cpus} free CPU(s) after the node was added")
+        time.sleep(0.05)
 
 
 def free_port() -> int:

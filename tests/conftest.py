@@ -44,6 +44,9 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # moto knows AWS-managed IAM policies (the cluster guide attaches AmazonEC2FullAccess) only when
 # this is set before its IAM backend first loads, whichever test touches moto first.
 os.environ["MOTO_IAM_LOAD_MANAGED_POLICIES"] = "true"
+# Ray Train's controller polls its workers every 2 s by default: each report, restart and the end of
+# every test run would wait up to that long. Tests take the same code path at a 0.5 s poll.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # No test may download weights from outside: raysr.hub fetches nothing unless a test (serving
 # files on loopback) lifts this itself. Ray's workers inherit it too.
 os.environ["RAYSR_OFFLINE"] = "1"
@@ -162,3 +165,16 @@ def ray_local():
     init_ray()
     yield ray
     ray.shutdown()
+
+
+# --------------------------------------------------------------------------- the fast lane
+
+# Fixtures that start Ray Train runs, Tune searches or clusters: a test that uses one is ``slow``,
+# and ``python -m pytest -m "not slow"`` (docs/testing.md) runs everything else.
+SLOW_FIXTURES = {"ray_local"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)

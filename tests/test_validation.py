@@ -130,10 +130,11 @@ def test_training_goes_on_while_a_validator_scores_and_survives_being_killed(ray
     assert len(validated) <= reports[-1]["val_done"]
     assert [m["val_done"] for m in reports] == sorted(m["val_done"] for m in reports)
     assert all(m["val_step"] <= m["step"] for m in reports if "psnr" in m)
-    slowest = max(m["val_time_s"] for m in reports if "psnr" in m)
-    for m in reports:  # at a validation step (not the last, which waits for all) the ranks only copy weights
+    for m in reports:  # at a validation step (not the last, which waits for all) the ranks only copy
+        # weights and go on: that step's scores can only come back at a later report. (Inline, or had
+        # rank 0 waited for the actor, the report of step S would carry val_step == S.)
         if m["step"] % every == 0 and m["step"] < total:
-            assert m["val_block_s"] < 0.25 * slowest, m
+            assert m.get("val_step") != m["step"], m
     final = (tmp_path / "async" / f"checkpoint_{total:08d}")
     assert (final / "comparison.png").is_file()
 
