@@ -1,9 +1,9 @@
-"""The cluster files and the README's Scale-out guide, checked by the tools that will read them.
+"""The cluster files and the docs' scale-out guide, checked by the tools that will read them.
 
 * ``cluster/aws-gpu.yaml`` validates against ``ray/autoscaler/ray-schema.json`` of the installed
-  Ray and passes Ray's own config preparation; after the README's ``aws iam`` commands ran against
+  Ray and passes Ray's own config preparation; after the docs' ``aws iam`` commands ran against
   a moto AWS on loopback, Ray's AWS bootstrap and node provider launch every node type with it.
-* Every command line in ``cluster/*.yaml`` and ``README.md`` parses with its tool's own parser:
+* Every command line in ``cluster/*.yaml``, ``README.md`` and ``docs/*.md`` parses with its tool's own parser:
   raysr tools through ``build_parser()``, ``python -m raysr.train`` through ``main([... --dry-run])``
   (config resolution and data checks, against shards the documented ``make_shards`` commands wrote
   to the documented S3 URIs), ``ray …`` through Ray's click CLI, runtime envs through Ray's
@@ -32,6 +32,7 @@ import ray
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 LAUNCHER_YAML = CLUSTER / "aws-gpu.yaml"
 RAYJOB_YAML = CLUSTER / "rayjob.yaml"
 RUNTIME_ENV_YAML = CLUSTER / "runtime_env.yaml"
@@ -56,7 +57,7 @@ PATH_KEYS = ("data.train", "data.val", "train.init_from", "loss.perceptual.weigh
 def split_commands(text: str) -> list[list[str]]:
     """Shell text -> one token list per command.
 
-    ``\\`` continuations are joined and quoted strings may span lines (the README's IAM policies);
+    ``\\`` continuations are joined and quoted strings may span lines (the guide's IAM policies);
     ``#`` comments are dropped; ``a && b``, ``a; b`` and pipes give separate commands.
     """
     commands, buffer = [], ""
@@ -120,14 +121,29 @@ def yaml_string_commands(node) -> list[list[str]]:
     return []
 
 
+def doc_pages() -> list[Path]:
+    """README.md and the pages of docs/, where the documented commands live."""
+    assert README.exists(), "README.md is missing"
+    pages = sorted(DOCS.glob("*.md"))
+    assert pages, "docs/ holds no pages: the guides (scale-out included) live there"
+    return [README, *pages]
+
+
 def documented_commands() -> dict[str, list[list[str]]]:
-    """Every command line of cluster/*.yaml and README.md, by file (relative path)."""
-    assert README.exists(), "README.md is missing: merge the 'Scale out' section into it"
-    found = {"README.md": [c for block in markdown_shell_blocks(README.read_text()) for c in split_commands(block)]}
+    """Every command line of cluster/*.yaml, README.md and docs/*.md, by file (relative path)."""
+    found = {}
+    for page in doc_pages():
+        text = page.read_text()
+        found[str(page.relative_to(ROOT))] = [c for block in markdown_shell_blocks(text) for c in split_commands(block)]
     for path in sorted(CLUSTER.glob("*.yaml")):
         text = path.read_text()
         found[f"cluster/{path.name}"] = yaml_comment_commands(text) + yaml_string_commands(yaml.safe_load(text))
     return found
+
+
+def doc_names(docs: dict[str, list[list[str]]]) -> list[str]:
+    """The markdown pages among the documented files: README.md and docs/*.md."""
+    return [where for where in docs if where.endswith(".md")]
 
 
 @dataclass
@@ -330,8 +346,8 @@ def test_launcher_images_match_the_installed_ray_and_install_raysr_with_the_clus
         assert remote in setup, f"setup_commands do not install from the mounted checkout {remote}"
 
 
-def test_every_node_type_launches_after_the_readme_iam_setup(s3_endpoint, tmp_path, monkeypatch, docs):
-    """The README's `aws iam` commands, replayed on moto, are what `ray up` and the autoscaler need."""
+def test_every_node_type_launches_after_the_documented_iam_setup(s3_endpoint, tmp_path, monkeypatch, docs):
+    """The docs' `aws iam` commands, replayed on moto, are what `ray up` and the autoscaler need."""
     import boto3
     from ray.autoscaler._private.aws.config import bootstrap_aws
     from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
@@ -341,8 +357,8 @@ def test_every_node_type_launches_after_the_readme_iam_setup(s3_endpoint, tmp_pa
     monkeypatch.setenv("HOME", str(tmp_path))  # Ray writes the generated SSH key to ~/.ssh
     # moto knows AWS-managed policies (AmazonEC2FullAccess) only when asked, before its first IAM call
     monkeypatch.setenv("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
-    iam_commands = [t for t in docs["README.md"] if t[:2] == ["aws", "iam"]]
-    assert iam_commands, "README.md documents no `aws iam` setup"
+    iam_commands = [t for where in doc_names(docs) for t in docs[where] if t[:2] == ["aws", "iam"]]
+    assert iam_commands, "README.md and docs/*.md document no `aws iam` setup"
     for tokens in iam_commands:
         replay_aws_cli(tokens)
 
@@ -406,15 +422,17 @@ def replay_aws_cli(tokens: list[str]):
 
 def test_docs_cover_the_scale_out_steps(docs):
     ray_lines = [" ".join(t[:3]) for commands in docs.values() for t in commands if t[0] == "ray"]
-    readme = [" ".join(t[:3]) for t in docs["README.md"] if t[0] == "ray"]
+    pages = doc_names(docs)
+    guide = [" ".join(t[:3]) for where in pages for t in docs[where] if t[0] == "ray"]
     for needed in ("ray up cluster/aws-gpu.yaml", "ray job submit", "ray down cluster/aws-gpu.yaml",
                    "ray dashboard cluster/aws-gpu.yaml"):
-        assert any(line.startswith(needed) for line in readme), f"README.md lacks `{needed}`"
+        assert any(line.startswith(needed) for line in guide), f"README.md and docs/*.md lack `{needed}`"
     assert ray_lines
     modules = {(c.where, c.module) for c in raysr_commands(docs)}
-    assert ("README.md", "raysr.data.make_shards") in modules
-    assert ("README.md", "raysr.train") in modules
-    assert ("README.md", "raysr.tune") in modules
+    documented = {module for where, module in modules if where in pages}
+    assert "raysr.data.make_shards" in documented
+    assert "raysr.train" in documented
+    assert "raysr.tune" in documented
     assert ("cluster/rayjob.yaml", "raysr.train") in modules
     assert ("cluster/aws-gpu.yaml", "raysr.train") in modules
 
