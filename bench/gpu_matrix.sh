@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of the README's "Performance" section, as one script (under 8 minutes on
+# The GPU measurements of docs/performance.md, as one script (under 8 minutes on
 # one H100/H200): the step matrix {RRDBNet-23, MSRResNet-16} x {psnr, gan} x {eager, compiled},
 # each row with the BasicSR-style fp32 eager baseline measured in the same process, then a
 # 300-step raysr.train run with the real loader (its data_wait_frac and crops/s).

@@ -136,7 +136,7 @@ def main(mode: str, train_dir: str, val: str, out_dir: str) -> int:
     out = Path(out_dir)
     # Shorter than Ray's defaults, to keep the test short: Ray Train's controller polls the workers
     # every 0.5 s (2 s), gives a worker group 20 s to start (60 s), and the GCS declares a node dead
-    # after 3 missed 1 s health checks (5 missed 3 s ones). README's figures are measured with these.
+    # after 3 missed 1 s health checks (5 missed 3 s ones). docs/fault-tolerance.md's figures are measured with these.
     os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_TRAIN_V2_ENABLED="1",
                       RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20")
     from ray.cluster_utils import Cluster
