@@ -7,8 +7,8 @@ Ceph, moto), with the SDKs' usual credentials (environment, shared config, insta
 A missing object or a denied request raises :class:`StorageError` naming the URI and what to
 check. Two maintained clients carry it, each where only it does the job:
 
-* boto3 (:func:`s3_client`) for everything raysr reads and writes: shards, manifests,
-  weights, images, generator files, the files of run checkpoints.
+* boto3 (:func:`s3_client`) for everything raysr reads and writes itself: shards, manifests,
+  weights, images, generator files, run-checkpoint files read back.
 * ``pyarrow.fs.S3FileSystem`` (:func:`storage_args`) for what Ray Train and Tune store
   themselves (checkpoint uploads, run state): Ray takes only a ``pyarrow.fs.FileSystem``.
 
@@ -322,8 +322,9 @@ class _ResumableS3Reader(io.RawIOBase):
 def open_stream(uri: str | os.PathLike, buffer_size: int = STREAM_BUFFER_BYTES) -> BinaryIO:
     """A buffered, sequential binary reader of a local file or S3 object.
 
-    An S3 read that loses its connection midway resumes where it stopped (see :class:`_ResumableS3Reader`); a missing or denied
-    object raises :class:`StorageError` naming the URI.
+    An S3 read that loses its connection midway resumes where it stopped (see
+    :class:`_ResumableS3Reader`); a missing or denied object raises :class:`StorageError`
+    naming the URI.
     """
     if is_s3(uri):
         return io.BufferedReader(_ResumableS3Reader(uri), buffer_size=buffer_size)
