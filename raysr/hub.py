@@ -3,11 +3,12 @@
     path = fetch("https://download.pytorch.org/models/vgg19-dcbb9e9d.pth")   # -> ~/.cache/torch/hub/checkpoints/…
 
 An http(s) URL is downloaded into ``$TORCH_HOME/hub/checkpoints/<file name>`` unless it is
-there already, with ``torch.hub.load_state_dict_from_url(check_hash=True)``'s check: the
-hex digits after the last ``-`` of the file name (``dcbb9e9d``) must begin the file's
-SHA-256. The download goes to a temporary file beside the target and is moved into place
-only once verified, so a cut connection or a wrong file never leaves anything in the cache.
-Local paths and ``s3://`` URIs are returned as they are (their readers open them).
+there already, by ``torch.hub.download_url_to_file`` with ``load_state_dict_from_url(check_hash=True)``'s
+check: the hex digits after the last ``-`` of the file name (``dcbb9e9d``) must begin the
+file's SHA-256. torch downloads into a temporary file beside the target and moves it into
+place only once verified, so a wrong file or a cut connection (caught by the hash) never
+leaves anything in the cache. Local paths and ``s3://`` URIs are returned as they are (their
+readers open them).
 
 ``RAYSR_OFFLINE=1`` (or a machine that cannot reach the URL) turns a missing cache entry
 into :class:`WeightsUnavailable`, whose message names the file to copy and where.
@@ -15,22 +16,11 @@ into :class:`WeightsUnavailable`, whose message names the file to copy and where
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import sys
-import tempfile
 import urllib.error
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
-
-from raysr.util import Progress
-
-# torch.hub's HASH_REGEX: the hash prefix in "name-<hex>.ext"
-HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
-CHUNK_BYTES = 1 << 20
-TIMEOUT_S = 60
 
 
 class WeightsUnavailable(FileNotFoundError):
@@ -84,32 +74,24 @@ def fetch(source: str | os.PathLike, what: str = "weights") -> str:
     return str(target)
 
 
+# torch's message when the hash does not match: 'invalid hash value (expected "<prefix>", got "<sha256>")'
+TORCH_HASH_ERROR = re.compile(r'invalid hash value \(expected "([0-9a-f]*)", got "([0-9a-f]*)"\)')
+
+
 def _download(url: str, target: Path, what: str) -> None:
+    """``url`` into ``target`` through torch.hub, with the hash check of the file name's prefix."""
+    import torch
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    match = HASH_REGEX.search(target.name)
-    prefix = match.group(1) if match else ""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    # torch.hub.load_state_dict_from_url's own reading of the file name's hash prefix
+    match = torch.hub.HASH_REGEX.search(target.name)
     try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-            size = int(response.headers.get("Content-Length") or 0)
-            with Progress(max(size >> 20, 1), f"downloading {target.name}", unit="MB", interval=5.0,
-                          stream=sys.stderr) as progress:
-                done = 0
-                while chunk := response.read(CHUNK_BYTES):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    done += len(chunk)
-                    progress.update(done=done >> 20)
-            if size and done != size:
-                raise OSError(f"the connection ended after {done} of {size} bytes")
-        actual = digest.hexdigest()
-        if prefix and not actual.startswith(prefix):
-            raise WeightsHashError(f"{what} downloaded from {url} are corrupt or not the published file: SHA-256 "
-                                   f"{actual} does not start with {prefix} (the hash in the file name); nothing "
-                                   "was cached. Download again, or check the URL")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        torch.hub.download_url_to_file(url, str(target), hash_prefix=match.group(1) if match else None,
+                                       progress=True)
+    except RuntimeError as err:
+        wrong = TORCH_HASH_ERROR.search(str(err))
+        if wrong is None:
+            raise
+        raise WeightsHashError(f"{what} downloaded from {url} are corrupt or not the published file: SHA-256 "
+                               f"{wrong.group(2)} does not start with {wrong.group(1)} (the hash in the file "
+                               "name); nothing was cached. Download again, or check the URL") from err

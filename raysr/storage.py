@@ -1,12 +1,36 @@
-"""Read and write local paths and ``s3://bucket/key`` URIs.
+"""Read and write local paths and ``s3://bucket/key`` URIs, and give Ray Train its run storage.
 
-S3 goes through boto3 with its standard credential chain (environment, shared
-config, instance role), so ``AWS_ENDPOINT_URL`` points it at any S3-compatible
-store (MinIO, Ceph, moto). Transient failures (throttling, 5xx, dropped
-connections) are retried by botocore with backoff; a missing object or a denied
-request raises :class:`StorageError` naming the URI and what to check.
-:func:`open_stream` also resumes a body read whose connection breaks midway
-(long shard reads), and :func:`write_stream` uploads large files in parts.
+One S3 policy for all of raysr's traffic, set here: every request is tried up to
+``S3_MAX_ATTEMPTS`` times in the AWS SDKs' "standard" retry mode (throttling, 5xx and
+broken connections, with exponential backoff), against ``AWS_ENDPOINT_URL`` when set (MinIO,
+Ceph, moto), with the SDKs' usual credentials (environment, shared config, instance role).
+A missing object or a denied request raises :class:`StorageError` naming the URI and what to
+check. Two maintained clients carry it, each where only it does the job:
+
+* boto3 (:func:`s3_client`) for everything raysr reads and writes itself: shards, manifests,
+  weights, images, generator files, run-checkpoint files read back.
+* ``pyarrow.fs.S3FileSystem`` (:func:`storage_args`) for what Ray Train and Tune store
+  themselves (checkpoint uploads, run state): Ray takes only a ``pyarrow.fs.FileSystem``.
+
+Why not one client (checked with pyarrow 26.0.1, boto3 1.43, Ray 2.60):
+
+* pyarrow's S3FileSystem neither writes nor reads user metadata (``x-amz-meta-*`` keys given
+  to ``open_output_stream`` are dropped; ``metadata()`` of an input stream lists only
+  Content-Length/Type, ETag and Last-Modified), and make_shards keeps each shard's sha256
+  there so that a re-run checks shards without downloading them. Its input stream sends a
+  HEAD, then one ranged GET per ``read()`` (a 256 MB shard read in 1 MiB pieces costs 256
+  requests, each with S3's first-byte latency), and it answers a missing bucket and a missing
+  key with the same FileNotFoundError. Forked processes are not the obstacle: a forked child
+  reads through it, on a filesystem object from the parent or a new one.
+* boto3 cannot be Ray's storage without an adapter: the maintained one, fsspec's
+  ``FSSpecHandler`` over s3fs, brings aiobotocore, a second (async) botocore pinned to a few
+  botocore releases (aiobotocore 3.10: botocore 1.43.115-1.43.117) with its own retry loop
+  over botocore's; a pyarrow handler over boto3 of our own is the code this module avoids.
+
+raysr adds only what neither client does: resuming a body read that breaks midway
+(:class:`_ResumableS3Reader`, behind :func:`open_stream`), and keeping the retry policy when
+Ray pickles the filesystem into its processes (:class:`RetryingS3FileSystem`).
+:func:`write_stream` uploads large files in parts.
 """
 
 from __future__ import annotations
@@ -24,9 +48,14 @@ from typing import BinaryIO
 import pyarrow.fs
 
 S3_PREFIX = "s3://"
-# botocore "standard" mode retries throttling, 5xx and connection errors with
-# exponential backoff; 8 attempts ride out a few seconds of endpoint trouble.
+# The retry policy of all S3 traffic: tries per request in the SDKs' "standard" mode (botocore's
+# and, under pyarrow, the AWS C++ SDK's), and tries without progress of a broken body read;
+# 8 ride out a few seconds of endpoint trouble.
 S3_MAX_ATTEMPTS = 8
+# Backoff between tries to resume a broken body read: 0.2 s, 0.4 s, ... capped (the SDKs back
+# off their requests themselves).
+STREAM_RETRY_BASE_S = 0.2
+STREAM_RETRY_MAX_S = 5.0
 
 _clients: dict[tuple[int, int], object] = {}
 _clients_lock = threading.Lock()
@@ -60,6 +89,11 @@ def join(base: str, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
+def _endpoint() -> str | None:
+    """``AWS_ENDPOINT_URL`` (an S3-compatible store, or moto in tests); None: AWS itself."""
+    return os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 def s3_client():
     """A boto3 S3 client for this process and thread (boto3 clients are not fork-safe)."""
     key = (os.getpid(), threading.get_ident())
@@ -72,18 +106,20 @@ def s3_client():
             config = Config(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
             # boto3 reads AWS_ENDPOINT_URL itself; passing it explicitly also
             # covers older botocore releases that predate that variable.
-            client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
-                                  config=config)
+            client = boto3.client("s3", endpoint_url=_endpoint(), config=config)
             _clients[key] = client
     return client
 
 
+def _error_code(err: Exception) -> str:
+    """S3's error code in a botocore error ("NoSuchKey", "403", ...); "" for other errors."""
+    response = getattr(err, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+
+
 def _explain(uri: str, err: Exception) -> StorageError:
     """Turn a botocore error into one message a user can act on."""
-    code = ""
-    response = getattr(err, "response", None)
-    if isinstance(response, dict):
-        code = str(response.get("Error", {}).get("Code", ""))
+    code = _error_code(err)
     if code in ("404", "NoSuchKey", "NotFound"):
         return StorageError(f"{uri} does not exist (S3 said {code}); check the bucket and key")
     if code == "NoSuchBucket":
@@ -161,20 +197,6 @@ def remove(uri: str | os.PathLike) -> None:
     Path(uri).unlink(missing_ok=True)
 
 
-def open_read(uri: str | os.PathLike) -> BinaryIO:
-    """A readable binary stream; S3 objects are streamed, not buffered whole."""
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
-        except Exception as err:
-            raise _explain(uri, err) from err
-    try:
-        return open(uri, "rb")
-    except FileNotFoundError as err:
-        raise StorageError(f"{uri} does not exist") from err
-
-
 def exists(uri: str | os.PathLike) -> bool:
     if is_s3(uri):
         bucket, key = split_s3(uri)
@@ -209,9 +231,6 @@ def list_files(uri: str | os.PathLike) -> list[str]:
 
 # --------------------------------------------------------------------------- streaming reads, uploads
 
-# Backoff between attempts to resume a broken S3 body read: 0.2 s, 0.4 s, ... capped.
-STREAM_RETRY_BASE_S = 0.2
-STREAM_RETRY_MAX_S = 5.0
 STREAM_BUFFER_BYTES = 1 << 20
 # Above this size uploads go in parts (boto3 uploads the parts concurrently).
 MULTIPART_CHUNK_BYTES = 64 << 20
@@ -253,8 +272,7 @@ class _ResumableS3Reader(io.RawIOBase):
         try:
             response = s3_client().get_object(**kwargs)
         except Exception as err:
-            code = str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
-            if code in ("412", "PreconditionFailed"):
+            if _error_code(err) in ("412", "PreconditionFailed"):
                 raise StorageError(f"{self.uri} was replaced while being read; read it again") from err
             raise _explain(self.uri, err) from err
         if self._etag is None:
@@ -304,9 +322,9 @@ class _ResumableS3Reader(io.RawIOBase):
 def open_stream(uri: str | os.PathLike, buffer_size: int = STREAM_BUFFER_BYTES) -> BinaryIO:
     """A buffered, sequential binary reader of a local file or S3 object.
 
-    Unlike :func:`open_read`, an S3 read that loses its connection midway resumes
-    where it stopped (see :class:`_ResumableS3Reader`); a missing or denied
-    object raises :class:`StorageError` naming the URI.
+    An S3 read that loses its connection midway resumes where it stopped (see
+    :class:`_ResumableS3Reader`); a missing or denied object raises :class:`StorageError`
+    naming the URI.
     """
     if is_s3(uri):
         return io.BufferedReader(_ResumableS3Reader(uri), buffer_size=buffer_size)
@@ -360,13 +378,12 @@ def object_info(uri: str | os.PathLike) -> tuple[int, dict[str, str]] | None:
 def storage_args(storage: str) -> dict:
     """``RunConfig`` storage arguments for a local directory or s3://bucket/prefix.
 
-    S3 gets a pyarrow S3FileSystem and a ``bucket/prefix`` path (with AWS_ENDPOINT_URL for
-    MinIO, Ceph, moto) whose requests are retried ``S3_MAX_ATTEMPTS`` times, as raysr.storage's are
-    (Ray itself does not retry a checkpoint upload).
+    S3 gets a pyarrow S3FileSystem and a ``bucket/prefix`` path, on the endpoint and with the
+    retry policy of :func:`s3_client` (Ray itself does not retry a checkpoint upload).
     """
     if not is_s3(storage):
         return {"storage_path": os.path.abspath(os.path.expanduser(storage))}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = _endpoint()
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
     kwargs = {}
     if endpoint:

@@ -138,9 +138,7 @@ def test_an_upload_that_fails_after_every_retry_restarts_the_workers_and_is_not_
     driver, pickled into the workers with the filesystem). pyarrow's copy_files would only log that and
     let Ray register checkpoint 2 without its state.pt; raysr's upload raises, Ray restarts the workers
     from checkpoint 1, and the run ends at step 3 with every registered checkpoint complete."""
-    import raysr.train
-
-    monkeypatch.setattr(raysr.train, "S3_MAX_ATTEMPTS", 2)
+    monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 2)
     name = "upload_fails"
     state_2 = f"{name}/checkpoint_00000002/state.pt"
     fault = s3_faults.arm(Fault("slowdown", times=2, method="PUT", path=state_2))[0]
@@ -200,8 +198,12 @@ def test_a_worker_killed_during_a_checkpoint_upload_resumes_from_the_previous_ch
                 return
             time.sleep(0.05)
         peer = next(r.peer for r in s3_faults.requests if r.fault == "delay")
-        time.sleep(0.5)  # the checkpoint's small files finish meanwhile (milliseconds)
-        seen["files"] = checkpoint_keys(BUCKET, name).get(3, set())
+        # the checkpoint's other files are in the bucket (raysr uploads them one at a time, before
+        # state.pt, so at once; polled, in case uploads ever run side by side)
+        others = CHECKPOINT_FILES - {"state.pt"}
+        while not others <= (files := checkpoint_keys(BUCKET, name).get(3, set())) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen["files"] = files
         seen["complete"] = run_checkpoint.is_complete(f"s3://{BUCKET}/runs/{name}/checkpoint_00000003")
         for _ in range(20):  # the stalled request's socket: the uploading worker process holds it
             owner = pid_of_client(peer)

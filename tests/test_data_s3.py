@@ -87,6 +87,19 @@ def test_webdataset_reads_the_shards_through_the_s3_opener(s3_shards):
     assert all(set(s) >= {"png", "json"} for s in samples)
 
 
+def test_raysr_reads_shards_without_webdataset_installed(s3_shards):
+    """WebDataset is a test dependency only: without it raysr registers no opener and still streams the shards."""
+    prefix, crops, _ = s3_shards
+    code = ("import sys; sys.modules['webdataset'] = None\n"  # None in sys.modules: importing it fails
+            "from raysr.data import iter_pairs, sources\n"
+            "assert sources.register_s3_opener() is False\n"
+            f"print(len(list(iter_pairs({prefix!r}, {CROP}, 4, augment=False, shuffle_buffer=0))))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(),
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(len(crops))]
+
+
 def test_missing_objects_raise_one_clear_error(s3_shards, bucket):
     prefix, _, _ = s3_shards
     missing = f"s3://{bucket}/hr/div/train-000042.tar"

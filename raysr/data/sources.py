@@ -14,8 +14,9 @@ Shards need no manifest (any WebDataset tars train, see
 shard holds, before a byte of image data is read.
 
 Importing this module registers an ``s3://`` opener with WebDataset
-(``webdataset.gopen.gopen_schemes``), so ``webdataset.WebDataset("s3://…")``
-reads through the same retrying reader as raysr.
+(``webdataset.gopen.gopen_schemes``) where WebDataset is installed, so a user's
+``webdataset.WebDataset("s3://…")`` reads through the same retrying reader as
+raysr. raysr itself reads shards without WebDataset, which is not a dependency.
 """
 
 from __future__ import annotations
@@ -130,12 +131,18 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
     return storage.open_stream(url)
 
 
-def register_s3_opener() -> None:
-    """Let ``webdataset.WebDataset`` / ``gopen`` open ``s3://`` URLs via :func:`raysr.storage.open_stream`."""
+def register_s3_opener() -> bool:
+    """Let ``webdataset.WebDataset`` / ``gopen`` open ``s3://`` URLs via :func:`raysr.storage.open_stream`;
+    False (nothing to register) where WebDataset is not installed."""
     import importlib
 
-    # importlib: the package attribute ``webdataset.gopen`` is the function, not the module
-    importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = _gopen_s3
+    try:
+        # importlib: the package attribute ``webdataset.gopen`` is the function, not the module
+        gopen = importlib.import_module("webdataset.gopen")
+    except ImportError:
+        return False
+    gopen.gopen_schemes["s3"] = _gopen_s3
+    return True
 
 
 register_s3_opener()
