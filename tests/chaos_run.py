@@ -1,12 +1,13 @@
 """A training run on a multi-node Ray cluster on this machine that loses a node and gets one back.
 
-    python tests/chaos_run.py fixed|elastic TRAIN_SHARDS VAL_DIR OUT_DIR
+    python tests/chaos_run.py fixed|elastic|fixed,elastic TRAIN_SHARDS VAL_DIR OUT_DIR
 
 Run by tests/test_elastic.py in a subprocess of its own, so that its cluster (a head without
 CPUs, two 1-CPU nodes, all on 127.0.0.1, temp files in a private folder) never meets the test
-session's local Ray. Writes ``OUT_DIR/reports.jsonl`` (every report: all ranks' metrics, the
-checkpoint, the time), ``OUT_DIR/events.json`` (when the node was removed and added) and the run
-under ``OUT_DIR/runs``.
+session's local Ray. The scenarios named run one after the other on the same cluster (each ends
+with two 1-CPU nodes again). Each writes ``OUT_DIR/MODE/reports.jsonl`` (every report: all ranks'
+metrics, the checkpoint, the time), ``OUT_DIR/MODE/events.json`` (when the node was removed and
+added, when the run started and ended) and its run under ``OUT_DIR/MODE/runs``.
 
 - fixed: ``run.num_workers=2``. Once the first checkpoint is registered, the node of one training
   worker is removed and a new node added; the group waits for 2 workers and resumes.
@@ -132,8 +133,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(mode: str, train_dir: str, val: str, out_dir: str) -> int:
-    out = Path(out_dir)
+def main(modes: str, train_dir: str, val: str, out_dir: str) -> int:
     # Shorter than Ray's defaults, to keep the test short: Ray Train's controller polls the workers
     # every 0.5 s (2 s), gives a worker group 20 s to start (60 s), and the GCS declares a node dead
     # after 3 missed 1 s health checks (5 missed 3 s ones). docs/fault-tolerance.md's figures are measured with these.
@@ -141,8 +141,7 @@ def main(mode: str, train_dir: str, val: str, out_dir: str) -> int:
                       RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20")
     from ray.cluster_utils import Cluster
 
-    from raysr.config import load_config
-    from raysr.train import fit, init_ray
+    from raysr.ray_setup import init_ray
 
     # Ray's temp files (and the ray_current_cluster file Cluster writes) under RAY_TMPDIR, the
     # caller's private folder: never in the machine's shared /tmp/ray
@@ -157,11 +156,25 @@ def main(mode: str, train_dir: str, val: str, out_dir: str) -> int:
     for _ in range(2):
         cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     os.environ["RAY_ADDRESS"] = cluster.address
-    (out / "hold.json").write_text(json.dumps({"world_size": 2}))  # the first checkpoint of the group of 2
-    events: dict = {"start": time.time()}
     # Ray starts nodes from the main thread only (signal handlers), so training runs in a thread;
     # ray.init here first, for the same reason
     init_ray()
+    try:
+        return max(run_scenario(mode, cluster, train_dir, val, Path(out_dir) / mode) for mode in modes.split(","))
+    finally:
+        import ray
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def run_scenario(mode: str, cluster, train_dir: str, val: str, out: Path) -> int:
+    """One scenario on ``cluster`` (two 1-CPU worker nodes at its start and at its end): 0 if the run succeeded."""
+    from raysr.config import load_config
+    from raysr.train import fit
+
+    out.mkdir(parents=True)
+    (out / "hold.json").write_text(json.dumps({"world_size": 2}))  # the first checkpoint of the group of 2
+    events: dict = {"start": time.time()}
     outcome: dict = {}
 
     def train():
@@ -172,16 +185,10 @@ def main(mode: str, train_dir: str, val: str, out_dir: str) -> int:
 
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
-    try:
-        scenario(mode, cluster, out, events)
-        thread.join()
-        (out / "events.json").write_text(json.dumps(events))
-        return 0 if outcome.get("ok") else 1
-    finally:
-        import ray
-        ray.shutdown()
-        cluster.shutdown()
-
+    scenario(mode, cluster, out, events)
+    thread.join()
+    (out / "events.json").write_text(json.dumps(events))
+    return 0 if outcome.get("ok") else 1
 
 if __name__ == "__main__":
     sys.exit(main(*sys.argv[1:]))

@@ -259,6 +259,7 @@ def test_meter_means_each_scalar_over_the_steps_that_reported_it():
     assert (m["loss_d"], m["loss_g"], m["crops_per_s"], m["data_wait_frac"]) == (2.0, 5.0, 2.0, 0.25)
 
 
+@pytest.mark.slow  # inductor compiles G, D and VGG: about a minute
 def test_compiled_gan_step_gives_the_eager_losses():
     """run.compile=default (G, D and the VGG loss compiled by inductor) vs eager, three GAN steps
     from the same weights: losses agree to 1e-4 relative, D's mean logits (near 0) to 1e-3
@@ -471,6 +472,7 @@ def _ddp_rank(rank: int, port: int, result_path: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two gloo processes
 def test_two_ddp_ranks_with_uneven_micro_batches_give_the_one_process_step(tmp_path):
     """DDP over gloo, 2 ranks standing in for 3 (2 and 1 micro-batches, no_sync on all but the last):
     the weights of one process stepping on all 6 crops at once, to the tolerance above."""

@@ -507,6 +507,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a Ray head of its own and a job
 def test_ray_job_submit_to_a_ray_start_head_succeeds(demo_data, tmp_path):
     """`ray start --head` on 127.0.0.1, then `ray job submit -- python -m raysr.train --preset quickstart …`.
 

@@ -98,6 +98,7 @@ def test_tiled_equals_untiled(name, scale, size, tile, pad, make_image):
     assert (tiled - whole).abs().max() < 1e-5
 
 
+@pytest.mark.slow  # a 23-block RRDBNet on CPU
 def test_full_depth_rrdbnet_tiles_within_one_level_at_the_default_pad(make_image):
     """ESRGAN's 23-block RRDBNet sees ~700 LR px, far more than any pad: tiling changes
     its output, and the default pad must keep that change under one 8-bit level."""
