@@ -129,7 +129,8 @@ def main(mode: str, train_dir: str, val: str, out_dir: str) -> int:
     from ray.cluster_utils import Cluster
 
     from raysr.config import load_config
-    from raysr.train import fit, init_ray
+    from raysr.ray_setup import init_ray
+    from raysr.train import fit
 
     # Ray's temp files (and the ray_current_cluster file Cluster writes) under RAY_TMPDIR, the
     # caller's private folder: never in the machine's shared /tmp/ray
