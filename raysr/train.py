@@ -29,7 +29,7 @@ from raysr import run_checkpoint
 from raysr.cli import add_config_args
 from raysr.config import (PSNR_PHASE, Config, ConfigError, available_presets, config_from_dict, load_config,
                           parse_override, set_key)
-from raysr.data import check_train_shards, resolve_shards
+from raysr.data import check_train_shards, make_train_loader, resolve_shards
 from raysr.models.vgg import resolve_vgg19_source
 from raysr.ray_setup import (NOISE_RAY_LINES, describe_workers, drop_ray_log_lines, init_ray, make_trainer,
                              quiet_output, upload_checkpoint)
@@ -255,7 +255,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from raysr.data import make_train_loader
     from raysr.data.device_batches import DeviceBatches
     from raysr.data.loader import resolve_lr_on
     from raysr.engine import build_state, ddp, train_step, weight_fingerprint
@@ -277,7 +276,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = build_state(cfg, device, lambda module, has_bn: ddp(module, has_bn, world, device,
                                                                 static_graph=world == cfg.run.max_workers))
 
-    # ---- resume: the latest checkpoint Ray registered (a restart, a resize, a rerun of run.name)
+    # ---- resume: from the latest checkpoint Ray registered (a restart, a resize, a rerun of run.name),
+    # the RNG streams and the data stream carry on from its step
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
