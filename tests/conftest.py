@@ -159,7 +159,7 @@ def ray_local():
     """One local Ray instance on 127.0.0.1 for the whole test session (started on first use)."""
     import ray
 
-    from raysr.train import init_ray
+    from raysr.ray_setup import init_ray
 
     os.environ.pop("RAY_ADDRESS", None)
     init_ray()

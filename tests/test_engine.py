@@ -453,7 +453,7 @@ def _ddp_rank(rank: int, port: int, result_path: str) -> None:
     rank 1 plays rank 1; three steps; rank 0 saves G's weights."""
     import os
 
-    from raysr.train import ddp
+    from raysr.engine import ddp
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)

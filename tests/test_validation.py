@@ -143,9 +143,9 @@ def test_rank_0_validates_while_the_validator_cannot_be_placed(ray_local, demo_d
     """An actor asking for 64 CPUs is never placed here; past run.validation_wait_s rank 0 scores each due
     validation itself, at its own step. (On raysr's own local Ray this is seen before the start;
     the flag makes the run behave as on a cluster, where an autoscaler might still add the node.)"""
-    import raysr.train
+    import raysr.ray_setup
 
-    monkeypatch.setattr(raysr.train, "STARTED_LOCAL_RAY", False)
+    monkeypatch.setattr(raysr.ray_setup, "STARTED_LOCAL_RAY", False)
     total = 6
     _, reports = fit_recorded(run_args(demo_data, tmp_path, "unplaced", "model.generator.num_feat=8",
                                        "model.generator.num_block=1", "data.batch_size=2", "data.gt_size=32",
@@ -160,10 +160,10 @@ def test_rank_0_validates_while_the_validator_cannot_be_placed(ray_local, demo_d
 
 
 def test_on_its_own_local_ray_a_validator_that_cannot_fit_means_inline(ray_local, capsys, monkeypatch):
-    import raysr.train
-    from raysr.train import validation_for_local_ray
+    import raysr.ray_setup
+    from raysr.ray_setup import validation_for_local_ray
 
-    monkeypatch.setattr(raysr.train, "STARTED_LOCAL_RAY", True)
+    monkeypatch.setattr(raysr.ray_setup, "STARTED_LOCAL_RAY", True)
     cpus = ray_local.cluster_resources()["CPU"]
     fits = load_config(overrides=["run.num_workers=1", f"run.validation_resources={{CPU: {cpus - 1}}}"])
     assert validation_for_local_ray(fits) is fits
@@ -177,7 +177,7 @@ def test_on_its_own_local_ray_a_validator_that_cannot_fit_means_inline(ray_local
     with_driver = load_config(overrides=["run.num_workers=1", f"run.validation_resources={{CPU: {cpus - 1}}}"])
     assert validation_for_local_ray(with_driver, other_cpus=0.1).run.validation == "inline"
     assert f"set run.validation_resources={{CPU: {cpus - 1.1:g}}}" in capsys.readouterr().out
-    monkeypatch.setattr(raysr.train, "STARTED_LOCAL_RAY", False)  # a cluster may grow: left to the wait
+    monkeypatch.setattr(raysr.ray_setup, "STARTED_LOCAL_RAY", False)  # a cluster may grow: left to the wait
     assert validation_for_local_ray(too_big) is too_big
 
 

@@ -73,7 +73,7 @@ def ray_worker(args: dict) -> None:
     """The Ray Train worker: the plain loop, reporting each interval's metrics as raysr.train does."""
     import ray.train
 
-    from raysr.train import quiet_output
+    from raysr.ray_setup import quiet_output
 
     quiet_output(False)
     started = time.time()

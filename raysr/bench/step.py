@@ -327,7 +327,8 @@ def ddp_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from raysr.train import ddp, quiet_output
+    from raysr.engine import ddp
+    from raysr.ray_setup import quiet_output
 
     cfg = config_from_dict(config["cfg"])
     ctx = ray.train.get_context()
@@ -466,7 +467,7 @@ def print_step(r: dict) -> None:
 
 def start_ray() -> None:
     """Ray as ``raysr.train`` starts it (RAY_ADDRESS, else local on 127.0.0.1), with its noise silenced."""
-    from raysr.train import NOISE_RAY_LINES, drop_ray_log_lines, init_ray, quiet_output
+    from raysr.ray_setup import NOISE_RAY_LINES, drop_ray_log_lines, init_ray, quiet_output
 
     quiet_output(False)
     init_ray()

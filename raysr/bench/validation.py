@@ -46,14 +46,14 @@ def recorder(path: str):
 
 def one_run(train_args: list[str], mode: str, storage: str) -> dict:
     """Train with ``run.validation=mode``; its figures, or raises ValueError with the reason."""
-    from raysr import train
+    from raysr import ray_setup, train
 
     name = f"bench_validation_{mode}_{time.strftime('%Y%m%d_%H%M%S')}_{os.getpid()}"
     argv = [*train_args, "--set", f"run.validation={mode}", "--set", f"run.storage={storage}",
             "--set", f"run.name={name}"]
     cfg = train.resolve(train.build_parser().parse_args(argv))
-    train.init_ray()
-    if mode == "async" and train.validation_for_local_ray(cfg).run.validation != "async":
+    ray_setup.init_ray()
+    if mode == "async" and ray_setup.validation_for_local_ray(cfg).run.validation != "async":
         raise ValueError("the validation actor does not fit beside the workers on this machine: "
                          "lower run.validation_resources or run.num_workers")
     reports = os.path.join(storage, name + ".jsonl")

@@ -19,7 +19,8 @@ from raysr.cli import EXIT_BAD_INPUT, add_config_args, say
 from raysr.config import ConfigError, PSNR_PHASE, config_from_dict, load_yaml
 from raysr.storage import is_s3, join, read_bytes, write_bytes
 from raysr.storage import storage_args
-from raysr.train import init_ray, prepare_demo_data, resolve, validation_for_local_ray
+from raysr.ray_setup import init_ray, validation_for_local_ray
+from raysr.train import prepare_demo_data, resolve
 from raysr.tune.report import RUNS_DIR, check_metric, metric_mode, write_report
 from raysr.tune.space import SPACE_EXAMPLE, SearchSpace, check_space, load_space, trial_config
 from raysr.tune.trial import (TRIAL_DRIVER_CPUS, TrialProgress, asha_schedule, run_trial, trial_dirname,

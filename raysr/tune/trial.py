@@ -11,7 +11,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from raysr.cli import say
 from raysr.config import Config, ConfigError
-from raysr.train import make_trainer
+from raysr.ray_setup import make_trainer
+from raysr.train import train_loop_per_worker
 from raysr.tune.report import METRIC_MODES
 from raysr.tune.space import SearchSpace, label, trial_config
 
@@ -30,7 +31,7 @@ def run_trial(params: dict, base: dict, space: SearchSpace, runs_dir: str) -> No
     """
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, space.decode(params), name=trial_id, storage=runs_dir)
-    make_trainer(cfg, callbacks=[ValidationReport()]).fit()
+    make_trainer(cfg, train_loop_per_worker, callbacks=[ValidationReport()]).fit()
 
 
 class ValidationReport(TuneReportCallback):
