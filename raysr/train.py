@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="presets: " + ", ".join(available_presets()) + "\n"
                "keys: model.generator.*, model.discriminator.*, data.*, train.*, loss.*, optim.*, run.* "
-               "(see README 'Configuration'; --dry-run prints them all)")
+               "(see docs/configuration.md; --dry-run prints them all)")
     add_config_args(parser)
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config, exit")
     return parser
