@@ -35,10 +35,11 @@ def test_check_int_rejects_with_the_name_and_the_value(value, minimum, message):
 
 
 def test_models_and_data_share_the_one_check_int():
-    from raysr.data import loader, stream, validation
+    from raysr.data import loader, stream
     from raysr.models import common
+    from raysr.validation import pairs
 
-    assert common.check_int is stream.check_int is loader.check_int is validation.check_int is check_int
+    assert common.check_int is stream.check_int is loader.check_int is pairs.check_int is check_int
 
 
 class Clock:
