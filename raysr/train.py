@@ -276,8 +276,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = build_state(cfg, device, lambda module, has_bn: ddp(module, has_bn, world, device,
                                                                 static_graph=world == cfg.run.max_workers))
 
-    # ---- resume: from the latest checkpoint Ray registered (a restart, a resize, a rerun of run.name),
-    # the RNG streams and the data stream carry on from its step
+    # ---- resume: from the latest checkpoint Ray registered (a restart, a resize, a rerun of run.name);
+    # torch is then reseeded and the data stream reshuffled from its step (not yet a bit-exact continuation)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
