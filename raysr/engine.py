@@ -4,7 +4,7 @@ Read :func:`train_step` top to bottom: it is the whole algorithm. SRGAN and ESRG
 differ only in the config (VGG layer before/after ReLU, vanilla vs relativistic
 GAN, pixel weight η), which shows up as a few branches there. DDP wrapping is
 plain torch (:func:`ddp`); which rank validates and where checkpoints go belong
-to ``raysr.train``. This module never imports ray.
+to ``raysr.rank_zero``. This module never imports ray.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ An http(s) URL is downloaded into ``$TORCH_HOME/hub/checkpoints/<file name>`` un
 there already, by ``torch.hub.download_url_to_file`` with ``load_state_dict_from_url(check_hash=True)``'s
 check: the hex digits after the last ``-`` of the file name (``dcbb9e9d``) must begin the
 file's SHA-256. torch downloads into a temporary file beside the target and moves it into
-place only once verified, so a wrong file or a cut connection (caught by the hash) never
-leaves anything in the cache. Local paths and ``s3://`` URIs are returned as they are (their
+place only once verified, so a wrong file or a cut connection (caught by the hash, or for a name
+without one by the length the server announced) never leaves anything in the cache. Local paths and ``s3://`` URIs are returned as they are (their
 readers open them).
 
 ``RAYSR_OFFLINE=1`` (or a machine that cannot reach the URL) turns a missing cache entry
@@ -78,16 +78,31 @@ def fetch(source: str | os.PathLike, what: str = "weights") -> str:
 TORCH_HASH_ERROR = re.compile(r'invalid hash value \(expected "([0-9a-f]*)", got "([0-9a-f]*)"\)')
 
 
+TIMEOUT_S = 60  # a stalled connection ends the download (torch.hub sets no timeout of its own)
+
+
 def _download(url: str, target: Path, what: str) -> None:
-    """``url`` into ``target`` through torch.hub, with the hash check of the file name's prefix."""
+    """``url`` into ``target`` through torch.hub, with the hash check of the file name's prefix.
+
+    What torch.hub does not do, done here: a socket timeout (a stalled server would hang a worker
+    forever), and for a file name without a hash the length checked against the server's
+    Content-Length (a cut connection would otherwise cache a truncated file; with a hash, the
+    hash catches it). The progress bar only on a terminal (not in the logs of Ray's workers).
+    """
+    import socket
+    import sys
+
     import torch
 
     target.parent.mkdir(parents=True, exist_ok=True)
     # torch.hub.load_state_dict_from_url's own reading of the file name's hash prefix
     match = torch.hub.HASH_REGEX.search(target.name)
+    saved_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(TIMEOUT_S)  # urllib's sockets inside torch.hub take the default
     try:
+        expected = None if match else _content_length(url)
         torch.hub.download_url_to_file(url, str(target), hash_prefix=match.group(1) if match else None,
-                                       progress=True)
+                                       progress=sys.stderr.isatty())
     except RuntimeError as err:
         wrong = TORCH_HASH_ERROR.search(str(err))
         if wrong is None:
@@ -95,3 +110,18 @@ def _download(url: str, target: Path, what: str) -> None:
         raise WeightsHashError(f"{what} downloaded from {url} are corrupt or not the published file: SHA-256 "
                                f"{wrong.group(2)} does not start with {wrong.group(1)} (the hash in the file "
                                "name); nothing was cached. Download again, or check the URL") from err
+    finally:
+        socket.setdefaulttimeout(saved_timeout)
+    if expected is not None and target.stat().st_size != expected:
+        got = target.stat().st_size
+        target.unlink()
+        raise OSError(f"the download was cut short: {got} of {expected} bytes")
+
+
+def _content_length(url: str) -> int | None:
+    """The size the server announces for ``url`` (a HEAD request), or None when it announces none."""
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=TIMEOUT_S) as reply:
+        length = reply.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None

@@ -10,7 +10,7 @@ upload to S3, and a console that shows what a raysr user can act on.
 
 Every use of Ray's private API is in this module, each with a comment naming the public API
 that is missing; when a Ray release moves it, raysr says so in one line and goes on without it.
-Importing this module does not import ray (``python -m raysr.train --dry-run`` never loads it).
+Importing this module does not import ray, so ``python -m raysr.train --dry-run`` never loads Ray.
 """
 
 from __future__ import annotations
@@ -91,12 +91,11 @@ _SAID_MOVED: set[str] = set()
 # --------------------------------------------------------------------------- the TorchTrainer
 
 
-def make_trainer(cfg: Config, train_loop_per_worker, callbacks=(), storage: str | None = None,
-                 name: str | None = None):
+def make_trainer(cfg: Config, train_loop_per_worker, callbacks=()):
     """The TorchTrainer that runs ``train_loop_per_worker`` (:func:`raysr.train.train_loop_per_worker`)
-    for ``cfg`` (data already resolved; Ray already initialised).
+    for ``cfg`` (data already resolved; Ray already initialised), under ``run.name`` in ``run.storage``.
 
-    ``raysr.tune`` builds one per trial with its own name/storage and Tune's report callback.
+    ``raysr.tune`` builds one per trial (its config names the trial's run) with Tune's report callback.
     """
     import ray
     import ray.train
@@ -113,12 +112,12 @@ def make_trainer(cfg: Config, train_loop_per_worker, callbacks=(), storage: str 
         train_loop_config={"cfg": cfg.to_dict()},
         scaling_config=scaling_config(cfg, use_gpu),
         run_config=ray.train.RunConfig(
-            name=name or cfg.run.name,
+            name=cfg.run.name,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=list(callbacks),
-            **storage_args(storage or cfg.run.storage)),
+            **storage_args(cfg.run.storage)),
     )
 
 

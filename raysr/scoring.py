@@ -84,7 +84,7 @@ def bicubic_baseline(images: Sequence[np.ndarray], scale: int) -> dict:
 
 
 def score_generator(g: nn.Module, images: Sequence[np.ndarray], scale: int, perceptual=None,
-             lpips_fn=None) -> tuple[dict, bytes | None]:
+                    lpips_fn=None) -> tuple[dict, bytes | None]:
     """Validation metrics of ``g`` over GTmod uint8 images (one at a time, on ``g``'s device),
     plus a comparison PNG.
 

@@ -7,7 +7,8 @@ CPUs, two 1-CPU nodes, all on 127.0.0.1, temp files in a private folder) never m
 session's local Ray. The scenarios named run one after the other on the same cluster (each ends
 with two 1-CPU nodes again). Each writes ``OUT_DIR/MODE/reports.jsonl`` (every report: all ranks'
 metrics, the checkpoint, the time), ``OUT_DIR/MODE/events.json`` (when the node was removed and
-added, when the run started and ended) and its run under ``OUT_DIR/MODE/runs``.
+added, when the run started and ended), ``OUT_DIR/MODE/outcome.json`` ({"ok": whether the run
+succeeded[, "error": the scenario's traceback]}) and its run under ``OUT_DIR/MODE/runs``.
 
 - fixed: ``run.num_workers=2``. Once the first checkpoint is registered, the node of one training
   worker is removed and a new node added; the group waits for 2 workers and resumes.
@@ -27,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 TOTAL_STEPS = 12
@@ -185,10 +187,16 @@ def run_scenario(mode: str, cluster, train_dir: str, val: str, out: Path) -> int
 
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
-    scenario(mode, cluster, out, events)
-    thread.join()
+    try:
+        scenario(mode, cluster, out, events)
+    except Exception:  # said in this scenario's outcome; the next scenario still runs
+        outcome["error"] = traceback.format_exc()
+    else:
+        thread.join()
     (out / "events.json").write_text(json.dumps(events))
+    (out / "outcome.json").write_text(json.dumps(outcome))
     return 0 if outcome.get("ok") else 1
+
 
 if __name__ == "__main__":
     sys.exit(main(*sys.argv[1:]))

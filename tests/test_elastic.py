@@ -33,8 +33,8 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chaos(demo, tmp_path_factory) -> dict:
-    """Both scenarios of tests/chaos_run.py, one after the other on one cluster: {mode: (reports, events, out)},
-    reports being rank 0's metrics with the checkpoint and time of each report."""
+    """Both scenarios of tests/chaos_run.py, one after the other on one cluster: {mode: (its folder, the
+    output's tail)}. Each test then checks its own scenario's outcome (:func:`scenario`)."""
     out = tmp_path_factory.mktemp("chaos")
     ray_tmp = tempfile.mkdtemp(prefix="rsx_", dir="/tmp")  # short: Ray's unix sockets live under it
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -44,13 +44,18 @@ def chaos(demo, tmp_path_factory) -> dict:
                               capture_output=True, text=True, timeout=600)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    results = {}
-    for mode in ("fixed", "elastic"):
-        reports = [json.loads(line) for line in (out / mode / "reports.jsonl").read_text().splitlines()]
-        results[mode] = ([{**r["metrics"][0], "checkpoint": r["checkpoint"], "time": r["time"]} for r in reports],
-                         json.loads((out / mode / "events.json").read_text()), out / mode)
-    return results
+    return {mode: (out / mode, (done.stdout + done.stderr)[-4000:]) for mode in ("fixed", "elastic")}
+
+
+def scenario(chaos: dict, mode: str) -> tuple[list[dict], dict, Path]:
+    """One scenario's reports (rank 0's metrics with the checkpoint and time of each), events and folder,
+    once it is known to have succeeded."""
+    out, log = chaos[mode]
+    outcome = json.loads((out / "outcome.json").read_text()) if (out / "outcome.json").exists() else {}
+    assert outcome.get("ok"), f"the {mode} scenario failed: {outcome.get('error', '')}\n{log}"
+    reports = [json.loads(line) for line in (out / "reports.jsonl").read_text().splitlines()]
+    return ([{**r["metrics"][0], "checkpoint": r["checkpoint"], "time": r["time"]} for r in reports],
+            json.loads((out / "events.json").read_text()), out)
 
 
 def recomputed(reports: list[dict]) -> int:
@@ -77,7 +82,7 @@ def assert_steps_and_batch(reports: list[dict]) -> None:
 
 
 def test_a_fixed_size_run_waits_for_a_lost_node_and_ends_at_its_last_step(chaos):
-    reports, events, out = chaos["fixed"]
+    reports, events, out = scenario(chaos, "fixed")
     assert_steps_and_batch(reports)
     assert {r["world_size"] for r in reports} == {2}
     after = [r for r in reports if r["time"] > events["removed"]]
@@ -88,7 +93,7 @@ def test_a_fixed_size_run_waits_for_a_lost_node_and_ends_at_its_last_step(chaos)
 
 
 def test_an_elastic_run_goes_on_with_one_worker_and_grows_back_to_two(chaos):
-    reports, events, out = chaos["elastic"]
+    reports, events, out = scenario(chaos, "elastic")
     assert_steps_and_batch(reports)
     sizes = [r["world_size"] for r in reports]
     first_one, last_one = sizes.index(1), len(sizes) - 1 - sizes[::-1].index(1)

@@ -116,3 +116,50 @@ def test_lpips_backbone_from_a_url(file_server, online, monkeypatch, tmp_path):
     monkeypatch.setenv("RAYSR_OFFLINE", "1")
     fn, reason = load_lpips("alex")  # the default torchvision URL, offline: the file to copy
     assert fn is None and "alexnet-owt-7be5be79.pth" in reason
+
+
+@pytest.fixture
+def raw_server():
+    """A loopback server that answers every request with ``reply`` (bytes; None: accept and say nothing)."""
+    import threading
+    from types import SimpleNamespace
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    state = SimpleNamespace(reply=None, url=f"http://127.0.0.1:{server.getsockname()[1]}", conns=[])
+
+    def serve_forever():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            state.conns.append(conn)
+            conn.recv(65536)
+            if state.reply is not None:
+                conn.sendall(state.reply)
+                conn.close()
+
+    threading.Thread(target=serve_forever, daemon=True).start()
+    yield state
+    server.close()
+    for conn in state.conns:
+        conn.close()
+
+
+def test_a_download_cut_short_caches_nothing_even_without_a_hash_in_the_name(raw_server, online):
+    """The server announces 1000 bytes and closes after 100: HEAD and GET both get that reply."""
+    raw_server.reply = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n" + b"x" * 100
+    with pytest.raises(WeightsUnavailable, match=r"cannot download weights from .*cut short: 100 of 1000 bytes"):
+        fetch(f"{raw_server.url}/plain.pth")
+    assert not online.exists() or list(online.iterdir()) == []
+
+
+def test_a_stalled_server_ends_the_download_after_the_timeout(raw_server, online, monkeypatch):
+    import raysr.hub
+
+    monkeypatch.setattr(raysr.hub, "TIMEOUT_S", 0.5)  # the server accepts and never answers
+    with pytest.raises(WeightsUnavailable, match=r"cannot download weights from .*timed out"):
+        fetch(f"{raw_server.url}/stalled-0123abcd.pth")
+    assert socket.getdefaulttimeout() is None  # the process's default is put back

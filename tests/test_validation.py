@@ -130,11 +130,15 @@ def test_training_goes_on_while_a_validator_scores_and_survives_being_killed(ray
     assert len(validated) <= reports[-1]["val_done"]
     assert [m["val_done"] for m in reports] == sorted(m["val_done"] for m in reports)
     assert all(m["val_step"] <= m["step"] for m in reports if "psnr" in m)
+    scored_in = {m["val_step"]: m["val_time_s"] for m in reports if "psnr" in m}
     for m in reports:  # at a validation step (not the last, which waits for all) the ranks only copy
-        # weights and go on: that step's scores can only come back at a later report. (Inline, or had
-        # rank 0 waited for the actor, the report of step S would carry val_step == S.)
+        # weights and go on: that step's scores can only come back at a later report (inline, or had
+        # rank 0 waited for the actor, the report of step S would carry val_step == S), and the
+        # ranks were blocked for less than that very validation took the actor
         if m["step"] % every == 0 and m["step"] < total:
             assert m.get("val_step") != m["step"], m
+            if m["step"] in scored_in:
+                assert m["val_block_s"] < scored_in[m["step"]], m
     final = (tmp_path / "async" / f"checkpoint_{total:08d}")
     assert (final / "comparison.png").is_file()
 

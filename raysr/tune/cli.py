@@ -17,8 +17,7 @@ from ray import tune
 import raysr.tune
 from raysr.cli import EXIT_BAD_INPUT, add_config_args, say
 from raysr.config import ConfigError, PSNR_PHASE, config_from_dict, load_yaml
-from raysr.storage import is_s3, join, read_bytes, write_bytes
-from raysr.storage import storage_args
+from raysr.storage import is_s3, join, read_bytes, storage_args, write_bytes
 from raysr.ray_setup import init_ray, validation_for_local_ray
 from raysr.train import prepare_demo_data, resolve
 from raysr.tune.report import RUNS_DIR, check_metric, metric_mode, write_report

@@ -1,8 +1,8 @@
 """Training's validation as one object: the validation images, their bicubic baseline and the
 networks that score a generator on them (:func:`raysr.scoring.score_generator`), in one process.
 
-Training runs a :class:`Validator` in a Ray actor of its own (:mod:`raysr.validation.queue`) (``run.validation=async``,
-the default), which scores snapshots of the generator's weights while the training ranks go
+Training runs a :class:`Validator` in a Ray actor of its own (``run.validation=async``, the default;
+:mod:`raysr.validation.queue`), which scores snapshots of the generator's weights while the training ranks go
 on, or inside rank 0 (``run.validation=inline``, or while that actor cannot be placed), where
 every rank waits for it as in BasicSR. Either way the metrics are the same functions on the
 same images, so an async run validates exactly what an inline one would.
