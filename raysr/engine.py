@@ -313,12 +313,12 @@ def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor, micro_batches:
             record("d_real", real_d.float().mean(), share)
             record("d_fake", fake_d.float().mean(), share)
 
-    if update_g and cfg.train.grad_clip > 0:  # VDSR: clip to θ/γ so the bound follows the learning rate
-        torch.nn.utils.clip_grad_value_(s.g_module.parameters(), cfg.train.grad_clip / s.sched_g.get_last_lr()[0])
-
-    # ---- updates, all skipped when any loss or gradient is NaN/inf (on any rank)
+    # ---- updates, all skipped when any loss or gradient is NaN/inf (on any rank), checked on the
+    # gradients as backward left them: clipping would turn an overflowed ±inf into ±θ/γ and hide it
     skip = _nonfinite([(out["loss_g"], s.g_module) if update_g else None,
                        (out["loss_d"], s.d_module) if gan else None], device)
+    if update_g and cfg.train.grad_clip > 0:  # VDSR: clip to θ/γ so the bound follows the learning rate
+        torch.nn.utils.clip_grad_value_(s.g_module.parameters(), cfg.train.grad_clip / s.sched_g.get_last_lr()[0])
     with torch.no_grad():
         for b, old in zip(buffers, saved_buffers):
             b.copy_(torch.where(skip > 0, old, b))

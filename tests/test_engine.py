@@ -336,10 +336,10 @@ def snapshot(state) -> dict[str, torch.Tensor]:
 
     saved = run_checkpoint.state_dict(state)
     out = {}
-    for part in ("g", "g_ema", "d"):
-        out.update({f"{part}.{k}": v.clone() for k, v in saved[part].items()})
+    for part in ("g", "g_ema", "d"):  # a PSNR-phase state has no D
+        out.update({f"{part}.{k}": v.clone() for k, v in saved.get(part, {}).items()})
     for part in ("opt_g", "opt_d"):
-        for index, slots in saved[part]["state"].items():
+        for index, slots in saved.get(part, {"state": {}})["state"].items():
             out.update({f"{part}.{index}.{k}": v.clone() for k, v in slots.items()})
     return out
 
@@ -361,6 +361,26 @@ def test_a_non_finite_step_updates_nothing_and_is_counted(fused):
     assert changed == [], f"a skipped step changed {changed[:5]}"
     assert state.step == 2 and int(state.diverged_at) == -1
     out = train_step(state, *batch(42, gt=96))  # the next finite step trains again
+    assert float(out["nonfinite_steps"]) == 0.0
+    assert not torch.equal(snapshot(state)["g.conv_first.weight"], before["g.conv_first.weight"])
+
+
+def test_an_overflowed_gradient_under_grad_clip_updates_nothing():
+    """A finite loss whose backward overflows (one gradient +inf): clipping (VDSR's train.grad_clip)
+    would turn the inf into the clip bound and apply the step; the check sees the gradient first."""
+    cfg = load_config("quickstart", overrides=TINY_PSNR + ["train.grad_clip=0.4", "train.ema_decay=0.5"])
+    state = build_state(cfg, torch.device("cpu"))
+    train_step(state, *batch(60))
+    before = snapshot(state)
+    weight = state.g_module.conv_first.weight
+    handle = weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    out = train_step(state, *batch(61))
+    handle.remove()
+    assert math.isfinite(float(out["loss_g"])) and float(out["nonfinite_steps"]) == 1.0
+    after = snapshot(state)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == [], f"an overflowed step changed {changed[:5]}"
+    out = train_step(state, *batch(62))  # the next step trains (and is clipped) as usual
     assert float(out["nonfinite_steps"]) == 0.0
     assert not torch.equal(snapshot(state)["g.conv_first.weight"], before["g.conv_first.weight"])
 
