@@ -45,7 +45,7 @@ class RankZero:
             self.validation.submit(step, g)
         finished = self.validation.collect(wait=wait)
         metrics.update(val_block_s=time.perf_counter() - t_val, val_skipped=self.validation.skipped,
-                       val_done=self.validation.done)
+                       val_failed=self.validation.failed, val_done=self.validation.done)
         self.board.log(step, metrics, None)
         for val_metrics, comparison in finished:  # at the step of the weights they scored
             self.board.log(val_metrics["val_step"], val_metrics, comparison)

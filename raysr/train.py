@@ -224,7 +224,8 @@ def summarize(cfg: Config, result) -> None:
         if is_s3(cfg.run.storage) and not where.startswith("s3://"):
             where = "s3://" + where
         print(f"raysr: generator  {join(where, GENERATOR_FILE)}  (params, params_ema as BasicSR; + architecture)")
-        print(f"raysr: images     {join(where, COMPARISON_FILE)}  (bicubic | SR | HR)")
+        if "val_step" in m:  # a comparison image comes with a finished validation
+            print(f"raysr: images     {join(where, COMPARISON_FILE)}  (bicubic | SR | HR)")
         print(f"raysr: metrics    {join(where, METRICS_FILE)}")
         print(f"raysr: upscale with  python -m raysr.upscale --model {join(where, GENERATOR_FILE)} "
               "--input IMAGES --output OUT")

@@ -75,3 +75,28 @@ def test_other_ranks_do_none_of_it(demo_data, tmp_path, capsys):
     other.diverged(metrics)
     other.close()
     assert metrics == {"step": 2} and capsys.readouterr().out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_inline_validation_is_counted_and_said_once(demo_data, tmp_path, capsys):
+    """A validation folder whose only photo is 8x8: at scale 4 nothing is left to score, so the
+    Validator raises; each validation is skipped and counted, the checkpoint has no comparison."""
+    from PIL import Image
+
+    from conftest import synthetic_image
+
+    val = tmp_path / "tiny_val"
+    val.mkdir()
+    Image.fromarray(synthetic_image(8, 8)).save(val / "tiny.png")
+    cfg = load_config(overrides=TINY + [f"data.val={val}", f"data.train={demo_data.train}"])
+    state = build_state(cfg, torch.device("cpu"))
+    lead = RankZero(cfg, str(tmp_path / "run"), torch.device("cpu"))
+    for step in (2, 4):
+        metrics = {"step": step, **INTERVAL}
+        lead.validate_and_log(step, state.g_eval, metrics, wait=step == 4)
+        assert metrics["val_failed"] == step // 2 and metrics["val_done"] == 0 and "psnr" not in metrics
+    out = capsys.readouterr().out
+    assert out.count("validation of step 2 failed: ValueError: crop_border=4 leaves less than 1x1 pixels") == 1
+    assert "validation of step 4 failed" not in out  # said once
+    checkpoint = lead.checkpoint(state, metrics)
+    assert set(os.listdir(checkpoint.path)) == {"state.pt", "generator.pth", "metrics.json"}
+    lead.close()

@@ -92,11 +92,14 @@ def assert_each_psnr_is_that_of_its_checkpoint(reports: list[dict], run: Path, v
 
 def kill_validator_during_a_validation(stop: threading.Event, killed: list):
     """SIGKILL the validator's process once it is scoring (Ray's task state says so)."""
+    import ray
     from ray.util.state import list_actors, list_tasks
 
+    address = ray.get_runtime_context().gcs_address  # this session's Ray, whatever else runs on the machine
     while not stop.is_set():
-        running = list_tasks(filters=[("name", "=", "Validator.score_weights"), ("state", "=", "RUNNING")])
-        actors = list_actors(filters=[("class_name", "=", "Validator"), ("state", "=", "ALIVE")])
+        running = list_tasks(address=address, filters=[("name", "=", "Validator.score_weights"),
+                                                       ("state", "=", "RUNNING")])
+        actors = list_actors(address=address, filters=[("class_name", "=", "Validator"), ("state", "=", "ALIVE")])
         if running and actors:
             os.kill(actors[0].pid, signal.SIGKILL)
             killed.append(actors[0].pid)
@@ -161,6 +164,33 @@ def test_rank_0_validates_while_the_validator_cannot_be_placed(ray_local, demo_d
     out = capfd.readouterr().out
     assert out.count("the validation actor ({'CPU': 64.0}) has not been placed after run.validation_wait_s=0 s; "
                      "rank 0 validates until it is") == 1
+
+
+def test_a_validator_that_cannot_be_built_never_stops_training(ray_local, demo_data, tmp_path, capfd):
+    """The validation folder holds only an 8x8 photo: the Validator raises in its constructor (scale 4's
+    crop_border leaves no pixel), in the actor and again in rank 0. Each validation is skipped and
+    counted, the cause is said once, and the run ends at its last step with every checkpoint."""
+    from conftest import synthetic_image
+    from PIL import Image
+
+    val = tmp_path / "tiny_val"
+    val.mkdir()
+    Image.fromarray(synthetic_image(8, 8)).save(val / "tiny.png")
+    total = 4
+    result, reports = fit_recorded(run_args(demo_data, tmp_path, "unbuildable", "model.generator.num_feat=8",
+                                            "model.generator.num_block=1", "data.batch_size=2", "data.gt_size=32",
+                                            f"data.val={val}", f"train.total_steps={total}", "run.val_every=2",
+                                            "run.checkpoint_every=2", "run.log_every=2"), tmp_path / "reports.jsonl")
+    assert result.metrics["step"] == total and [m["step"] for m in reports] == [2, 4]
+    assert all("psnr" not in m for m in reports) and reports[-1]["val_done"] == 0
+    # each of the 2 validations failed, or was replaced by the newer one while the actor was starting
+    assert reports[-1]["val_failed"] >= 1 and reports[-1]["val_failed"] + reports[-1]["val_skipped"] == 2
+    assert sorted(p.name for p in (tmp_path / "unbuildable").glob("checkpoint_0*")) == \
+        ["checkpoint_00000002", "checkpoint_00000004"]
+    out = capfd.readouterr().out
+    assert out.count("failed: ") == 1 and "crop_border=4 leaves less than 1x1 pixels" in out, out[-3000:]
+    assert "the validation actor could not start" in out
+    assert "raysr: images" not in out  # no validation finished, so no comparison image to point at
 
 
 def test_on_its_own_local_ray_a_validator_that_cannot_fit_means_inline(ray_local, capsys, monkeypatch):
