@@ -111,7 +111,7 @@ def s3_client():
     return client
 
 
-def _error_code(err: Exception) -> str:
+def error_code(err: Exception) -> str:
     """S3's error code in a botocore error ("NoSuchKey", "403", ...); "" for other errors."""
     response = getattr(err, "response", None)
     return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
@@ -119,7 +119,7 @@ def _error_code(err: Exception) -> str:
 
 def _explain(uri: str, err: Exception) -> StorageError:
     """Turn a botocore error into one message a user can act on."""
-    code = _error_code(err)
+    code = error_code(err)
     if code in ("404", "NoSuchKey", "NotFound"):
         return StorageError(f"{uri} does not exist (S3 said {code}); check the bucket and key")
     if code == "NoSuchBucket":
@@ -272,7 +272,7 @@ class _ResumableS3Reader(io.RawIOBase):
         try:
             response = s3_client().get_object(**kwargs)
         except Exception as err:
-            if _error_code(err) in ("412", "PreconditionFailed"):
+            if error_code(err) in ("412", "PreconditionFailed"):
                 raise StorageError(f"{self.uri} was replaced while being read; read it again") from err
             raise _explain(self.uri, err) from err
         if self._etag is None:

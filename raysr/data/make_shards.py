@@ -510,7 +510,7 @@ def _check_bucket(output: str) -> None:
     try:
         storage.s3_client().head_bucket(Bucket=bucket)
     except Exception as err:  # botocore raises several unrelated classes
-        code = str((getattr(err, "response", None) or {}).get("Error", {}).get("Code", ""))
+        code = storage.error_code(err)
         if code in ("404", "NoSuchBucket", "NotFound"):
             raise storage.StorageError(f"bucket {bucket!r} of output {output} does not exist (S3 said {code}); "
                                    "create it or fix the URI") from err
