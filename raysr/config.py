@@ -74,6 +74,58 @@ class DataConfig:
     # Where LR = bicubic(HR) is made: auto = on the GPU when training on one (the loader
     # processes then only decode and crop), in the loader processes on CPU.
     lr_on: Literal["auto", "loader", "device"] = "auto"
+    # How LR inputs are made: bicubic = exact MATLAB bicubic of the HR crop (SRGAN/ESRGAN);
+    # realesrgan = Real-ESRGAN's second-order degradations, set by the degradation section
+    degradation: Literal["bicubic", "realesrgan"] = "bicubic"
+
+
+@dataclass
+class DegradationConfig:
+    """Real-ESRGAN's degradations (``data.degradation: realesrgan``), with the defaults of its
+    train_realesrnet_x4plus.yml / train_realesrgan_x4plus.yml; read by raysr.degradation, see
+    docs/real-world.md. Ranges are [low, high]; probabilities in [0, 1]."""
+    # loader side, per sample: the GT region the chain degrades (reflect-padded when the image is
+    # smaller; the crop to data.gt_size comes after), its left-right flip, the blur kernels
+    crop_pad_size: int = 400
+    hflip: bool = True
+    kernel_range: tuple[int, int] = (7, 21)  # odd kernel sizes drawn from this range, padded to 21
+    # first blur: kernel types iso, aniso, generalized_iso, generalized_aniso, plateau_iso, plateau_aniso
+    kernel_prob: list[float] = field(default_factory=lambda: [0.45, 0.25, 0.12, 0.03, 0.12, 0.03])
+    sinc_prob: float = 0.1
+    blur_sigma: tuple[float, float] = (0.2, 3.0)
+    betag_range: tuple[float, float] = (0.5, 4.0)
+    betap_range: tuple[float, float] = (1.0, 2.0)
+    # second blur (happens with second_blur_prob, drawn per sample)
+    second_blur_prob: float = 0.8
+    kernel_prob2: list[float] = field(default_factory=lambda: [0.45, 0.25, 0.12, 0.03, 0.12, 0.03])
+    sinc_prob2: float = 0.1
+    blur_sigma2: tuple[float, float] = (0.2, 1.5)
+    betag_range2: tuple[float, float] = (0.5, 4.0)
+    betap_range2: tuple[float, float] = (1.0, 2.0)
+    final_sinc_prob: float = 0.8
+    # device side: first stage (resize_prob: up, down, keep; noise_range: sigma in 8-bit levels)
+    resize_prob: list[float] = field(default_factory=lambda: [0.2, 0.7, 0.1])
+    resize_range: tuple[float, float] = (0.15, 1.5)
+    gaussian_noise_prob: float = 0.5
+    noise_range: tuple[float, float] = (1.0, 30.0)
+    poisson_scale_range: tuple[float, float] = (0.05, 3.0)
+    gray_noise_prob: float = 0.4
+    jpeg_range: tuple[float, float] = (30.0, 95.0)
+    # second stage
+    resize_prob2: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.3])
+    resize_range2: tuple[float, float] = (0.3, 1.2)
+    gaussian_noise_prob2: float = 0.5
+    noise_range2: tuple[float, float] = (1.0, 25.0)
+    poisson_scale_range2: tuple[float, float] = (0.05, 2.5)
+    gray_noise_prob2: float = 0.4
+    jpeg_range2: tuple[float, float] = (30.0, 95.0)
+    # past training pairs per rank mixed into each batch (Real-ESRGAN's queue_size); 0 = none
+    pool_size: int = 180
+    # the target of each loss: the unsharp-masked GT (usm) or the plain GT (gt); Real-ESRGAN's
+    # l1_gt_usm, percep_gt_usm, gan_gt_usm
+    pixel_target: Literal["usm", "gt"] = "usm"
+    perceptual_target: Literal["usm", "gt"] = "usm"
+    adversarial_target: Literal["usm", "gt"] = "gt"
 
 
 @dataclass
@@ -201,6 +253,7 @@ class RunConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -423,6 +476,8 @@ def check_config(cfg: Config) -> None:
               ("optim.g.lr", cfg.optim.g.lr), ("optim.d.lr", cfg.optim.d.lr))
     _check_num_workers(run)
     _check_validation(run)
+    if data.degradation == "realesrgan":
+        _check_degradation(cfg.degradation, data.gt_size, g.scale)
     if data.num_workers < 0:
         raise ConfigError(f"data.num_workers: {data.num_workers} must be >= 0 (0 loads in the training process)")
     if run.max_failures < -1:
@@ -491,6 +546,62 @@ def _check_num_workers(run: RunConfig) -> None:
                           "to 1 or more, or -1 for unlimited")
     if run.resize_monitor_interval_s <= 0:
         raise ConfigError(f"run.resize_monitor_interval_s: {run.resize_monitor_interval_s} must be > 0 (seconds)")
+
+
+def _check_degradation(deg: DegradationConfig, gt_size: int, scale: int) -> None:
+    from raysr.degradation.kernels import KERNEL_SIZE
+    from raysr.degradation.pipeline import USM_SIZE
+
+    for name in ("sinc_prob", "second_blur_prob", "sinc_prob2", "final_sinc_prob", "gaussian_noise_prob",
+                 "gray_noise_prob", "gaussian_noise_prob2", "gray_noise_prob2"):
+        if not 0.0 <= getattr(deg, name) <= 1.0:
+            raise ConfigError(f"degradation.{name}: {getattr(deg, name)} must be a probability in [0, 1]")
+    for name, count in (("kernel_prob", 6), ("kernel_prob2", 6), ("resize_prob", 3), ("resize_prob2", 3)):
+        probs = getattr(deg, name)
+        if len(probs) != count or min(probs) < 0 or sum(probs) <= 0:
+            what = ("iso, aniso, generalized_iso, generalized_aniso, plateau_iso, plateau_aniso" if count == 6
+                    else "up, down, keep")
+            raise ConfigError(f"degradation.{name}: {probs} must be {count} weights >= 0 ({what}), not all 0")
+    for name, low_min in (("blur_sigma", 0.0), ("blur_sigma2", 0.0), ("betag_range", 0.0), ("betag_range2", 0.0),
+                          ("betap_range", 0.0), ("betap_range2", 0.0), ("resize_range", 0.0),
+                          ("resize_range2", 0.0), ("noise_range", -1.0), ("noise_range2", -1.0),
+                          ("poisson_scale_range", -1.0), ("poisson_scale_range2", -1.0),
+                          ("jpeg_range", 0.0), ("jpeg_range2", 0.0)):
+        low, high = getattr(deg, name)
+        if not low_min < low <= high:
+            raise ConfigError(f"degradation.{name}: {[low, high]} must be [low, high] with "
+                              f"{'0 <=' if low_min < 0 else '0 <'} low <= high")
+    for name in ("betag_range", "betag_range2", "betap_range", "betap_range2"):
+        low, high = getattr(deg, name)
+        if not low <= 1.0 <= high:
+            raise ConfigError(f"degradation.{name}: {[low, high]} must hold 1 (beta is drawn below and above 1)")
+    for name in ("resize_range", "resize_range2"):
+        low, high = getattr(deg, name)
+        if not low <= 1.0 <= high:
+            raise ConfigError(f"degradation.{name}: {[low, high]} must hold 1 (scales below 1 shrink, above 1 "
+                              "enlarge)")
+    for name in ("jpeg_range", "jpeg_range2"):
+        if getattr(deg, name)[1] > 100:
+            raise ConfigError(f"degradation.{name}: {list(getattr(deg, name))}: JPEG qualities go up to 100")
+    low, high = deg.kernel_range
+    if low % 2 == 0 or high % 2 == 0 or not 1 <= low <= high <= KERNEL_SIZE:
+        raise ConfigError(f"degradation.kernel_range: {[low, high]} must be odd sizes with 1 <= low <= high "
+                          f"<= {KERNEL_SIZE}")
+    if deg.pool_size < 0:
+        raise ConfigError(f"degradation.pool_size: {deg.pool_size} must be >= 0 (0: no pool)")
+    size = deg.crop_pad_size
+    if size % scale or size < gt_size:
+        raise ConfigError(f"degradation.crop_pad_size: {size} must be a multiple of model.generator.scale "
+                          f"{scale} and >= data.gt_size {gt_size}")
+    # reflect padding needs more pixels than half a kernel: the blurs after the first resize, the final
+    # sinc at LR size, the unsharp mask of the GT crop
+    pad = KERNEL_SIZE // 2
+    if int(size * deg.resize_range[0]) <= pad or size // scale <= pad:
+        raise ConfigError(f"degradation.crop_pad_size: {size} is too small: the smallest first-stage resize "
+                          f"(x{deg.resize_range[0]}) and the LR side (/{scale}) must stay above {pad} px")
+    if gt_size <= USM_SIZE // 2:
+        raise ConfigError(f"data.gt_size: {gt_size} is too small for data.degradation=realesrgan: the unsharp "
+                          f"mask needs more than {USM_SIZE // 2} px")
 
 
 def _check_validation(run: RunConfig) -> None:

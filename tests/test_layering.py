@@ -23,7 +23,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data: shards, the training stream, validation pairs", (
         "raysr.data", "raysr.data.decode", "raysr.data.device_batches", "raysr.data.loader", "raysr.data.make_shards",
         "raysr.data.manifest", "raysr.data.samples", "raysr.data.sources", "raysr.data.stream",
-        "raysr.validation", "raysr.validation.pairs")),
+        "raysr.degradation", "raysr.degradation.kernels", "raysr.degradation.pipeline", "raysr.degradation.pool",
+        "raysr.degradation.regions", "raysr.validation", "raysr.validation.pairs")),
     ("networks and their weights", (
         "raysr.models", "raysr.models.common", "raysr.models.discriminators", "raysr.models.rrdbnet",
         "raysr.models.srcnn", "raysr.models.srresnet", "raysr.models.vdsr", "raysr.models.vgg", "raysr.weights")),
