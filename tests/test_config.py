@@ -107,3 +107,36 @@ def test_num_workers_takes_a_number_or_an_elastic_min_max_range(tmp_path):
 def test_num_workers_errors_name_the_key_and_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(overrides=overrides)
+
+
+def test_degradation_defaults_are_real_esrgans_and_bicubic_stays_the_default():
+    cfg = load_config()
+    assert cfg.data.degradation == "bicubic"
+    d = load_config(overrides=["data.degradation=realesrgan", "data.gt_size=256"]).degradation
+    assert (d.crop_pad_size, d.kernel_range, d.sinc_prob, d.blur_sigma, d.betag_range, d.blur_sigma2) == \
+        (400, (7, 21), 0.1, (0.2, 3.0), (0.5, 4.0), (0.2, 1.5))
+    assert (d.resize_prob, d.resize_range, d.noise_range, d.poisson_scale_range, d.jpeg_range) == \
+        ([0.2, 0.7, 0.1], (0.15, 1.5), (1.0, 30.0), (0.05, 3.0), (30.0, 95.0))
+    assert (d.resize_prob2, d.resize_range2, d.noise_range2, d.poisson_scale_range2, d.second_blur_prob,
+            d.final_sinc_prob, d.pool_size) == ([0.3, 0.4, 0.3], (0.3, 1.2), (1.0, 25.0), (0.05, 2.5), 0.8, 0.8, 180)
+    assert (d.pixel_target, d.perceptual_target, d.adversarial_target) == ("usm", "usm", "gt")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["degradation.sinc_prob=1.5"], "degradation.sinc_prob: 1.5 must be a probability in [0, 1]"),
+    (["degradation.kernel_prob=[1, 0]"], "degradation.kernel_prob: [1.0, 0.0] must be 6 weights >= 0"),
+    (["degradation.resize_prob2=[0, 0, 0]"], "degradation.resize_prob2: [0.0, 0.0, 0.0] must be 3 weights"),
+    (["degradation.blur_sigma=[3, 1]"], "degradation.blur_sigma: [3.0, 1.0] must be [low, high]"),
+    (["degradation.resize_range=[1.2, 1.5]"], "degradation.resize_range: [1.2, 1.5] must hold 1"),
+    (["degradation.jpeg_range2=[30, 120]"], "degradation.jpeg_range2: [30.0, 120.0]: JPEG qualities go up to 100"),
+    (["degradation.kernel_range=[8, 21]"], "degradation.kernel_range: [8, 21] must be odd sizes"),
+    (["degradation.kernel_range=[7, 23]"], "degradation.kernel_range: [7, 23] must be odd sizes"),
+    (["degradation.pool_size=-1"], "degradation.pool_size: -1 must be >= 0"),
+    (["degradation.crop_pad_size=250"], "degradation.crop_pad_size: 250 must be a multiple of"),
+    (["degradation.crop_pad_size=64", "data.gt_size=64"], "degradation.crop_pad_size: 64 is too small"),
+    (["data.gt_size=24"], "data.gt_size: 24 is too small for data.degradation=realesrgan"),
+    (["degradation.pixel_target=sharp"], "degradation.pixel_target: 'sharp' is not allowed; choose one of"),
+])
+def test_degradation_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(overrides=["data.degradation=realesrgan", *overrides])
