@@ -263,6 +263,11 @@ class Config:
     def scale(self) -> int:
         return self.model.generator.scale
 
+    @property
+    def realesrgan(self) -> Optional[DegradationConfig]:
+        """The ``degradation`` section when ``data.degradation`` is realesrgan, else None."""
+        return self.degradation if self.data.degradation == "realesrgan" else None
+
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
 

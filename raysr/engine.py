@@ -231,8 +231,13 @@ def weight_fingerprint(module: nn.Module) -> float:
 
 
 def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor, micro_batches: int = 1,
-               global_batch: int | None = None) -> dict[str, torch.Tensor | float]:
+               global_batch: int | None = None,
+               hr_usm: torch.Tensor | None = None) -> dict[str, torch.Tensor | float]:
     """One optimisation step on a batch. lr: (N,3,h,w), hr: (N,3,h·scale,w·scale), float in [0,1].
+
+    ``hr_usm`` (``data.degradation=realesrgan``): the unsharp-masked HR, like hr; each loss compares
+    against it or against hr as ``degradation.pixel_target``, ``perceptual_target`` and
+    ``adversarial_target`` say (Real-ESRGAN: L1 and perceptual on it, D's real images plain).
 
     ``micro_batches`` > 1 accumulates gradients: the batch is cut into that many micro-batches
     (``torch.tensor_split``: sizes differ by at most 1), each run forward and backward on its
@@ -249,8 +254,10 @@ def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor, micro_batches:
     """
     cfg, device = s.cfg, lr.device
     autocast = autocast_for(device, cfg.run.precision)
+    hr_usm = hr if hr_usm is None else hr_usm
     if uses_bf16(device, cfg.run.precision):
-        lr, hr = lr.contiguous(memory_format=torch.channels_last), hr.contiguous(memory_format=torch.channels_last)
+        lr, hr, hr_usm = (x.contiguous(memory_format=torch.channels_last) for x in (lr, hr, hr_usm))
+    targets = {name: getattr(cfg.degradation, f"{name}_target") for name in ("pixel", "perceptual", "adversarial")}
     out: dict[str, torch.Tensor | float] = {}
     gan = cfg.train.phase == "gan"
     update_g = not gan or s.step >= cfg.train.d_init_steps
@@ -267,8 +274,10 @@ def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor, micro_batches:
     def record(key: str, value: torch.Tensor, share: float) -> None:  # this rank's mean over its N crops
         out[key] = out[key] + share * _scalar(value) if key in out else share * _scalar(value)
 
-    chunks = list(zip(lr.tensor_split(micro_batches), hr.tensor_split(micro_batches)))
-    for i, (lr_i, hr_i) in enumerate(chunks):
+    chunks = list(zip(lr.tensor_split(micro_batches), hr.tensor_split(micro_batches),
+                      hr_usm.tensor_split(micro_batches)))
+    for i, (lr_i, hr_gt, hr_usm_i) in enumerate(chunks):
+        target = {name: hr_usm_i if which == "usm" else hr_gt for name, which in targets.items()}
         # The micro-batch's part of the global batch's mean loss; × world because DDP averages
         # the ranks' gradients. 1.0 for one micro-batch per rank and equal ranks (no rounding).
         weight, share = lr_i.shape[0] * world / global_batch, lr_i.shape[0] / lr.shape[0]
@@ -282,17 +291,18 @@ def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor, micro_batches:
             with _no_sync(s.g, last):
                 with autocast:
                     sr = s.g(lr_i)
-                    l_pix = cfg.loss.pixel.weight * pixel_loss(sr.float(), hr_i, cfg.loss.pixel.type)
+                    l_pix = cfg.loss.pixel.weight * pixel_loss(sr.float(), target["pixel"], cfg.loss.pixel.type)
                     loss_g = l_pix
                     record("loss_pix", l_pix, share)
                     if gan:
                         if s.perceptual_for_g is not None:
-                            l_percep = cfg.loss.perceptual.weight * s.perceptual_for_g(sr, hr_i)
+                            l_percep = cfg.loss.perceptual.weight * s.perceptual_for_g(sr, target["perceptual"])
                             loss_g = loss_g + l_percep
                             record("loss_percep", l_percep, share)
                         s.d_module.requires_grad_(False)
                         fake_g = s.d_for_g(sr)
-                        real_g = s.d_for_g(hr_i).detach() if cfg.loss.adversarial.type == "ragan" else None
+                        real_g = (s.d_for_g(target["adversarial"]).detach() if cfg.loss.adversarial.type == "ragan"
+                                  else None)
                         l_adv = cfg.loss.adversarial.weight * g_adv_loss(cfg.loss.adversarial.type, fake_g, real_g)
                         s.d_module.requires_grad_(True)
                         loss_g = loss_g + l_adv
@@ -305,7 +315,7 @@ def train_step(s: TrainState, lr: torch.Tensor, hr: torch.Tensor, micro_batches:
         if gan:
             with _no_sync(s.d, last):
                 with autocast:
-                    real_d = s.d(hr_i)
+                    real_d = s.d(target["adversarial"])
                     fake_d = s.d(sr.detach())
                     loss_d = d_adv_loss(cfg.loss.adversarial.type, real_d, fake_d)
                 (weight * loss_d).backward()

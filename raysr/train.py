@@ -252,12 +252,12 @@ def prepare_demo_data(cfg: Config) -> Config:
 def train_loop_per_worker(loop_config: dict) -> None:
     """The body of every Ray Train worker, in the order of events: build, resume, then step -> report ->
     validate -> checkpoint to the last step. ``lead``: rank 0's duties (:mod:`raysr.rank_zero`)."""
-    import ray.train
-    import ray.train.torch
+    import ray.train.torch  # and ray.train
     import torch
 
     from raysr.data.device_batches import DeviceBatches
     from raysr.data.loader import resolve_lr_on
+    from raysr.degradation import training_pairs
     from raysr.engine import build_state, ddp, train_step, weight_fingerprint
     from raysr.rank_zero import OtherRank, RankZero
     from raysr.runlog import Meter
@@ -288,8 +288,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     loader = make_train_loader(
         cfg.data.train, gt_size=cfg.data.gt_size, scale=cfg.scale, batch_size=micro_batches * cfg.data.batch_size,
         rank=rank, world_size=world, num_workers=cfg.data.num_workers, seed=cfg.run.seed + state.step,
-        crops_per_image=cfg.data.crops_per_image, lr_on=lr_on)
-    batches = DeviceBatches(loader, device, cfg.scale, lr_on)
+        crops_per_image=cfg.data.crops_per_image, lr_on=lr_on, degradation=cfg.realesrgan)
+    batches = DeviceBatches(loader, device, cfg.scale, lr_on, training_pairs(cfg, device, rank, state.step))
     lead = RankZero(cfg, run_dir(cfg), device, state.perceptual) if rank == 0 else OtherRank()
     if checkpoint is not None:
         lead.say(f"raysr: resumed {cfg.run.name} at step {state.step} on {world} worker(s)"
@@ -302,9 +302,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     while state.step < cfg.train.total_steps:
         # ---- step
         t_wait = time.perf_counter()
-        lr, hr = batches.next()
+        lr, hr, hr_usm = batches.next()
         t_step = time.perf_counter()
-        scalars = train_step(state, lr, hr, micro_batches=micro_batches, global_batch=global_batch)
+        scalars = train_step(state, lr, hr, micro_batches=micro_batches, global_batch=global_batch, hr_usm=hr_usm)
         meter.add(scalars, batch=global_batch, wait=t_step - t_wait, total=time.perf_counter() - t_wait)
         step, last = state.step, state.step >= cfg.train.total_steps
         do_val = last or step % cfg.run.val_every == 0

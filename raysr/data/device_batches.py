@@ -12,22 +12,27 @@ class DeviceBatches:
 
     lr_on ``"device"``: the loader ships HR only and LR = :func:`raysr.data.make_lr` is
     computed here, on the device; ``"loader"``: both are copied (non-blocking, from pinned memory).
+    ``degrade`` (``data.degradation=realesrgan``): a :class:`raysr.degradation.TrainingPairs` that
+    turns the loader's (kernels, GT regions) into ``(lr, hr, hr_usm)`` here.
+    :meth:`next` returns ``(lr, hr, hr_usm)``, ``hr_usm`` None without ``degrade``.
     """
 
-    def __init__(self, loader, device: torch.device, scale: int, lr_on: str):
-        self.loader, self.device, self.scale, self.lr_on = loader, device, scale, lr_on
+    def __init__(self, loader, device: torch.device, scale: int, lr_on: str, degrade=None):
+        self.loader, self.device, self.scale, self.lr_on, self.degrade = loader, device, scale, lr_on, degrade
         self._it = iter(loader)
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         try:
             batch = next(self._it)
         except StopIteration:  # end of an epoch: the stream is resampled, start the next one
             self._it = iter(self.loader)
             batch = next(self._it)
+        if self.degrade is not None:
+            return self.degrade(*batch)
         hr = batch[1].to(self.device, non_blocking=True)
         if self.lr_on == "device":
-            return make_lr(hr, self.scale), hr
-        return batch[0].to(self.device, non_blocking=True), hr
+            return make_lr(hr, self.scale), hr, None
+        return batch[0].to(self.device, non_blocking=True), hr, None
 
     def skipped(self) -> int:
         return int(self.loader.stats().get("skipped", 0))

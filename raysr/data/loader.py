@@ -48,12 +48,16 @@ def resolve_lr_on(lr_on: str, device: torch.device) -> str:
 
 
 class _BatchStream(IterableDataset):
-    """``(lr or empty, hr, counters)`` batches of one rank; split further per DataLoader worker."""
+    """``(lr or empty, hr, counters)`` batches of one rank; split further per DataLoader worker.
+    With ``degradation`` (a ``raysr.config.DegradationConfig``): ``(kernels, GT regions, counters)``
+    from :func:`raysr.degradation.regions.iter_region_batches` instead."""
 
     def __init__(self, shard_list: ShardList, gt_size: int, scale: int, batch_size: int, seed: int, rank: int,
-                 world_size: int, crops_per_image: int, shuffle_buffer: int, lr_here: bool, quantize: bool):
+                 world_size: int, crops_per_image: int, shuffle_buffer: int, lr_here: bool, quantize: bool,
+                 degradation=None):
         super().__init__()
         self.shard_list = shard_list
+        self.degradation = degradation
         self.batch_args = dict(gt_size=gt_size, scale=scale, batch_size=batch_size, seed=seed, lr_here=lr_here,
                                quantize=quantize, crops_per_image=crops_per_image, shuffle_buffer=shuffle_buffer,
                                rank=rank, world_size=world_size, resampled=True)
@@ -63,7 +67,13 @@ class _BatchStream(IterableDataset):
         worker = torch.tensor([info.id if info is not None else 0])
         stats = DataStats()
         empty = torch.empty(0)
-        for lr, hr in iter_batches(self.shard_list, stats=stats, **self.batch_args):
+        batches = iter_batches(self.shard_list, stats=stats, **self.batch_args)
+        if self.degradation is not None:  # data.degradation=realesrgan: degraded on the training device
+            from raysr.degradation.regions import iter_region_batches
+            args = {k: v for k, v in self.batch_args.items() if k not in ("gt_size", "scale", "lr_here", "quantize")}
+            batches = ((kernels, hr) for kernels, hr, _ in
+                       iter_region_batches(self.shard_list, opts=self.degradation, stats=stats, **args))
+        for lr, hr in batches:
             yield (lr if lr is not None else empty), hr, torch.cat([worker, stats.as_tensor()])
 
 
@@ -138,7 +148,7 @@ def make_train_loader(shards, gt_size: int, scale: int, batch_size: int, rank: i
                       num_workers: int = 4, seed: int = 0, crops_per_image: int = 1,
                       batches_per_epoch: int | None = None, lr_on: str = "loader", *,
                       shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, quantize: bool = True,
-                      pin_memory: bool | None = None, prefetch_factor: int = 2) -> TrainLoader:
+                      pin_memory: bool | None = None, prefetch_factor: int = 2, degradation=None) -> TrainLoader:
     """The (LR, HR) batches of rank ``rank`` of ``world_size`` (see :class:`TrainLoader`).
 
     shards: URL(s), brace pattern, directory or manifest (:func:`raysr.data.resolve_shards`).
@@ -148,7 +158,9 @@ def make_train_loader(shards, gt_size: int, scale: int, batch_size: int, rank: i
     one ``iter()``; default one pass over the manifest's samples (same on every
     rank), endless without a manifest. lr_on: ``"loader"`` (LR made in the
     workers) or ``"device"`` (lr is None; call make_lr on the device batch).
-    pin_memory: default True when CUDA is available. Raises ValueError for
+    pin_memory: default True when CUDA is available. degradation: a ``raysr.config.DegradationConfig``
+    for ``data.degradation=realesrgan``: batches are then ``(kernels (B,3,21,21), GT regions
+    (B,3,S,S))`` for :class:`raysr.degradation.TrainingPairs` (lr_on is ignored). Raises ValueError for
     invalid settings, StorageError for shards that cannot be found.
     """
     check_crop_args(gt_size, scale, crops_per_image, shuffle_buffer)
@@ -162,6 +174,6 @@ def make_train_loader(shards, gt_size: int, scale: int, batch_size: int, rank: i
     shard_list = as_shard_list(shards)
     batches = epoch_batches(shard_list.num_samples, crops_per_image, world_size, batch_size, batches_per_epoch)
     dataset = _BatchStream(shard_list, gt_size, scale, batch_size, seed, rank, world_size, crops_per_image,
-                           shuffle_buffer, lr_here=lr_on == "loader", quantize=quantize)
+                           shuffle_buffer, lr_here=lr_on == "loader", quantize=quantize, degradation=degradation)
     pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
     return TrainLoader(dataset, num_workers, batches, shard_list.num_samples, pin, prefetch_factor)

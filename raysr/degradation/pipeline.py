@@ -34,8 +34,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raysr.degradation.kernels import KERNEL_SIZE
-
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 UPDOWN = ("up", "down", "keep")
 # Real-ESRGAN's unsharp mask (BasicSR USMSharp): Gaussian blur of radius 50 -> a 51-px kernel with
@@ -327,6 +325,6 @@ class TrainingPairs:
 def training_pairs(cfg, device: torch.device, rank: int, step: int) -> TrainingPairs | None:
     """The device side for a ``raysr.config.Config`` on one rank (None unless ``data.degradation`` is
     realesrgan), seeded by ``run.seed``, the rank and the step a (resumed) run starts from."""
-    if cfg.data.degradation != "realesrgan":
+    if cfg.realesrgan is None:
         return None
-    return TrainingPairs(cfg.degradation, cfg.scale, cfg.data.gt_size, device, seed=cfg.run.seed + 1000 * rank + step)
+    return TrainingPairs(cfg.realesrgan, cfg.scale, cfg.data.gt_size, device, seed=cfg.run.seed + 1000 * rank + step)
