@@ -130,12 +130,12 @@ def main(argv: list[str] | None = None) -> int:
 def psnr_phase_config(gan: Config, overrides: list[str] = ()) -> Config:
     """The PSNR phase that ``train.init_from=psnr`` runs before ``gan``: the training, loss and
     optimiser settings of ``train.psnr_preset`` (else ``gan``'s own with ``train.phase=psnr``), with
-    ``gan``'s generator, data and run sections, run name ``<name>_psnr``, then ``overrides``
+    ``gan``'s generator, data, degradation and run sections, run name ``<name>_psnr``, then ``overrides``
     (the command's ``--set psnr.KEY=VALUE``). Raises ConfigError naming the key."""
     base = load_config(preset=gan.train.psnr_preset).to_dict() if gan.train.psnr_preset else gan.to_dict()
     ours = gan.to_dict()
-    base["model"]["generator"], base["data"] = ours["model"]["generator"], ours["data"]
-    base["run"] = {**ours["run"], "name": f"{gan.run.name}_psnr"}
+    base["model"]["generator"] = ours["model"]["generator"]
+    base.update(data=ours["data"], degradation=ours["degradation"], run={**ours["run"], "name": f"{gan.run.name}_psnr"})
     base["train"].update(phase="psnr", init_from=None, psnr_preset=None)
     for text in overrides:
         set_key(base, *parse_override(text))

@@ -52,7 +52,7 @@ def test_set_never_silently_replaces_a_value_with_a_section():
 
 
 @pytest.mark.parametrize("preset", ["quickstart", "srcnn_x4", "vdsr_x4", "srresnet_x4", "esrgan_psnr_x4",
-                                    "srgan_x4", "esrgan_x4"])
+                                    "srgan_x4", "esrgan_x4", "realesrnet_x4plus", "realesrgan_x4plus"])
 def test_every_preset_trains_a_gan_step_with_train_phase_gan(preset):
     """The discriminator is built for data.gt_size: no second key to keep equal by hand."""
     import torch
@@ -140,3 +140,16 @@ def test_degradation_defaults_are_real_esrgans_and_bicubic_stays_the_default():
 def test_degradation_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(overrides=["data.degradation=realesrgan", *overrides])
+
+
+def test_real_esrgan_presets_chain_their_phases_with_the_same_degradations():
+    from raysr.train import psnr_phase_config
+
+    gan = load_config("realesrgan_x4plus", overrides=["train.init_from=psnr", "degradation.pool_size=7",
+                                                       "loss.perceptual.allow_random_weights=true"])
+    assert gan.data.degradation == "realesrgan" and gan.model.discriminator.name == "unet"
+    assert gan.loss.perceptual.layers == {"conv1_2": 0.1, "conv2_2": 0.1, "conv3_4": 1.0, "conv4_4": 1.0, "conv5_4": 1.0}
+    assert (gan.loss.adversarial.type, gan.loss.adversarial.weight, gan.train.ema_decay) == ("vanilla", 0.1, 0.999)
+    psnr = psnr_phase_config(gan)
+    assert (psnr.train.phase, psnr.run.name, psnr.optim.g.lr) == ("psnr", "realesrgan_x4plus_psnr", 2e-4)
+    assert psnr.data.degradation == "realesrgan" and psnr.degradation.pool_size == 7

@@ -288,3 +288,83 @@ def test_training_pairs_give_usm_of_the_pooled_gt():
         lr, gt, gt_usm = pairs(kernels, hr)
         assert lr.shape == (3, 3, 8, 8) and gt.shape == gt_usm.shape == (3, 3, 32, 32)
         torch.testing.assert_close(gt_usm, usm_sharp(gt))
+
+
+# --------------------------------------------------------------------------- training and the preview
+
+
+def test_each_loss_gets_its_target():
+    from raysr.config import load_config
+    from raysr.engine import build_state, train_step
+    from raysr.losses import pixel_loss
+
+    lr, hr = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 32, 32)
+    hr_usm = usm_sharp(hr)
+    for target, expected_target in (("usm", hr_usm), ("gt", hr)):
+        cfg = load_config(overrides=["data.degradation=realesrgan", "data.gt_size=32", "degradation.crop_pad_size=64",
+                                     "degradation.resize_range=[0.2, 1.5]", "model.generator.num_feat=4",
+                                     "model.generator.num_block=1", f"degradation.pixel_target={target}"])
+        state = build_state(cfg, torch.device("cpu"))
+        with torch.no_grad():
+            expected = pixel_loss(state.g(lr), expected_target)
+        out = train_step(state, lr, hr, hr_usm=hr_usm)
+        torch.testing.assert_close(out["loss_pix"], expected)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from raysr.data.make_shards import make_shards
+    from test_data_common import write_images
+
+    root = tmp_path_factory.mktemp("degradation")
+    write_images(root / "in", [(80, 96), (48, 56), (96, 96)], seed=4)
+    make_shards([str(root / "in")], str(root / "shards"), crop_size=48, step=48, min_size=16, workers=1,
+                progress=False)
+    return str(root / "shards")
+
+
+SMALL = ["data.degradation=realesrgan", "data.gt_size=32", "data.batch_size=3", "degradation.crop_pad_size=64",
+         "degradation.resize_range=[0.2, 1.5]", "degradation.pool_size=4"]
+
+
+def test_the_loader_ships_regions_and_kernels_and_the_device_makes_pairs(shards):
+    from raysr.config import load_config
+    from raysr.data import make_train_loader
+    from raysr.data.device_batches import DeviceBatches
+    from raysr.degradation import training_pairs
+
+    cfg = load_config(overrides=[*SMALL, f"data.train={shards}"])
+    loader = make_train_loader(cfg.data.train, gt_size=32, scale=4, batch_size=3, num_workers=0,
+                               degradation=cfg.realesrgan)
+    kernels, regions = next(iter(loader))
+    assert kernels.shape == (3, 3, 21, 21) and regions.shape == (3, 3, 64, 64)  # 48-px samples reflect-padded
+    torch.testing.assert_close(kernels.sum((2, 3)), torch.ones(3, 3))
+    batches = DeviceBatches(loader, torch.device("cpu"), 4, "loader", training_pairs(cfg, torch.device("cpu"), 0, 0))
+    for _ in range(3):
+        lr, hr, hr_usm = batches.next()
+        assert lr.shape == (3, 3, 8, 8) and hr.shape == hr_usm.shape == (3, 3, 32, 32)
+    batches.close()
+
+
+def test_preview_is_deterministic_for_a_seed(shards, tmp_path):
+    import json
+
+    from raysr.preview import main
+
+    sets = [arg for key in [*SMALL, f"data.train={shards}"] for arg in ("--set", key)]
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        assert main([*sets, "--output", str(tmp_path / name), "--count", "5", "--seed", str(seed)]) == 0
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["contact_sheet.png", "hr_0000.png", "hr_0001.png", "hr_0002.png", "hr_0003.png", "hr_0004.png",
+                     "lr_0000.png", "lr_0001.png", "lr_0002.png", "lr_0003.png", "lr_0004.png", "pairs.json"]
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert (tmp_path / "a" / "lr_0000.png").read_bytes() != (tmp_path / "c" / "lr_0000.png").read_bytes()
+    pairs = json.loads((tmp_path / "a" / "pairs.json").read_text())["pairs"]
+    first = pairs[0]
+    assert {"kernel1", "kernel2", "sinc", "resize1", "noise1", "jpeg1", "resize2", "noise2", "jpeg2", "final",
+            "crop"} <= set(first)
+    assert 30 <= first["jpeg1"] <= 95
+    from PIL import Image
+    assert Image.open(tmp_path / "a" / "lr_0000.png").size == (8, 8)
+    assert Image.open(tmp_path / "a" / "hr_0000.png").size == (32, 32)

@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine: the training step", ("raysr.engine",)),
     ("validator", ("raysr.validation.validator",)),
     ("tools without Ray: inference, evaluation, interpolation, demo data", (
-        "raysr.upscale", "raysr.evaluate", "raysr.interpolate", "raysr.demo")),
+        "raysr.upscale", "raysr.evaluate", "raysr.interpolate", "raysr.demo", "raysr.preview")),
     ("ray: start-up, the TorchTrainer, rank 0's duties and validations", (
         "raysr.ray_setup", "raysr.validation.queue", "raysr.rank_zero")),
     ("driver", ("raysr.train",)),
