@@ -17,6 +17,7 @@ final sinc) as ``RealESRGANDataset`` does, with the per-sample ``second_blur_pro
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -26,19 +27,25 @@ KERNEL_SIZE = 21  # every kernel is zero-padded to this size (Real-ESRGAN's blur
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 
 
-def _offsets(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(xx, yy)``: ``(size, size)`` float64 pixel offsets from the centre (x along columns)."""
+@functools.lru_cache(maxsize=None)
+def _offsets(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(xx, yy, r)``: ``(size, size)`` float64 pixel offsets from the centre (x along columns) and
+    their length, computed once per size (read-only)."""
     if size < 1 or size % 2 == 0:
         raise ValueError(f"kernel size must be an odd number >= 1, got {size}")
     axis = np.arange(size, dtype=np.float64) - size // 2
-    return np.meshgrid(axis, axis)
+    xx, yy = np.meshgrid(axis, axis)
+    grids = (xx, yy, np.hypot(xx, yy))
+    for grid in grids:
+        grid.flags.writeable = False
+    return grids
 
 
 def _quadratic_form(size: int, sigma_x: float, sigma_y: float, theta: float) -> np.ndarray:
     """xᵀΣ⁻¹x over the kernel grid, Σ = R(θ) diag(σx², σy²) R(θ)ᵀ."""
     if not (sigma_x > 0 and sigma_y > 0):
         raise ValueError(f"kernel sigmas must be > 0, got ({sigma_x}, {sigma_y})")
-    xx, yy = _offsets(size)
+    xx, yy, _ = _offsets(size)
     cos, sin = math.cos(theta), math.sin(theta)
     u = cos * xx + sin * yy  # the offset in the kernel's own axes: R(θ)ᵀ x
     v = -sin * xx + cos * yy
@@ -67,12 +74,11 @@ def plateau_kernel(size: int, sigma_x: float, sigma_y: float, theta: float, beta
 
 def sinc_kernel(size: int, cutoff: float) -> np.ndarray:
     """Normalised circular low-pass kernel with cutoff ``cutoff`` in radians per pixel (π: none)."""
-    xx, yy = _offsets(size)
-    r = np.hypot(xx, yy)
-    j1 = torch.special.bessel_j1(torch.from_numpy(cutoff * r)).numpy()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kernel = cutoff * j1 / (2 * np.pi * r)
-    kernel[size // 2, size // 2] = cutoff ** 2 / (4 * np.pi)  # the limit at r = 0
+    r = _offsets(size)[2].copy()
+    centre = size // 2
+    r[centre, centre] = 1.0  # any non-zero radius: the centre is set to its limit below
+    kernel = cutoff * torch.special.bessel_j1(torch.from_numpy(cutoff * r)).numpy() / (2 * np.pi * r)
+    kernel[centre, centre] = cutoff ** 2 / (4 * np.pi)  # the limit at r = 0
     return _normalized(kernel)
 
 
@@ -88,7 +94,20 @@ def pad_kernel(kernel: np.ndarray, size: int = KERNEL_SIZE) -> np.ndarray:
     pad = (size - kernel.shape[0]) // 2
     if pad < 0 or kernel.shape[0] % 2 == 0:
         raise ValueError(f"cannot pad a {kernel.shape[0]}-px kernel to {size} px (odd sizes <= {size} only)")
-    return np.pad(kernel, pad)
+    out = np.zeros((size, size), kernel.dtype)
+    out[pad:size - pad, pad:size - pad] = kernel
+    return out
+
+
+def _odd_size(rng: np.random.Generator, kernel_range) -> int:
+    """An odd size drawn uniformly from ``kernel_range`` (both ends odd, included)."""
+    return int(kernel_range[0] + 2 * rng.integers((kernel_range[1] - kernel_range[0]) // 2 + 1))
+
+
+def _pick(rng: np.random.Generator, weights) -> int:
+    """An index drawn with probabilities proportional to ``weights``."""
+    cumulative = np.cumsum(weights)
+    return min(int(np.searchsorted(cumulative, rng.uniform() * cumulative[-1], side="right")), len(weights) - 1)
 
 
 def _beta(rng: np.random.Generator, beta_range) -> float:
@@ -104,11 +123,11 @@ def random_kernel(rng: np.random.Generator, *, kernel_range, kernel_prob, sinc_p
     :data:`KERNEL_TYPES` with ``kernel_prob``, σ ~ U(sigma_range) per axis, θ ~ U[−π, π], β from
     ``betag_range`` (generalized) or ``betap_range`` (plateau). Returns the kernel padded to
     :data:`KERNEL_SIZE` and its parameters (JSON-ready)."""
-    size = int(rng.choice(np.arange(kernel_range[0], kernel_range[1] + 1, 2)))
+    size = _odd_size(rng, kernel_range)
     if rng.uniform() < sinc_prob:
         cutoff = float(rng.uniform(np.pi / 3 if size < 13 else np.pi / 5, np.pi))
         return pad_kernel(sinc_kernel(size, cutoff)), {"type": "sinc", "size": size, "cutoff": cutoff}
-    kind = KERNEL_TYPES[int(rng.choice(len(KERNEL_TYPES), p=np.asarray(kernel_prob) / np.sum(kernel_prob)))]
+    kind = KERNEL_TYPES[_pick(rng, kernel_prob)]
     sigma_x = float(rng.uniform(*sigma_range))
     if "aniso" not in kind:
         sigma_y, theta = sigma_x, 0.0
@@ -140,7 +159,7 @@ def draw_kernels(rng: np.random.Generator, opts) -> tuple[np.ndarray, dict]:
     else:
         k2, p2 = pulse_kernel(), {"type": "pulse"}
     if rng.uniform() < opts.final_sinc_prob:
-        size = int(rng.choice(np.arange(opts.kernel_range[0], opts.kernel_range[1] + 1, 2)))
+        size = _odd_size(rng, opts.kernel_range)
         cutoff = float(rng.uniform(np.pi / 3, np.pi))
         k3, p3 = pad_kernel(sinc_kernel(size, cutoff)), {"type": "sinc", "size": size, "cutoff": cutoff}
     else:
