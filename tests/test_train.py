@@ -319,6 +319,24 @@ def test_an_x2_rrdbnet_run_validates_odd_sized_images(ray_local, demo_data, tmp_
     assert json.loads((tmp_path / "e.json").read_text())["mean"]["psnr_y"] == metrics["psnr"]
 
 
+def test_a_realesrgan_gan_run_trains_on_degraded_pairs(ray_local, demo_data, tmp_path):
+    """The realesrgan_x4plus GAN phase, tiny: regions and kernels from the loader, the chain, the pool and
+    USM targets on the worker, the U-Net discriminator and the multi-layer perceptual loss."""
+    argv = ["--preset", "realesrgan_x4plus"]
+    for value in ["model.generator.num_feat=8", "model.generator.num_block=1", "model.generator.num_grow_ch=4",
+                  "model.discriminator.num_feat=8", "data.gt_size=32", "data.batch_size=3", "data.num_workers=0",
+                  "degradation.crop_pad_size=64", "degradation.resize_range=[0.2, 1.5]", "degradation.pool_size=4",
+                  "loss.perceptual.allow_random_weights=true", f"data.train={demo_data.train}",
+                  f"data.val={demo_data.val}", "train.total_steps=3", "run.val_every=3", "run.checkpoint_every=3",
+                  "run.validation=inline", f"run.storage={tmp_path}", "run.name=realesrgan"]:
+        argv += ["--set", value]
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "realesrgan" / "checkpoint_00000003" / "metrics.json").read_text())
+    assert metrics["step"] == 3 and math.isfinite(metrics["psnr"])
+    for key in ("loss_pix", "loss_percep", "loss_adv", "loss_d"):
+        assert math.isfinite(metrics[key]) and metrics[key] > 0, key
+
+
 def test_a_diverging_run_stops_with_exit_1_and_only_finite_checkpoints(ray_local, demo_data, tmp_path, capfd):
     """optim.g.lr=1e30: the first Adam steps throw the weights to ~1e30, every later loss is inf/NaN.
     Those steps update nothing, train.max_nonfinite of them in a row stop the run (exit 1, one
@@ -453,7 +471,8 @@ DOCUMENTED_KEYS = {
     "optim.schedule": "type milestones gamma periods",
     "run": "name storage num_workers use_gpu checkpoint_every val_every keep_checkpoints max_failures seed precision",
 }
-PRESETS = ["quickstart", "srcnn_x4", "vdsr_x4", "srresnet_x4", "srgan_x4", "esrgan_psnr_x4", "esrgan_x4"]
+PRESETS = ["quickstart", "srcnn_x4", "vdsr_x4", "srresnet_x4", "srgan_x4", "esrgan_psnr_x4", "esrgan_x4",
+           "realesrnet_x4plus", "realesrgan_x4plus"]
 
 
 def leaves(tree: dict, prefix: str = "") -> dict:
