@@ -317,9 +317,15 @@ class TrainingPairs:
                  params: list[dict] | None = None) -> tuple[torch.Tensor, ...]:
         """``(lr, hr, hr_usm, *extra)``; ``extra``: per-sample tensors that travel through the pool with
         their pair (e.g. sample ids); ``params`` as :meth:`Degrader.__call__`."""
-        lr, hr = self.degrader(kernels, hr, params)
-        lr, hr, *extra = self.pool.exchange(lr, hr, *(t.to(lr.device) for t in extra))
-        return (lr, hr, usm_sharp(hr), *extra)
+        # The first resize gives every batch a new size: cuDNN's benchmark mode (run.cudnn_benchmark) would
+        # time its algorithms again for each one, so the chain runs without it.
+        benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+        try:
+            lr, hr = self.degrader(kernels, hr, params)
+            lr, hr, *extra = self.pool.exchange(lr, hr, *(t.to(lr.device) for t in extra))
+            return (lr, hr, usm_sharp(hr), *extra)
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
 
 
 def training_pairs(cfg, device: torch.device, rank: int, step: int) -> TrainingPairs | None:
