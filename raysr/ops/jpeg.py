@@ -127,7 +127,8 @@ def _check_quality(quality, n: int, device: torch.device) -> torch.Tensor:
         quality = quality.expand(n)
     if quality.shape != (n,):
         raise ValueError(f"jpeg: quality must have shape ({n},), one per image, got {tuple(quality.shape)}")
-    quality = quality.double()
+    # checked and rounded on the host (N numbers; a device tensor costs one synchronisation)
+    quality = quality.detach().to("cpu", torch.float64)
     bad = ~((quality >= 1) & (quality <= 100))  # NaN is bad too
     if bool(bad.any()):
         raise ValueError(f"jpeg: quality must lie in [1, 100] (libjpeg's range), got "
@@ -169,8 +170,8 @@ def _ycbcr_to_rgb(y: torch.Tensor, cb: torch.Tensor, cr: torch.Tensor) -> torch.
 
 def _downsample(chroma: torch.Tensor) -> torch.Tensor:
     """``(N,C,H,W)`` -> ``(N,C,H/2,W/2)`` (even H, W): 2x2 means with libjpeg's biases 1, 2, 1, ..."""
-    n, c, h, w = chroma.shape
-    sums = chroma.reshape(n, c, h // 2, 2, w // 2, 2).sum(dim=(3, 5), dtype=torch.int32)
+    w = chroma.shape[-1]
+    sums = chroma[..., 0::2, 0::2] + chroma[..., 0::2, 1::2] + chroma[..., 1::2, 0::2] + chroma[..., 1::2, 1::2]
     bias = torch.tensor([1, 2], dtype=torch.int32, device=chroma.device).repeat(w // 4 + 1)[: w // 2]
     return (sums + bias) >> 2
 
@@ -200,7 +201,7 @@ def _to_blocks(plane: torch.Tensor) -> torch.Tensor:
     """``(N,C,H,W)`` (H, W multiples of 8) -> ``(8, 8, N, C, H/8, W/8)``: sample row, column first,
     so that each 1-D DCT pass works on 8 contiguous slices."""
     n, c, h, w = plane.shape
-    return plane.view(n, c, h // 8, 8, w // 8, 8).permute(3, 5, 0, 1, 2, 4).contiguous()
+    return plane.reshape(n, c, h // 8, 8, w // 8, 8).permute(3, 5, 0, 1, 2, 4).contiguous()
 
 
 def _from_blocks(blocks: torch.Tensor) -> torch.Tensor:
@@ -277,17 +278,18 @@ def _idct_1d(c: list[torch.Tensor], descale: int) -> list[torch.Tensor]:
 def _compress_blocks(plane: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Encode and decode one set of planes: ``(N,C,H,W)`` int32 8-bit samples (H, W multiples of
     8) and ``(N,8,8)`` quantisation tables -> the decoded ``(N,C,H,W)`` samples in 0..255."""
-    blocks = (_to_blocks(plane) - 128).unbind(0)  # 8 sample rows of (8 columns, N, C, hb, wb)
-    rows = [torch.stack(_fdct_1d(list(row.unbind(0)), first_pass=True)) for row in blocks]
-    coef = torch.stack(_fdct_1d(rows, first_pass=False))  # (8 vertical freq, 8 horizontal, N, C, hb, wb)
+    blocks = _to_blocks(plane) - 128  # (8 sample rows, 8 sample columns, N, C, hb, wb)
+    # pass 1 along each row (all rows at once), pass 2 along each column
+    rows = torch.stack(_fdct_1d(list(blocks.unbind(1)), first_pass=True), dim=1)
+    coef = torch.stack(_fdct_1d(list(rows.unbind(0)), first_pass=False))  # (8 vertical freq, 8 horizontal, ...)
     q = table.permute(1, 2, 0).reshape(8, 8, -1, 1, 1, 1)
     divisor = q * 8  # the DCT leaves its outputs scaled by 8
     # round half away from zero, as libjpeg's quantize()
     level = (coef.abs() + (divisor >> 1)) // divisor
     dequantised = torch.where(coef < 0, -level, level) * q
-    columns = _idct_1d(list(dequantised.unbind(0)), _CONST_BITS - _PASS1_BITS)  # 8 rows of (8 cols, ...)
-    samples = torch.stack([torch.stack(_idct_1d(list(row.unbind(0)), _CONST_BITS + _PASS1_BITS + 3))
-                           for row in columns])
+    # pass 1 along each column (all columns at once), pass 2 along each row
+    columns = torch.stack(_idct_1d(list(dequantised.unbind(0)), _CONST_BITS - _PASS1_BITS))
+    samples = torch.stack(_idct_1d(list(columns.unbind(1)), _CONST_BITS + _PASS1_BITS + 3), dim=1)
     return _from_blocks((samples + 128).clamp_(0, 255))
 
 
