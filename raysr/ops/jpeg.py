@@ -29,11 +29,18 @@ It follows libjpeg's integer pipeline step by step, in int32 tensor arithmetic:
 
 Every step is integer-exact, so the output equals libjpeg-turbo's decoded JPEG (ISLOW DCT, fancy
 upsampling: libjpeg-turbo's and Pillow's defaults) pixel for pixel; tests/test_jpeg.py measures a
-mean absolute difference of 0 levels against Pillow 13 (libjpeg-turbo) on photos and noise.
-What differs from a real JPEG file: nothing in the pixels; the entropy coding (Huffman) is lossless
-and so skipped. What differs from other decoders: libjpeg's float or fast DCTs, IJG libjpeg 9's
-DCT-domain upsampling or a decoder without fancy upsampling decode the same file slightly
-differently (about a level on average); this op matches the libjpeg-turbo defaults.
+mean absolute difference of 0 levels against Pillow 13 (libjpeg-turbo) on photos and noise, at
+qualities 1 to 100 and sizes from 1x1 up.
+
+What differs from libjpeg, none of it visible in the pixels: the entropy (Huffman) coding is
+lossless and skipped; the blocks libjpeg adds to complete an MCU beyond the padded image (DC copied,
+never displayed) are not made; the inverse DCT clamps where libjpeg's range-limit table wraps for
+outputs hundreds of levels out of range, which only corrupt files produce. What is not modelled:
+options other than Pillow's defaults (``subsampling`` 4:4:4 or 4:2:2, custom ``qtables``,
+``smooth``); progressive or arithmetic coding would change no pixel. Inputs that are
+not 8-bit values are rounded to 8 bits first, as writing them to a file does. Other decoders
+(IJG libjpeg 9's DCT-domain upsampling, libjpeg's float or fast DCT, no fancy upsampling) read the
+same file about a level differently.
 
 Not differentiable: the output carries no gradient (Real-ESRGAN synthesises degradations under
 ``torch.no_grad``). Autocast does not apply: everything after the 8-bit conversion is integer.
