@@ -325,7 +325,7 @@ def jpeg(images: torch.Tensor, quality) -> torch.Tensor:
     tables = quantization_tables(_check_quality(quality, n, images.device))
 
     with torch.no_grad():
-        rgb = torch.round(images.detach().float().nan_to_num(0.0).clamp(0, 1) * 255).to(torch.int32)
+        rgb = images.detach().float().nan_to_num(0.0).clamp_(0, 1).mul_(255).round_().to(torch.int32)
         ycc = _rgb_to_ycbcr(rgb)
         luma = _replicate(ycc[:, :1], -(-height // 8) * 8, -(-width // 8) * 8)
         # libjpeg replicates full-resolution chroma to whole MCUs across but only to an even height,
