@@ -19,7 +19,7 @@ ROOT = Path(raysr.__file__).parent
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base: plain Python, local/S3 storage, image codecs, tensor ops and metrics", (
         "raysr", "raysr.util", "raysr.storage", "raysr.hub", "raysr.images", "raysr.ops", "raysr.ops.convert",
-        "raysr.ops.resize", "raysr.metrics", "raysr.inference", "raysr.runlog")),
+        "raysr.ops.resize", "raysr.ops.jpeg", "raysr.metrics", "raysr.inference", "raysr.runlog")),
     ("data: shards, the training stream, validation pairs", (
         "raysr.data", "raysr.data.decode", "raysr.data.device_batches", "raysr.data.loader", "raysr.data.make_shards",
         "raysr.data.manifest", "raysr.data.samples", "raysr.data.sources", "raysr.data.stream",

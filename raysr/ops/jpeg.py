@@ -29,11 +29,18 @@ It follows libjpeg's integer pipeline step by step, in int32 tensor arithmetic:
 
 Every step is integer-exact, so the output equals libjpeg-turbo's decoded JPEG (ISLOW DCT, fancy
 upsampling: libjpeg-turbo's and Pillow's defaults) pixel for pixel; tests/test_jpeg.py measures a
-mean absolute difference of 0 levels against Pillow 13 (libjpeg-turbo) on photos and noise.
-What differs from a real JPEG file: nothing in the pixels; the entropy coding (Huffman) is lossless
-and so skipped. What differs from other decoders: libjpeg's float or fast DCTs, IJG libjpeg 9's
-DCT-domain upsampling or a decoder without fancy upsampling decode the same file slightly
-differently (about a level on average); this op matches the libjpeg-turbo defaults.
+mean absolute difference of 0 levels against Pillow 13 (libjpeg-turbo) on photos and noise, at
+qualities 1 to 100 and sizes from 1x1 up.
+
+What differs from libjpeg, none of it visible in the pixels: the entropy (Huffman) coding is
+lossless and skipped; the blocks libjpeg adds to complete an MCU beyond the padded image (DC copied,
+never displayed) are not made; the inverse DCT clamps where libjpeg's range-limit table wraps for
+outputs hundreds of levels out of range, which only corrupt files produce. What is not modelled:
+options other than Pillow's defaults (``subsampling`` 4:4:4 or 4:2:2, custom ``qtables``,
+``smooth``); progressive or arithmetic coding would change no pixel. Inputs that are
+not 8-bit values are rounded to 8 bits first, as writing them to a file does. Other decoders
+(IJG libjpeg 9's DCT-domain upsampling, libjpeg's float or fast DCT, no fancy upsampling) read the
+same file about a level differently.
 
 Not differentiable: the output carries no gradient (Real-ESRGAN synthesises degradations under
 ``torch.no_grad``). Autocast does not apply: everything after the 8-bit conversion is integer.
@@ -127,7 +134,8 @@ def _check_quality(quality, n: int, device: torch.device) -> torch.Tensor:
         quality = quality.expand(n)
     if quality.shape != (n,):
         raise ValueError(f"jpeg: quality must have shape ({n},), one per image, got {tuple(quality.shape)}")
-    quality = quality.double()
+    # checked and rounded on the host (N numbers; a device tensor costs one synchronisation)
+    quality = quality.detach().to("cpu", torch.float64)
     bad = ~((quality >= 1) & (quality <= 100))  # NaN is bad too
     if bool(bad.any()):
         raise ValueError(f"jpeg: quality must lie in [1, 100] (libjpeg's range), got "
@@ -169,8 +177,8 @@ def _ycbcr_to_rgb(y: torch.Tensor, cb: torch.Tensor, cr: torch.Tensor) -> torch.
 
 def _downsample(chroma: torch.Tensor) -> torch.Tensor:
     """``(N,C,H,W)`` -> ``(N,C,H/2,W/2)`` (even H, W): 2x2 means with libjpeg's biases 1, 2, 1, ..."""
-    n, c, h, w = chroma.shape
-    sums = chroma.reshape(n, c, h // 2, 2, w // 2, 2).sum(dim=(3, 5), dtype=torch.int32)
+    w = chroma.shape[-1]
+    sums = chroma[..., 0::2, 0::2] + chroma[..., 0::2, 1::2] + chroma[..., 1::2, 0::2] + chroma[..., 1::2, 1::2]
     bias = torch.tensor([1, 2], dtype=torch.int32, device=chroma.device).repeat(w // 4 + 1)[: w // 2]
     return (sums + bias) >> 2
 
@@ -200,7 +208,7 @@ def _to_blocks(plane: torch.Tensor) -> torch.Tensor:
     """``(N,C,H,W)`` (H, W multiples of 8) -> ``(8, 8, N, C, H/8, W/8)``: sample row, column first,
     so that each 1-D DCT pass works on 8 contiguous slices."""
     n, c, h, w = plane.shape
-    return plane.view(n, c, h // 8, 8, w // 8, 8).permute(3, 5, 0, 1, 2, 4).contiguous()
+    return plane.reshape(n, c, h // 8, 8, w // 8, 8).permute(3, 5, 0, 1, 2, 4).contiguous()
 
 
 def _from_blocks(blocks: torch.Tensor) -> torch.Tensor:
@@ -277,17 +285,18 @@ def _idct_1d(c: list[torch.Tensor], descale: int) -> list[torch.Tensor]:
 def _compress_blocks(plane: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Encode and decode one set of planes: ``(N,C,H,W)`` int32 8-bit samples (H, W multiples of
     8) and ``(N,8,8)`` quantisation tables -> the decoded ``(N,C,H,W)`` samples in 0..255."""
-    blocks = (_to_blocks(plane) - 128).unbind(0)  # 8 sample rows of (8 columns, N, C, hb, wb)
-    rows = [torch.stack(_fdct_1d(list(row.unbind(0)), first_pass=True)) for row in blocks]
-    coef = torch.stack(_fdct_1d(rows, first_pass=False))  # (8 vertical freq, 8 horizontal, N, C, hb, wb)
+    blocks = _to_blocks(plane) - 128  # (8 sample rows, 8 sample columns, N, C, hb, wb)
+    # pass 1 along each row (all rows at once), pass 2 along each column
+    rows = torch.stack(_fdct_1d(list(blocks.unbind(1)), first_pass=True), dim=1)
+    coef = torch.stack(_fdct_1d(list(rows.unbind(0)), first_pass=False))  # (8 vertical freq, 8 horizontal, ...)
     q = table.permute(1, 2, 0).reshape(8, 8, -1, 1, 1, 1)
     divisor = q * 8  # the DCT leaves its outputs scaled by 8
     # round half away from zero, as libjpeg's quantize()
     level = (coef.abs() + (divisor >> 1)) // divisor
     dequantised = torch.where(coef < 0, -level, level) * q
-    columns = _idct_1d(list(dequantised.unbind(0)), _CONST_BITS - _PASS1_BITS)  # 8 rows of (8 cols, ...)
-    samples = torch.stack([torch.stack(_idct_1d(list(row.unbind(0)), _CONST_BITS + _PASS1_BITS + 3))
-                           for row in columns])
+    # pass 1 along each column (all columns at once), pass 2 along each row
+    columns = torch.stack(_idct_1d(list(dequantised.unbind(0)), _CONST_BITS - _PASS1_BITS))
+    samples = torch.stack(_idct_1d(list(columns.unbind(1)), _CONST_BITS + _PASS1_BITS + 3), dim=1)
     return _from_blocks((samples + 128).clamp_(0, 255))
 
 
@@ -316,7 +325,7 @@ def jpeg(images: torch.Tensor, quality) -> torch.Tensor:
     tables = quantization_tables(_check_quality(quality, n, images.device))
 
     with torch.no_grad():
-        rgb = torch.round(images.detach().float().nan_to_num(0.0).clamp(0, 1) * 255).to(torch.int32)
+        rgb = images.detach().float().nan_to_num(0.0).clamp_(0, 1).mul_(255).round_().to(torch.int32)
         ycc = _rgb_to_ycbcr(rgb)
         luma = _replicate(ycc[:, :1], -(-height // 8) * 8, -(-width // 8) * 8)
         # libjpeg replicates full-resolution chroma to whole MCUs across but only to an even height,
