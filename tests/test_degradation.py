@@ -368,3 +368,18 @@ def test_preview_is_deterministic_for_a_seed(shards, tmp_path):
     from PIL import Image
     assert Image.open(tmp_path / "a" / "lr_0000.png").size == (8, 8)
     assert Image.open(tmp_path / "a" / "hr_0000.png").size == (32, 32)
+
+
+def test_preview_of_bicubic_pairs_writes_exact_bicubic_lr(shards, tmp_path):
+    from PIL import Image
+
+    from raysr.data import make_lr
+    from raysr.ops.convert import to_tensor, to_uint8
+    from raysr.preview import main
+
+    assert main(["--set", f"data.train={shards}", "--set", "data.gt_size=32", "--output", str(tmp_path),
+                 "--count", "2"]) == 0
+    for i in range(2):
+        hr = np.asarray(Image.open(tmp_path / f"hr_{i:04d}.png"))
+        lr = np.asarray(Image.open(tmp_path / f"lr_{i:04d}.png"))
+        np.testing.assert_array_equal(lr, to_uint8(make_lr(to_tensor([hr]), 4)))
