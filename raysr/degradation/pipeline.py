@@ -136,8 +136,8 @@ def _levels(images: torch.Tensor) -> torch.Tensor:
 def poisson_noise(images: torch.Tensor, scale: torch.Tensor, gray: torch.Tensor,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Shot noise ``(N,3,H,W)`` as BasicSR's ``generate_poisson_noise_pt``: with x the image on 8-bit levels
-    and L its level count rounded up to a power of 2, ``noise = scale · (Poisson(x·L)/L − x)``; where
-    ``gray[i]`` the noise of the luma, on all three channels."""
+    and L its count of distinct levels rounded up to a power of 2, ``noise = scale · (Poisson(x·L)/L − x)``;
+    where ``gray[i]`` the same for the image's luma (ITU-R 601, on 8-bit levels), on all three channels."""
     n, c, h, w = images.shape
     x = (images * 255).round().clamp(0, 255)
     levels = _levels(x).view(n, 1, 1, 1)
@@ -145,7 +145,7 @@ def poisson_noise(images: torch.Tensor, scale: torch.Tensor, gray: torch.Tensor,
     colour = torch.poisson(x * levels, generator=generator) / levels - x
     out = colour
     if bool(gray.any()):
-        y = (_gray(x) * 255).round().clamp(0, 255)
+        y = (_gray(images) * 255).round().clamp(0, 255)
         y_levels = _levels(y).view(n, 1, 1, 1)
         y = y / 255
         mono = torch.poisson(y * y_levels, generator=generator) / y_levels - y
