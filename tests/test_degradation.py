@@ -383,3 +383,26 @@ def test_preview_of_bicubic_pairs_writes_exact_bicubic_lr(shards, tmp_path):
         hr = np.asarray(Image.open(tmp_path / f"hr_{i:04d}.png"))
         lr = np.asarray(Image.open(tmp_path / f"lr_{i:04d}.png"))
         np.testing.assert_array_equal(lr, to_uint8(make_lr(to_tensor([hr]), 4)))
+
+
+def test_gt_region_pads_like_opencv_reflect_101_and_flips_left_right_only():
+    from raysr.degradation.regions import gt_region
+
+    image = np.arange(5, dtype=np.uint8).reshape(1, 5, 1).repeat(3, axis=0).repeat(3, axis=2) * 10  # rows 0 10 .. 40
+    image[1] += 1
+    image[2] += 2
+    flips = 0
+    for seed in range(40):
+        region = gt_region(image, 8, np.random.default_rng(seed), hflip=True)
+        assert region.shape == (8, 8, 3)
+        row = region[0, :, 0].tolist()
+        if row[0] == 0:
+            assert row == [0, 10, 20, 30, 40, 30, 20, 10]  # BORDER_REFLECT_101 at the right edge
+        else:
+            assert row == [10, 20, 30, 40, 30, 20, 10, 0]
+            flips += 1
+        assert region[:, 0, 0].tolist()[:5] == ([0, 1, 2, 1, 0] if row[0] == 0 else [10, 11, 12, 11, 10])
+    assert 8 < flips < 32
+    big = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    region = gt_region(big, 16, np.random.default_rng(1), hflip=False)
+    assert any(np.array_equal(region, big[t:t + 16, l:l + 16]) for t in range(15) for l in range(25))
