@@ -48,11 +48,15 @@ def test_step_bench_reports_every_key_and_figures_that_agree(capsys):
 
 def test_gan_step_bench_counts_g_d_and_vgg_and_takes_a_peak_for_mfu(capsys):
     psnr = bench_json(capsys, ["step", "--model", "rrdbnet", "--phase", "psnr", "--json", *TINY,
-                               "--set", "model.generator.num_grow_ch=4", "--gt-size", "64"])
+                               "--set", "model.generator.num_grow_ch=4", "--gt-size", "64",
+                               "--set", "data.degradation=realesrgan", "--set", "degradation.crop_pad_size=96"])
     gan = bench_json(capsys, ["step", "--model", "rrdbnet", "--phase", "gan", "--json", "--peak-tflops", "2", *TINY,
                               "--set", "model.generator.num_grow_ch=4", "--set", "model.discriminator.num_feat=8",
                               "--gt-size", "64"])
     assert "baseline_crops_per_s" not in gan  # only with --baseline
+    # data.degradation=realesrgan times the degradations of a batch beside the step (which they do not change)
+    assert "degradation_ms" not in gan and psnr["degradation_ms"] > 0
+    assert psnr["degradation_share"] == pytest.approx(psnr["degradation_ms"] / (psnr["degradation_ms"] + psnr["step_ms"]))
     # The GAN step runs G's forward and backward as the PSNR step does, plus D (three passes) and
     # the VGG (both images): strictly more FLOPs, and nothing of G's counted twice.
     assert gan["flops_per_crop"] > psnr["flops_per_crop"] * 1.5

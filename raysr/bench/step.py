@@ -24,6 +24,9 @@ not move it. ``flops_per_crop`` is torch's FlopCounterMode over one real eager s
 backward of G, D and VGG as the step runs them), per HR crop; ``mfu`` = achieved FLOP/s over
 the device's dense bf16 peak (:data:`PEAK_TFLOPS`, ``--peak-tflops`` overrides; none on CPU).
 
+With ``--set data.degradation=realesrgan`` it also times Real-ESRGAN's degradations of one batch
+(:func:`measure_degradation`) and reports their share of a step that includes them.
+
 ``--workers N`` runs the same step N-way data-parallel through Ray Train (DDP, one device per
 worker, each worker its own ``--batch-size``) and beside it on one worker, and reports the
 scaling efficiency: N-worker crops/s over N x one-worker crops/s.
@@ -294,6 +297,33 @@ def measure_ours(cfg, device: torch.device, args) -> dict:
     return timing
 
 
+def measure_degradation(cfg, device: torch.device, args) -> float:
+    """Median ms of one batch through :class:`raysr.degradation.TrainingPairs` (``data.degradation:
+    realesrgan``): ``batch_size`` regions of ``degradation.crop_pad_size`` px from the CPU, as the loader
+    ships them, with kernels drawn as it draws them → the chain, the pool, the USM target. ``--warmup``
+    batches first, then ``--steps`` timed one by one (a device sync before and after each)."""
+    import numpy as np
+
+    from raysr.degradation import TrainingPairs
+    from raysr.degradation.kernels import draw_kernels
+
+    opts, n, size = cfg.realesrgan, cfg.data.batch_size, cfg.realesrgan.crop_pad_size
+    rng = np.random.default_rng(args.seed)
+    kernels = torch.from_numpy(np.stack([draw_kernels(rng, opts)[0] for _ in range(n)]))
+    low = torch.rand(n, 3, size // 8, size // 8, generator=torch.Generator().manual_seed(args.seed))
+    regions = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic").clamp(0, 1)
+    pairs = TrainingPairs(opts, cfg.scale, cfg.data.gt_size, device, seed=args.seed)
+    times = []
+    for i in range(args.warmup + args.steps):
+        synchronize(device)
+        start = time.perf_counter()
+        pairs(kernels, regions)
+        synchronize(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
 def measure_baseline(cfg, device: torch.device, args) -> dict:
     """The BasicSR-style step (see the module docstring); LR per crop by numpy imresize, on the CPU."""
     torch.manual_seed(args.seed)
@@ -413,6 +443,7 @@ def run(args: argparse.Namespace) -> int:
 
     ours = measure_ours(cfg, device, args)
     _release(device)
+    degradation_ms = measure_degradation(cfg, device, args) if cfg.realesrgan is not None else None
     flops = flops_per_crop(cfg, device, hr_batches(cfg, device, count=1, seed=args.seed)[0])
     _release(device)
     baseline = measure_baseline(cfg, device, args) if args.baseline else None
@@ -434,6 +465,9 @@ def run(args: argparse.Namespace) -> int:
         "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
         "flops_per_crop": flops, "tflops": tflops, "peak_tflops": peak, "mfu": tflops / peak if peak else None,
     }
+    if degradation_ms is not None:  # data.degradation=realesrgan: the chain's share of a step with it
+        result.update(degradation_ms=degradation_ms,
+                      degradation_share=degradation_ms / (degradation_ms + ours["step_ms"]))
     if baseline is not None:
         result.update(baseline_crops_per_s=1e3 * cfg.data.batch_size / baseline["step_ms"],
                       baseline_step_ms=baseline["step_ms"], baseline_peak_mem_gb=baseline["peak_mem_gb"],
@@ -459,6 +493,9 @@ def print_step(r: dict) -> None:
           f"(first step {r['first_step_s']:.1f} s), peak memory {r['peak_mem_gb']:.2f} GB")
     mfu = f", MFU {100 * r['mfu']:.1f}% of {r['peak_tflops']:.0f}" if r["mfu"] is not None else " (no peak for MFU)"
     print(f"{r['flops_per_crop'] / 1e9:.1f} GFLOP per crop -> {r['tflops']:.2f} TFLOP/s{mfu}")
+    if "degradation_ms" in r:
+        print(f"Real-ESRGAN degradations (data.degradation=realesrgan, not in the step above): "
+              f"{r['degradation_ms']:.1f} ms/batch, {100 * r['degradation_share']:.1f}% of step + degradations")
     if "speedup_vs_baseline" in r:
         print(f"BasicSR-style baseline (fp32 NCHW eager, host reads, numpy LR {r['baseline_lr_ms_per_crop']:.1f} "
               f"ms/crop not timed): {r['baseline_crops_per_s']:.1f} crops/s, {r['baseline_step_ms']:.1f} ms/step")
