@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raysr.ops.jpeg import jpeg as jpeg_codec
+
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 UPDOWN = ("up", "down", "keep")
 # Real-ESRGAN's unsharp mask (BasicSR USMSharp): Gaussian blur of radius 50 -> a 51-px kernel with
@@ -41,12 +43,6 @@ UPDOWN = ("up", "down", "keep")
 USM_SIZE, USM_SIGMA, USM_WEIGHT, USM_THRESHOLD = 51, 8.0, 0.5, 10.0 / 255.0
 
 Jpeg = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def default_jpeg() -> Jpeg:
-    """raysr's batched JPEG codec (:func:`raysr.ops.jpeg.jpeg`)."""
-    from raysr.ops.jpeg import jpeg
-    return jpeg
 
 
 # --------------------------------------------------------------------------- the operations
@@ -178,7 +174,7 @@ class Degrader:
     def __init__(self, opts, scale: int, gt_size: int, device: torch.device, seed: int = 0,
                  jpeg: Jpeg | None = None):
         self.opts, self.scale, self.gt_size, self.device = opts, scale, gt_size, torch.device(device)
-        self.jpeg = jpeg if jpeg is not None else default_jpeg()
+        self.jpeg = jpeg if jpeg is not None else jpeg_codec
         self.rng = np.random.default_rng([seed, 21])
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(np.random.default_rng([seed, 22]).integers(2 ** 62)))
