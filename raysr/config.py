@@ -37,12 +37,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class GeneratorConfig:
-    name: Literal["srcnn", "vdsr", "srresnet", "rrdbnet"] = "rrdbnet"
+    name: Literal["srcnn", "vdsr", "srresnet", "rrdbnet", "compact"] = "rrdbnet"
     num_feat: int = 64
     num_block: int = 23  # srresnet: residual blocks; rrdbnet: RRDBs; vdsr: conv layers
     num_grow_ch: int = 32  # rrdbnet only
     scale: int = 4
     variant: Literal["msrresnet", "paper"] = "msrresnet"  # srresnet only
+    num_conv: int = 32  # compact only: hidden convs (realesr-general-x4v3 32, animevideov3 16)
+    act_type: Literal["prelu", "relu", "leakyrelu"] = "prelu"  # compact only
 
 
 @dataclass
@@ -415,7 +417,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"model.generator.scale: {g.scale} is not supported by {g.name}; "
                           f"choose one of {list(GENERATOR_SCALES[g.name])}")
     _positive(("model.generator.num_feat", g.num_feat), ("model.generator.num_block", g.num_block),
-              ("model.generator.num_grow_ch", g.num_grow_ch), ("data.gt_size", data.gt_size),
+              ("model.generator.num_grow_ch", g.num_grow_ch), ("model.generator.num_conv", g.num_conv),
+              ("data.gt_size", data.gt_size),
               ("data.batch_size", data.batch_size), ("data.crops_per_image", data.crops_per_image),
               ("train.total_steps", train.total_steps), ("train.max_nonfinite", train.max_nonfinite),
               ("run.checkpoint_every", run.checkpoint_every), ("run.val_every", run.val_every),
