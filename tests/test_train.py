@@ -453,7 +453,8 @@ DOCUMENTED_KEYS = {
     "optim.schedule": "type milestones gamma periods",
     "run": "name storage num_workers use_gpu checkpoint_every val_every keep_checkpoints max_failures seed precision",
 }
-PRESETS = ["quickstart", "srcnn_x4", "vdsr_x4", "srresnet_x4", "srgan_x4", "esrgan_psnr_x4", "esrgan_x4"]
+PRESETS = ["quickstart", "srcnn_x4", "vdsr_x4", "srresnet_x4", "srgan_x4", "esrgan_psnr_x4", "esrgan_x4",
+           "realesr_compact_x4"]
 
 
 def leaves(tree: dict, prefix: str = "") -> dict:
