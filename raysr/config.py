@@ -69,6 +69,8 @@ class DataConfig:
     # Empty = the built-in demo shards made from sample photographs.
     train: list[str] = field(default_factory=list)
     val: Optional[str] = None  # folder (or shards) of full HR images; None = demo hold-out
+    # folder of the LR images of data.val (real pairs), paired by name; None = LR by bicubic of data.val
+    val_lr: Optional[str] = None
     gt_size: int = 128
     batch_size: int = 16  # per Ray worker
     num_workers: int = 4  # DataLoader processes per Ray worker
@@ -470,8 +472,12 @@ def check_config(cfg: Config) -> None:
         if train.psnr_preset is not None and train.psnr_preset not in available_presets():
             raise ConfigError(f"train.psnr_preset: unknown preset {train.psnr_preset!r}; available: "
                               f"{', '.join(available_presets())}")
+    if data.val_lr is not None and not data.val:
+        raise ConfigError(f"data.val_lr: {data.val_lr} holds the LR images of data.val, which is not set; set "
+                          "data.val to the folder of their HR images (the demo's hold-out has no LR folder)")
     for key, path in (("train.init_from", None if train.init_from == PSNR_PHASE else train.init_from),
-                      ("loss.perceptual.weights_path", cfg.loss.perceptual.weights_path)):
+                      ("loss.perceptual.weights_path", cfg.loss.perceptual.weights_path),
+                      ("data.val_lr", data.val_lr)):
         if path and not path.startswith(("s3://", "http://", "https://")) and not os.path.exists(os.path.expanduser(path)):
             raise ConfigError(f"{key}: {path} does not exist")
 
