@@ -161,6 +161,10 @@ def test_config_builds_it_and_checks_its_keys():
         load_config("quickstart", overrides=["model.generator.name=compact", "model.generator.num_conv=0"])
     with pytest.raises(ConfigError, match=r"model.generator.act_type: 'gelu' is not allowed"):
         load_config("quickstart", overrides=["model.generator.name=compact", "model.generator.act_type=gelu"])
+    from raysr.tune.space import unused_reason  # a search over num_conv of another network is refused
+    assert "only Compact has num_conv" in unused_reason(load_config("esrgan_psnr_x4").to_dict(),
+                                                        "model.generator.num_conv", set())
+    assert unused_reason(cfg.to_dict(), "model.generator.num_conv", set()) is None
     with pytest.raises(ConfigError, match=r"model.generator.scale: 8 is not supported by compact"):
         load_config("quickstart", overrides=["model.generator.name=compact", "model.generator.scale=8",
                                              "data.gt_size=64"])
