@@ -37,12 +37,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class GeneratorConfig:
-    name: Literal["srcnn", "vdsr", "srresnet", "rrdbnet"] = "rrdbnet"
+    name: Literal["srcnn", "vdsr", "srresnet", "rrdbnet", "compact"] = "rrdbnet"
     num_feat: int = 64
     num_block: int = 23  # srresnet: residual blocks; rrdbnet: RRDBs; vdsr: conv layers
     num_grow_ch: int = 32  # rrdbnet only
     scale: int = 4
     variant: Literal["msrresnet", "paper"] = "msrresnet"  # srresnet only
+    num_conv: int = 32  # compact only: hidden convs (realesr-general-x4v3 32, animevideov3 16)
+    act_type: Literal["prelu", "relu", "leakyrelu"] = "prelu"  # compact only
 
 
 @dataclass
@@ -67,6 +69,8 @@ class DataConfig:
     # Empty = the built-in demo shards made from sample photographs.
     train: list[str] = field(default_factory=list)
     val: Optional[str] = None  # folder (or shards) of full HR images; None = demo hold-out
+    # folder of the LR images of data.val (real pairs), paired by name; None = LR by bicubic of data.val
+    val_lr: Optional[str] = None
     gt_size: int = 128
     batch_size: int = 16  # per Ray worker
     num_workers: int = 4  # DataLoader processes per Ray worker
@@ -473,7 +477,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"model.generator.scale: {g.scale} is not supported by {g.name}; "
                           f"choose one of {list(GENERATOR_SCALES[g.name])}")
     _positive(("model.generator.num_feat", g.num_feat), ("model.generator.num_block", g.num_block),
-              ("model.generator.num_grow_ch", g.num_grow_ch), ("data.gt_size", data.gt_size),
+              ("model.generator.num_grow_ch", g.num_grow_ch), ("model.generator.num_conv", g.num_conv),
+              ("data.gt_size", data.gt_size),
               ("data.batch_size", data.batch_size), ("data.crops_per_image", data.crops_per_image),
               ("train.total_steps", train.total_steps), ("train.max_nonfinite", train.max_nonfinite),
               ("run.checkpoint_every", run.checkpoint_every), ("run.val_every", run.val_every),
@@ -527,8 +532,12 @@ def check_config(cfg: Config) -> None:
         if train.psnr_preset is not None and train.psnr_preset not in available_presets():
             raise ConfigError(f"train.psnr_preset: unknown preset {train.psnr_preset!r}; available: "
                               f"{', '.join(available_presets())}")
+    if data.val_lr is not None and not data.val:
+        raise ConfigError(f"data.val_lr: {data.val_lr} holds the LR images of data.val, which is not set; set "
+                          "data.val to the folder of their HR images (the demo's hold-out has no LR folder)")
     for key, path in (("train.init_from", None if train.init_from == PSNR_PHASE else train.init_from),
-                      ("loss.perceptual.weights_path", cfg.loss.perceptual.weights_path)):
+                      ("loss.perceptual.weights_path", cfg.loss.perceptual.weights_path),
+                      ("data.val_lr", data.val_lr)):
         if path and not path.startswith(("s3://", "http://", "https://")) and not os.path.exists(os.path.expanduser(path)):
             raise ConfigError(f"{key}: {path} does not exist")
 

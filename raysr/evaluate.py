@@ -8,7 +8,8 @@ Protocol (as BasicSR / the SRGAN, ESRGAN and VDSR papers):
 1. GT is cropped to a multiple of the scale ("GTmod").
 2. LR = MATLAB ``imresize(GT, 1/scale, 'bicubic')`` rounded to uint8, unless ``--lr``
    gives the LR files (matched to GT by file stem; ``baby``, ``babyx4``, ``baby_x4``
-   and ``baby_LRBI_x4`` all match ``baby``); their size must be GTmod / scale.
+   and ``baby_LRBI_x4`` all match ``baby``: :func:`raysr.validation.pairs.pairing_key`,
+   which training's ``data.val_lr`` pairs by too); their size must be GTmod / scale.
 3. SR = generator(LR), clamped and rounded to uint8.
 4. PSNR and SSIM (:mod:`raysr.metrics`) on the Y channel (BT.601, as MATLAB's
    ``rgb2ycbcr``) and on RGB, ignoring ``scale`` pixels at every edge.
@@ -40,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,7 +50,7 @@ import numpy as np
 from torch import nn
 
 from raysr import storage
-from raysr.validation.pairs import mod_crop
+from raysr.validation.pairs import index_by_key, mod_crop, pair_size_error
 from raysr.images import DecodedImage, ImageError, list_images, probe_image, read_image, to_uint8_rgb, write_image
 from raysr.lpips import BACKBONE_FILES, LpipsFn, load_lpips
 from raysr.metrics import SSIM_WINDOW
@@ -73,20 +73,13 @@ class Sample:
     size: tuple[int, int]
 
 
-def dataset_key(stem: str, scale: int) -> str:
-    """The stem with the usual benchmark decorations for ``scale`` removed:
-    ``baby_LRBI_x4``, ``baby_HR_x4``, ``baby_x4``, ``babyx4`` and ``baby`` -> ``baby``."""
-    return re.sub(rf"(?i)(?:[_-]?(?:LR|HR|GT)(?:BI|BD|DN)?)?(?:[_-]?x{scale})?$", "", stem) or stem
-
-
-def _normalized_index(files: Sequence[str], scale: int, option: str) -> dict[str, str]:
-    index: dict[str, str] = {}
-    for uri in files:
-        key = dataset_key(Path(uri).stem, scale)
-        if key in index:
-            raise InputError(f"{option}: {index[key]} and {uri} both match image {key!r}; keep one of them")
-        index[key] = uri
-    return index
+def _normalized_index(folder: str, scale: int, option: str) -> dict[str, str]:
+    """``{pairing key: file}`` of the images directly in ``folder`` (:func:`raysr.validation.pairs.pairing_key`,
+    the rule training's ``data.val_lr`` pairs by too)."""
+    try:
+        return index_by_key(list_images(folder, recursive=False)[0], folder, scale, option)
+    except ValueError as err:
+        raise InputError(str(err)) from err
 
 
 def collect_samples(hr_dir: str, lr_dir: str | None, scale: int) -> list[Sample]:
@@ -94,11 +87,10 @@ def collect_samples(hr_dir: str, lr_dir: str | None, scale: int) -> list[Sample]
     for option, folder in (("--hr", hr_dir), ("--lr", lr_dir)):
         if folder is not None and not storage.is_s3(folder) and not Path(folder).is_dir():
             raise InputError(f"{option} {folder}: not a directory")
-    hr_files, _ = list_images(hr_dir, recursive=False)
-    if not hr_files:
+    hr_index = _normalized_index(hr_dir, scale, "--hr")
+    if not hr_index:
         raise InputError(f"--hr {hr_dir}: no image files found")
-    hr_index = _normalized_index(hr_files, scale, "--hr")
-    lr_index = _normalized_index(list_images(lr_dir, recursive=False)[0], scale, "--lr") if lr_dir else {}
+    lr_index = _normalized_index(lr_dir, scale, "--lr") if lr_dir else {}
     missing = [key for key in hr_index if lr_dir and key not in lr_index]
     if missing:
         raise InputError(f"--lr {lr_dir}: no LR image for {missing[:5]}{' ...' if len(missing) > 5 else ''} "
@@ -116,10 +108,8 @@ def collect_samples(hr_dir: str, lr_dir: str | None, scale: int) -> list[Sample]
                                  f"edge, so x{scale} needs GT of at least {smallest}x{smallest}; remove it from --hr")
             if lr is not None:
                 lr_info = probe_image(lr)
-                if (lr_info.height * scale, lr_info.width * scale) != size:
-                    raise ImageError(f"{lr}: LR is {lr_info.height}x{lr_info.width} but GT {hr} cropped to a "
-                                     f"multiple of {scale} is {size[0]}x{size[1]}, so LR should be "
-                                     f"{size[0] // scale}x{size[1] // scale}; is --scale right?")
+                if (error := pair_size_error(lr, (lr_info.height, lr_info.width), hr, size, scale)) is not None:
+                    raise ImageError(f"{error}; is --scale right?")
         except (ImageError, storage.StorageError) as err:
             bad.append(str(err))
             continue
@@ -141,9 +131,8 @@ def _load_pair(sample: Sample, scale: int) -> tuple[np.ndarray, np.ndarray]:
     if sample.lr is None:
         return hr, bicubic_lr(hr, scale)
     lr = to_uint8_rgb(read_image(sample.lr))
-    if lr.shape[0] * scale != hr.shape[0] or lr.shape[1] * scale != hr.shape[1]:
-        raise ImageError(f"{sample.lr}: decoded LR is {lr.shape[0]}x{lr.shape[1]}, GTmod is "
-                         f"{hr.shape[0]}x{hr.shape[1]} (after EXIF orientation); is --scale right?")
+    if (error := pair_size_error(sample.lr, lr.shape[:2], sample.hr, hr.shape[:2], scale)) is not None:
+        raise ImageError(f"{error} (after EXIF orientation); is --scale right?")
     return hr, lr
 
 

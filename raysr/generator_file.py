@@ -9,8 +9,8 @@ file (a flat state dict; raysr's keeps its architecture in the metadata):
   "params": state_dict, "params_ema": state_dict (optional)}``; the network is
   rebuilt from ``arch`` + ``kwargs``.
 * BasicSR / Real-ESRGAN: ``{"params": sd, "params_ema": sd}`` or a bare state
-  dict with BasicSR names (RRDBNet, MSRResNet; also raysr's SRResNet-paper,
-  SRCNN and VDSR names).
+  dict with BasicSR names (RRDBNet, MSRResNet, SRVGGNetCompact's ``body.N``; also
+  raysr's SRResNet-paper, SRCNN and VDSR names).
 * ESRGAN repository, newer names: ``conv_first``, ``RRDB_trunk.N.RDB1.conv1``,
   ``trunk_conv``, ``upconv1/2``, ``HRconv``, ``conv_last``.
 * ESRGAN 2018 release: ``model.0`` (conv_first), ``model.1.sub.N.RDBk.convj.0``,
@@ -45,7 +45,8 @@ from raysr.weights import (RAYSR_FORMAT_VERSION, check_compatible, format_kwargs
 SAVE_FORMATS = ("basicsr", "raysr")
 SUPPORTED = ("raysr {'format': 'raysr', 'arch', 'kwargs', 'params'[, 'params_ema']}; "
              "BasicSR {'params'[, 'params_ema']} or a bare state dict with BasicSR names "
-             "(conv_first, body.N.rdb1.conv1 / body.N.conv1, conv_body, conv_up1, conv_hr, conv_last); "
+             "(conv_first, body.N.rdb1.conv1 / body.N.conv1, conv_body, conv_up1, conv_hr, conv_last; "
+             "Compact: body.N only); "
              "ESRGAN repo (RRDB_trunk.N.RDB1.conv1, trunk_conv, upconv1, HRconv); "
              "ESRGAN 2018 release (model.0, model.1.sub.N.RDB1.conv1.0, model.3/6/8/10); "
              "MMSR MSRResNet (recon_trunk.N.conv1, HRconv); "
@@ -204,6 +205,8 @@ def _infer_arch(state: dict[str, torch.Tensor], overrides: Mapping) -> tuple[str
         w1, w2, w3 = (_shape(state, f"conv{i}.weight") for i in (1, 2, 3))
         return "srcnn", dict(num_in_ch=w1[1], num_out_ch=w3[0], num_feat=(w1[0], w2[0]),
                              kernel_sizes=(w1[-1], w2[-1], w3[-1]), scale=_required_scale("SRCNN", overrides))
+    if all(re.fullmatch(r"body\.\d+\.(weight|bias)", k) for k in state):
+        return "compact", _infer_compact(state, overrides)
     if "conv_first.weight" in state and "conv_last.weight" in state and all(
             re.fullmatch(r"(conv_first|conv_last|body\.\d+)\.(weight|bias)", k) for k in state):
         w = _shape(state, "conv_first.weight")
@@ -233,6 +236,34 @@ def _infer_rrdbnet(state: dict[str, torch.Tensor], overrides: Mapping) -> dict:
                              f"1, 4 or 16 x num_in_ch={num_in_ch}; pass scale=... and/or num_in_ch=...")
     return dict(num_in_ch=num_in_ch, num_out_ch=num_out_ch, num_feat=num_feat,
                 num_block=num_block, num_grow_ch=_shape(state, "body.0.rdb1.conv1.weight")[0], scale=scale)
+
+
+def _infer_compact(state: dict[str, torch.Tensor], overrides: Mapping) -> dict:
+    """SRVGGNetCompact's arguments from ``body.N`` shapes: convs at even N (4-D weights), channel-wise
+    PReLU slopes at odd N (1-D weights; ReLU / LeakyReLU have none, so their N skip the odd numbers)."""
+    indices = sorted({int(k.split(".")[1]) for k in state})
+    convs = [i for i in indices if state[f"body.{i}.weight"].ndim == 4] if all(
+        f"body.{i}.weight" in state for i in indices) else []
+    slopes = [i for i in indices if i not in convs]
+    last = indices[-1]
+    if (not convs or convs != list(range(0, last + 1, 2)) or len(convs) < 2
+            or (slopes and slopes != list(range(1, last, 2)))
+            or any(state[f"body.{i}.weight"].ndim != 1 for i in slopes)):
+        raise ValueError(f"body.N parameters {sample_keys(state)} are not a Compact (SRVGGNetCompact) generator: it "
+                         "has 3x3 convs at body.0, body.2, ... and, with PReLU, their slopes at body.1, body.3, ...")
+    num_feat, num_in_ch = _shape(state, "body.0.weight")[:2]
+    act_type = "prelu" if slopes else overrides.get("act_type")
+    if act_type is None:
+        raise ValueError("this Compact generator has no PReLU slopes, so its activation was relu or leakyrelu and "
+                         "its weights do not record which; pass act_type='relu' or act_type='leakyrelu'")
+    out = _shape(state, f"body.{last}.weight")[0]
+    # the last conv makes num_out_ch * scale**2 channels and num_out_ch = num_in_ch (the input is added)
+    scale = round((out / num_in_ch) ** 0.5)
+    if scale * scale * num_in_ch != out:
+        raise ValueError(f"the last conv body.{last} makes {out} channels, not num_in_ch ({num_in_ch}) x scale**2; "
+                         "this is not a Compact generator raysr can run")
+    return dict(num_in_ch=num_in_ch, num_out_ch=num_in_ch, num_feat=num_feat, num_conv=len(convs) - 2,
+                scale=scale, act_type=act_type)
 
 
 def _required_scale(arch: str, overrides: Mapping) -> int:

@@ -6,7 +6,8 @@ so a run's validation PSNR is what ``raysr.evaluate`` reports for its generator 
 same images:
 
 1. GT is cropped to a multiple of the scale ("GTmod", done by the callers' loaders);
-2. LR = MATLAB ``imresize(GT, 1/scale, 'bicubic')`` rounded to uint8 (:func:`bicubic_lr`);
+2. LR = MATLAB ``imresize(GT, 1/scale, 'bicubic')`` rounded to uint8 (:func:`bicubic_lr`), or the
+   given LR image of a real pair (``raysr.evaluate --lr``, training's ``data.val_lr``);
 3. SR = generator(LR) through :func:`raysr.inference.upscale_tensor` (padded to the sizes
    the network takes: RRDBNet x2/x1 need even / multiple-of-4 LR sides), rounded to uint8;
 4. PSNR / SSIM (:mod:`raysr.metrics`) on BT.601 Y (and RGB), ``scale`` px ignored at every
@@ -76,29 +77,46 @@ def validation_images(val_set) -> list[np.ndarray]:
     return [to_uint8(val_set[i][2]) for i in range(len(val_set))]
 
 
-def bicubic_baseline(images: Sequence[np.ndarray], scale: int) -> dict:
-    """``psnr_bicubic`` / ``ssim_bicubic`` (Y) over GTmod uint8 images: fixed for a run, so computed once."""
-    rows = [score(bicubic_sr(bicubic_lr(hr, scale), scale), hr, scale, rgb=False) for hr in images]
+def validation_lr_images(val_set) -> list[np.ndarray] | None:
+    """The given LR images of a paired :class:`raysr.validation.pairs.ValidationSet` (``data.val_lr``) as
+    uint8 (h, w, 3), exact as :func:`validation_images`; None when its LR is made by bicubic."""
+    return [to_uint8(val_set[i][1]) for i in range(len(val_set))] if val_set.paired else None
+
+
+def _lr_of(images: Sequence[np.ndarray], lr_images: Sequence[np.ndarray] | None, scale: int):
+    """Each GTmod image's LR: the given one, else :func:`bicubic_lr` (made as needed)."""
+    if lr_images is not None and len(lr_images) != len(images):
+        raise ValueError(f"{len(lr_images)} LR images for {len(images)} HR images")
+    for i, hr in enumerate(images):
+        yield bicubic_lr(hr, scale) if lr_images is None else lr_images[i]
+
+
+def bicubic_baseline(images: Sequence[np.ndarray], scale: int,
+                     lr_images: Sequence[np.ndarray] | None = None) -> dict:
+    """``psnr_bicubic`` / ``ssim_bicubic`` (Y) over GTmod uint8 images, bicubic-upscaling their LR
+    (``lr_images`` when given, else :func:`bicubic_lr`): fixed for a run, so computed once."""
+    rows = [score(bicubic_sr(lr, scale), hr, scale, rgb=False)
+            for hr, lr in zip(images, _lr_of(images, lr_images, scale))]
     mean = mean_scores(rows, ("psnr_y", "ssim_y"))
     return {"psnr_bicubic": mean["psnr_y"], "ssim_bicubic": mean["ssim_y"]}
 
 
 def score_generator(g: nn.Module, images: Sequence[np.ndarray], scale: int, perceptual=None,
-                    lpips_fn=None) -> tuple[dict, bytes | None]:
+                    lpips_fn=None, lr_images: Sequence[np.ndarray] | None = None) -> tuple[dict, bytes | None]:
     """Validation metrics of ``g`` over GTmod uint8 images (one at a time, on ``g``'s device),
     plus a comparison PNG.
 
-    ``psnr`` / ``ssim``: Y channel as :func:`score`; ``perceptual``: the configured VGG
-    perceptual loss between SR and HR (float, before quantisation), when one is given;
-    ``lpips`` with ``lpips_fn``. The PNG shows the first image's centre (at most 256 px of
-    HR) as bicubic | SR | HR.
+    ``lr_images``: each image's LR as uint8 (H/scale, W/scale, 3) (a paired validation set); None
+    makes it with :func:`bicubic_lr`. ``psnr`` / ``ssim``: Y channel as :func:`score`;
+    ``perceptual``: the configured VGG perceptual loss between SR and HR (float, before
+    quantisation), when one is given; ``lpips`` with ``lpips_fn``. The PNG shows the first
+    image's centre (at most 256 px of HR) as bicubic | SR | HR.
     """
     was_training = g.training
     g.eval()
     rows, comparison = [], None
     with torch.no_grad():
-        for i, hr in enumerate(images):
-            lr = bicubic_lr(hr, scale)
+        for i, (hr, lr) in enumerate(zip(images, _lr_of(images, lr_images, scale))):
             sr, sr_float = super_resolve(g, lr)
             s = score(sr, hr, scale, lpips_fn, rgb=False)
             row = {"psnr": s["psnr_y"], "ssim": s["ssim_y"]}

@@ -14,7 +14,8 @@ from PIL import Image
 from scipy.signal import correlate2d
 
 from raysr.generator_file import save_generator
-from raysr.evaluate import dataset_key, main
+from raysr.evaluate import main
+from raysr.validation.pairs import dataset_key
 from raysr.lpips import load_lpips
 
 sys.path.insert(0, str(Path(__file__).parent))

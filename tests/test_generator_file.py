@@ -210,8 +210,9 @@ def test_unrecognised_checkpoints_say_what_was_found(tmp_path):
 EACH_GENERATOR = [SRCNN(num_feat=(6, 4), scale=2), VDSR(num_feat=5, num_layer=3, scale=3),
                   SRResNet(num_feat=5, num_block=2, scale=3, variant="paper"),
                   RRDBNet(num_feat=5, num_block=1, num_grow_ch=2, scale=1),
-                  RRDBNet(num_feat=5, num_block=1, num_grow_ch=2, scale=2)]
-EACH_GENERATOR_IDS = ["srcnn", "vdsr", "srresnet-paper", "rrdbnet-x1", "rrdbnet-x2"]
+                  RRDBNet(num_feat=5, num_block=1, num_grow_ch=2, scale=2),
+                  build_generator("compact", num_feat=5, num_conv=2, scale=3, act_type="relu")]
+EACH_GENERATOR_IDS = ["srcnn", "vdsr", "srresnet-paper", "rrdbnet-x1", "rrdbnet-x2", "compact-relu-x3"]
 
 
 @pytest.mark.parametrize("model", EACH_GENERATOR, ids=EACH_GENERATOR_IDS)
@@ -296,7 +297,7 @@ def test_training_state_errors(tmp_path):
     with pytest.raises(ValueError, match=r"config has no model.generator section \(config keys: \['data'\]\)"):
         load_generator({**sd, "config": {"data": {}}})
     renamed = {**sd["config"], "model": {"generator": {**sd["config"]["model"]["generator"], "name": "edsr"}}}
-    with pytest.raises(ValueError, match=r"model.generator.name 'edsr' is not a raysr generator; known: \['rrdbnet'"):
+    with pytest.raises(ValueError, match=r"model.generator.name 'edsr' is not a raysr generator; known: \['compact', 'rrdbnet'"):
         load_generator({**sd, "config": renamed})
     extra = {**sd["config"], "model": {"generator": {**sd["config"]["model"]["generator"], "depth": 3}}}
     with pytest.raises(ValueError, match=r"does not fit this raysr version: .*'depth'"):
@@ -364,7 +365,8 @@ def test_safetensors_raysr_format_round_trips_each_generator(model, tmp_path):
     save_generator(g, path, fmt="raysr", ema=ema)
     with safe_open(str(path), framework="pt") as f:  # an ordinary safetensors file: the EMA weights, bare names
         assert set(f.keys()) == set(ema.state_dict())
-        assert f.metadata()["arch"] == type(g).__name__.lower() and f.metadata()["weights"] == "params_ema"
+        arch = {"SRVGGNetCompact": "compact"}.get(type(g).__name__, type(g).__name__.lower())
+        assert f.metadata()["arch"] == arch and f.metadata()["weights"] == "params_ema"
         assert all(torch.equal(f.get_tensor(k), v) for k, v in ema.state_dict().items())
     same_network(load_generator(path), ema)
 

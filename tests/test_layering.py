@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "raysr.degradation", "raysr.degradation.kernels", "raysr.degradation.pipeline", "raysr.degradation.pool",
         "raysr.degradation.regions", "raysr.validation", "raysr.validation.pairs")),
     ("networks and their weights", (
-        "raysr.models", "raysr.models.common", "raysr.models.discriminators", "raysr.models.rrdbnet",
+        "raysr.models", "raysr.models.common", "raysr.models.compact", "raysr.models.discriminators", "raysr.models.rrdbnet",
         "raysr.models.srcnn", "raysr.models.srresnet", "raysr.models.vdsr", "raysr.models.vgg", "raysr.weights")),
     ("config", ("raysr.config",)),
     ("scoring: the SR metrics protocol, LPIPS", ("raysr.scoring", "raysr.lpips")),

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from raysr.models import (DISCRIMINATORS, GENERATORS, RRDBNet, SRResNet, UNetDiscriminatorSN, VGGDiscriminator,
-                          build_discriminator, build_generator)
+from raysr.models import (DISCRIMINATORS, GENERATORS, RRDBNet, SRResNet, SRVGGNetCompact, UNetDiscriminatorSN,
+                          VGGDiscriminator, build_discriminator, build_generator)
 from raysr.models.srcnn import SRCNN
 from raysr.models.vdsr import VDSR
 from raysr.ops.resize import imresize
@@ -21,6 +21,7 @@ TINY = {
     "vdsr": dict(num_feat=6, num_layer=4),
     "srresnet": dict(num_feat=6, num_block=2),
     "rrdbnet": dict(num_feat=6, num_block=1, num_grow_ch=4),
+    "compact": dict(num_feat=6, num_conv=2),
 }
 
 
@@ -138,6 +139,8 @@ def srresnet_paper_reference(sd, x, scale, num_block):
     ("srresnet", {"variant": "paper"}, 2, (7, 9)), ("srresnet", {"variant": "paper"}, 3, (5, 4)),
     ("srresnet", {"variant": "paper"}, 4, (6, 7)),
     ("rrdbnet", {}, 4, (5, 7)), ("rrdbnet", {}, 2, (6, 10)), ("rrdbnet", {}, 1, (8, 12)),
+    ("compact", {}, 4, (5, 7)), ("compact", {"act_type": "relu"}, 3, (5, 4)),
+    ("compact", {"act_type": "leakyrelu"}, 1, (6, 7)),
 ])
 def test_generator_output_size_and_gradients(name, extra, scale, size):
     g = build_generator(name, scale=scale, **TINY[name], **extra)
@@ -400,7 +403,8 @@ def test_unet_discriminator_any_size(size, skip):
 
 
 def test_builders_expose_every_network():
-    assert GENERATORS == {"srcnn": SRCNN, "vdsr": VDSR, "srresnet": SRResNet, "rrdbnet": RRDBNet}
+    assert GENERATORS == {"srcnn": SRCNN, "vdsr": VDSR, "srresnet": SRResNet, "rrdbnet": RRDBNet,
+                          "compact": SRVGGNetCompact}
     assert DISCRIMINATORS == {"vgg": VGGDiscriminator, "unet": UNetDiscriminatorSN}
     assert isinstance(build_discriminator("vgg", num_feat=2, input_size=96), VGGDiscriminator)
     assert isinstance(build_discriminator("unet", num_feat=2), UNetDiscriminatorSN)
@@ -408,8 +412,8 @@ def test_builders_expose_every_network():
 
 
 @pytest.mark.parametrize("call,message", [
-    (lambda: build_generator("edsr"), r"unknown generator 'edsr'; choose one of \['rrdbnet', 'srcnn', "
-                                      r"'srresnet', 'vdsr'\]"),
+    (lambda: build_generator("edsr"), r"unknown generator 'edsr'; choose one of \['compact', 'rrdbnet', "
+                                      r"'srcnn', 'srresnet', 'vdsr'\]"),
     (lambda: build_discriminator("patch"), r"unknown discriminator 'patch'; choose one of \['unet', 'vgg'\]"),
     (lambda: build_generator("rrdbnet", nb=3), r"does not take \['nb'\]; it accepts \['num_in_ch', "
                                                r"'num_out_ch', 'num_feat', 'num_block', 'num_grow_ch', 'scale'\]"),

@@ -23,7 +23,7 @@ from raysr.scoring import bicubic_baseline, score_generator, validation_images
 sys.path.insert(0, str(Path(__file__).parent))
 from test_upscale import tiny_generator  # noqa: E402
 
-SCALES = {"rrdbnet": (1, 2, 4), "srresnet": (2, 3, 4), "srcnn": (2, 3, 4), "vdsr": (2, 3, 4)}
+SCALES = {"rrdbnet": (1, 2, 4), "srresnet": (2, 3, 4), "srcnn": (2, 3, 4), "vdsr": (2, 3, 4), "compact": (1, 3)}
 CASES = [(name, scale) for name, scales in SCALES.items() for scale in scales]
 SIZES = ((45, 38), (37, 51))  # odd: GTmod / scale is odd for every scale here
 

@@ -472,7 +472,7 @@ DOCUMENTED_KEYS = {
     "run": "name storage num_workers use_gpu checkpoint_every val_every keep_checkpoints max_failures seed precision",
 }
 PRESETS = ["quickstart", "srcnn_x4", "vdsr_x4", "srresnet_x4", "srgan_x4", "esrgan_psnr_x4", "esrgan_x4",
-           "realesrnet_x4plus", "realesrgan_x4plus"]
+           "realesrnet_x4plus", "realesrgan_x4plus", "realesr_compact_x4"]
 
 
 def leaves(tree: dict, prefix: str = "") -> dict:

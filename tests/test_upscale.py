@@ -26,7 +26,8 @@ from raysr.upscale import build_parser, main, upscale_image
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"rrdbnet": dict(num_feat=8, num_block=1, num_grow_ch=4), "srresnet": dict(num_feat=8, num_block=1),
-        "srcnn": dict(num_feat=(8, 4), kernel_sizes=(5, 1, 3)), "vdsr": dict(num_feat=8, num_layer=4)}
+        "srcnn": dict(num_feat=(8, 4), kernel_sizes=(5, 1, 3)), "vdsr": dict(num_feat=8, num_layer=4),
+        "compact": dict(num_feat=8, num_conv=2)}
 
 
 def tiny_generator(name: str = "rrdbnet", scale: int = 4, seed: int = 0, **kwargs) -> nn.Module:

@@ -11,7 +11,8 @@ import inspect
 
 from torch import nn
 
-from raysr.models import rrdbnet, srcnn, srresnet, vdsr
+from raysr.models import compact, rrdbnet, srcnn, srresnet, vdsr
+from raysr.models.compact import SRVGGNetCompact
 from raysr.models.discriminators import VGG_INPUT_SIZES, UNetDiscriminatorSN, VGGDiscriminator
 from raysr.models.rrdbnet import RRDBNet
 from raysr.models.srcnn import SRCNN
@@ -24,10 +25,12 @@ GENERATORS: dict[str, type[nn.Module]] = {
     "vdsr": VDSR,
     "srresnet": SRResNet,
     "rrdbnet": RRDBNet,
+    "compact": SRVGGNetCompact,
 }
 # upscaling factors each generator supports: the one table the config checks against
 GENERATOR_SCALES: dict[str, tuple[int, ...]] = {"srcnn": srcnn.SCALES, "vdsr": vdsr.SCALES,
-                                                "srresnet": srresnet.SCALES, "rrdbnet": rrdbnet.SCALES}
+                                                "srresnet": srresnet.SCALES, "rrdbnet": rrdbnet.SCALES,
+                                                "compact": compact.SCALES}
 DISCRIMINATORS: dict[str, type[nn.Module]] = {
     "vgg": VGGDiscriminator,
     "unet": UNetDiscriminatorSN,
@@ -49,7 +52,7 @@ def _build(kind: str, registry: dict[str, type[nn.Module]], name: str, kwargs: d
 
 
 def build_generator(name: str, **kwargs) -> nn.Module:
-    """A generator by name (``srcnn``, ``vdsr``, ``srresnet``, ``rrdbnet``) with its constructor kwargs.
+    """A generator by name (``srcnn``, ``vdsr``, ``srresnet``, ``rrdbnet``, ``compact``) with its constructor kwargs.
 
     Raises ValueError for an unknown name (listing the known ones), an argument
     the network does not take (listing the ones it does) or a bad value.
@@ -69,7 +72,8 @@ def generator_from_config(g) -> nn.Module:
               "vdsr": dict(num_feat=g.num_feat, num_layer=g.num_block, scale=g.scale),
               "srresnet": dict(num_feat=g.num_feat, num_block=g.num_block, scale=g.scale, variant=g.variant),
               "rrdbnet": dict(num_feat=g.num_feat, num_block=g.num_block, num_grow_ch=g.num_grow_ch,
-                              scale=g.scale)}[g.name]
+                              scale=g.scale),
+              "compact": dict(num_feat=g.num_feat, num_conv=g.num_conv, scale=g.scale, act_type=g.act_type)}[g.name]
     return build_generator(g.name, **kwargs)
 
 
@@ -93,5 +97,5 @@ def generator_name(model: nn.Module) -> str:
 
 __all__ = ["GENERATORS", "GENERATOR_SCALES", "DISCRIMINATORS", "VGG_INPUT_SIZES", "build_generator", "build_discriminator", "generator_from_config",
            "discriminator_from_config", "generator_name",
-           "SRCNN", "VDSR", "SRResNet", "RRDBNet", "VGGDiscriminator", "UNetDiscriminatorSN",
+           "SRCNN", "VDSR", "SRResNet", "RRDBNet", "SRVGGNetCompact", "VGGDiscriminator", "UNetDiscriminatorSN",
            "VGGFeatureExtractor"]

@@ -32,7 +32,8 @@ MANAGED_KEYS = {"run.name": "each trial's run is named after its trial id",
                 "run.num_workers": "every trial gets the same workers; set it with --set",
                 "run.use_gpu": "every trial runs on the same devices; set it with --set"}
 # Keys that change the generator's shape: train.init_from weights cannot fit all of their values.
-SHAPE_KEYS = {f"model.generator.{k}" for k in ("name", "num_feat", "num_block", "num_grow_ch", "scale", "variant")}
+SHAPE_KEYS = {f"model.generator.{k}" for k in ("name", "num_feat", "num_block", "num_grow_ch", "scale", "variant",
+                                                       "num_conv", "act_type")}
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,8 @@ _USED_WHEN = (
     ("train.d_init_steps", "train.phase", ("gan",), "D warm-up exists only in the GAN phase (train.phase=gan)"),
     ("model.generator.num_grow_ch", "model.generator.name", ("rrdbnet",), "only RRDBNet has a growth channel count"),
     ("model.generator.variant", "model.generator.name", ("srresnet",), "only SRResNet has variants"),
+    ("model.generator.num_conv", "model.generator.name", ("compact",), "only Compact has num_conv"),
+    ("model.generator.act_type", "model.generator.name", ("compact",), "only Compact chooses its activation"),
     ("model.discriminator.dense_feat", "model.discriminator.name", ("vgg",), "only the VGG discriminator has one"),
     ("model.discriminator.variant", "model.discriminator.name", ("vgg",), "only the VGG discriminator has variants"),
     ("optim.schedule.milestones", "optim.schedule.type", ("multistep",), "they apply to the multistep schedule only"),

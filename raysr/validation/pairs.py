@@ -3,15 +3,19 @@
 GT is the full HR image with its bottom/right ``H % scale`` rows and
 ``W % scale`` columns cut ("GTmod", BasicSR's ``mod_crop``); LR is the exact
 MATLAB bicubic of GT ÷ scale, on 8-bit levels like the published LR files
-(:func:`raysr.data.make_lr`). Images come from a folder (local or s3://) or
-from shards; unreadable images are skipped with a warning, as in training.
+(:func:`raysr.data.make_lr`), or, for real LR/HR pairs (RealSR, DRealSR, camera
+pairs), the LR image of a paired folder, matched to its GT by name
+(:func:`pairing_key`) and required to be exactly GTmod ÷ scale. Images come from
+a folder (local or s3://) or from shards; unreadable images are skipped with a
+warning, as in training. ``raysr.evaluate --lr`` pairs files by the same rule.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+import re
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +25,7 @@ from raysr.data.decode import DECODE_ERRORS, decode_rgb
 from raysr.data.manifest import manifest_uri
 from raysr.data.sources import SHARD_SUFFIXES, resolve_shards
 from raysr.data.stream import DataStats, iter_shard, make_lr
-from raysr.images import list_images
+from raysr.images import list_images, relative_path
 from raysr.storage import StorageError
 from raysr.util import check_int
 
@@ -35,24 +39,67 @@ def mod_crop(image: np.ndarray, scale: int) -> np.ndarray:
     return image[:height - height % scale, :width - width % scale]
 
 
+def dataset_key(stem: str, scale: int) -> str:
+    """The stem with the usual benchmark decorations for ``scale`` removed:
+    ``baby_LRBI_x4``, ``baby_HR_x4``, ``baby_x4``, ``babyx4`` and ``baby`` -> ``baby``."""
+    return re.sub(rf"(?i)(?:[_-]?(?:LR|HR|GT)(?:BI|BD|DN)?)?(?:[_-]?x{scale})?$", "", stem) or stem
+
+
+def pairing_key(name: str, scale: int) -> str:
+    """What pairs an LR file with its GT: the name (a path relative to its folder, extension dropped)
+    with :func:`dataset_key` applied to its last part, so ``sub/baby_x4`` pairs with ``sub/baby``."""
+    folder, _, stem = name.rpartition("/")
+    return f"{folder}/{dataset_key(stem, scale)}" if folder else dataset_key(stem, scale)
+
+
+def index_by_key(files: Sequence[str], root: str, scale: int, what: str) -> dict[str, str]:
+    """``{pairing key: file}`` for image files below ``root``; ValueError naming ``what`` when two
+    files match one key."""
+    index: dict[str, str] = {}
+    for uri in files:
+        key = pairing_key(os.path.splitext(relative_path(str(uri), str(root)))[0], scale)
+        if key in index:
+            raise ValueError(f"{what}: {index[key]} and {uri} both match image {key!r}; keep one of them")
+        index[key] = uri
+    return index
+
+
+def pair_size_error(lr: str, lr_size: tuple[int, int], hr: str, gtmod_size: tuple[int, int], scale: int) -> str | None:
+    """The message for an LR image (``lr_size`` = (H, W)) that is not its GTmod (``gtmod_size``) ÷ ``scale``,
+    or None when it is."""
+    if (lr_size[0] * scale, lr_size[1] * scale) == tuple(gtmod_size):
+        return None
+    return (f"{lr}: LR is {lr_size[0]}x{lr_size[1]} but GT {hr} cropped to a multiple of {scale} is "
+            f"{gtmod_size[0]}x{gtmod_size[1]}, so LR should be {gtmod_size[0] // scale}x{gtmod_size[1] // scale}")
+
+
 class ValidationSet(torch.utils.data.Dataset):
     """Full-image validation pairs; ``ds[i]`` is ``(name, lr, hr)``.
 
     hr: ``(3, H, W)`` float32 in [0,1], H and W multiples of ``scale``; lr:
-    ``(3, H/scale, W/scale)`` float32 (8-bit levels if ``quantize``), made on
-    first access and cached. ``skipped`` names the images that could not be used.
+    ``(3, H/scale, W/scale)`` float32: the given ``lr_images`` (uint8 ``(H/scale, W/scale, 3)``,
+    one per image) divided by 255, else the bicubic of hr (8-bit levels if ``quantize``), made
+    on first access and cached. ``skipped`` names the images that could not be used.
     Images differ in size: iterate one at a time (batch size 1).
     """
 
     def __init__(self, names: Sequence[str], images: Sequence[np.ndarray], scale: int, quantize: bool = True,
-                 skipped: Sequence[str] = ()):
+                 skipped: Sequence[str] = (), lr_images: Optional[Sequence[np.ndarray]] = None):
         self.scale = check_int("scale", scale)
         self.quantize = quantize
         self.names = list(names)
         self.skipped = list(skipped)
         # uint8 HR: a quarter of the memory of float, converted per access
         self._hr = [torch.from_numpy(np.ascontiguousarray(mod_crop(im, scale).transpose(2, 0, 1))) for im in images]
+        self.paired = lr_images is not None
         self._lr: dict[int, torch.Tensor] = {}
+        if lr_images is not None:
+            if len(lr_images) != len(self._hr):
+                raise ValueError(f"{len(lr_images)} LR images for {len(self._hr)} HR images")
+            for i, (name, lr, hr) in enumerate(zip(self.names, lr_images, self._hr)):
+                if (error := pair_size_error(f"LR of {name}", lr.shape[:2], name, hr.shape[1:], scale)) is not None:
+                    raise ValueError(error)
+                self._lr[i] = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1))).float().div_(255.0)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -113,19 +160,59 @@ def _shard_images(shards, scale: int) -> tuple[list[str], list[np.ndarray], list
     return names, images, skipped
 
 
-def load_validation(source, scale: int, *, quantize: bool = True) -> ValidationSet:
+def _paired_lr_images(lr_source: str, names: Sequence[str], images: Sequence[np.ndarray], scale: int,
+                      skipped: list[str]) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """The LR image of each validation image from the folder ``lr_source``, paired by
+    :func:`pairing_key`. ValueError naming the images without an LR file and any LR file whose size
+    is not GTmod ÷ scale; an unreadable LR file skips its pair with a warning."""
+    what = f"data.val_lr {lr_source}"
+    files, _ = list_images(lr_source)
+    if not files:
+        raise ValueError(f"{what} holds no images (.png, .jpg, .webp, ...); point it at the LR images of data.val")
+    index = index_by_key(files, lr_source, scale, what)
+    missing = [n for n in names if pairing_key(n, scale) not in index]
+    if missing:
+        raise ValueError(f"{what}: no LR image for {missing[:5]}{' ...' if len(missing) > 5 else ''} (paired by name: "
+                         f"expected e.g. {missing[0]}.png or {missing[0]}x{scale}.png)")
+    kept_names, kept_hr, lr_images = [], [], []
+    for name, hr in zip(names, images):
+        path = index[pairing_key(name, scale)]
+        try:
+            lr = decode_rgb(storage.read_bytes(path), path)
+        except DECODE_ERRORS as err:
+            if isinstance(err, StorageError):
+                raise
+            LOG.warning("validation: skipped %s: its LR %s is unreadable: %s", name, path, err)
+            skipped.append(name)
+            continue
+        gtmod = mod_crop(hr, scale).shape[:2]
+        if (error := pair_size_error(path, lr.shape[:2], name, gtmod, scale)) is not None:
+            raise ValueError(f"{what}: {error}; is model.generator.scale right, and is this the LR of that image?")
+        kept_names.append(name)
+        kept_hr.append(hr)
+        lr_images.append(lr)
+    return kept_names, kept_hr, lr_images
+
+
+def load_validation(source, scale: int, *, quantize: bool = True, lr_source: Optional[str] = None) -> ValidationSet:
     """Read every image of ``source`` into a :class:`ValidationSet`.
 
     source: a folder or s3:// prefix of HR images (names: paths relative to it,
     without extension, sorted), or shards (URL list, pattern, directory with a
-    manifest, manifest; names: sample keys, in shard order). Raises ValueError
-    when no usable image is found, StorageError when the source is missing.
+    manifest, manifest; names: sample keys, in shard order). lr_source: a folder
+    or s3:// prefix of the matching LR images (``data.val_lr``), paired by name
+    (:func:`pairing_key`), each exactly GTmod ÷ scale; None makes LR by bicubic.
+    Raises ValueError when no usable image is found or a pair does not fit,
+    StorageError when a source is missing.
     """
     scale = check_int("scale", scale)
     if _is_shard_source(source):
         names, images, skipped = _shard_images(source, scale)
     else:
         names, images, skipped = _folder_images(source, scale)
+    lr_images = None
+    if lr_source is not None and names:
+        names, images, lr_images = _paired_lr_images(lr_source, names, images, scale, skipped)
     if not names:
         raise ValueError(f"no usable validation image in {source} (skipped: {skipped or 'none'})")
-    return ValidationSet(names, images, scale, quantize, skipped)
+    return ValidationSet(names, images, scale, quantize, skipped, lr_images)

@@ -23,12 +23,13 @@ from raysr.config import Config
 from raysr.validation.pairs import load_validation
 from raysr.lpips import load_lpips
 from raysr.models import generator_from_config
-from raysr.scoring import bicubic_baseline, score_generator, validation_images
+from raysr.scoring import bicubic_baseline, score_generator, validation_images, validation_lr_images
 from raysr.weights import strip_wrapper_prefixes
 
 
 class Validator:
-    """Scores a run's generator on ``data.val`` as training's validation does.
+    """Scores a run's generator on ``data.val`` as training's validation does (LR from ``data.val_lr``
+    when it is set, else the bicubic of each image).
 
     device: where scoring runs (None: the first CUDA device when this process sees one, else the
     CPU). perceptual: the VGG perceptual loss to measure with (rank 0 passes its own); None builds
@@ -43,8 +44,10 @@ class Validator:
             torch.set_num_threads(threads)
         self.cfg = cfg
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.images = validation_images(load_validation(cfg.data.val, cfg.scale))
-        self.baseline = bicubic_baseline(self.images, cfg.scale)
+        val_set = load_validation(cfg.data.val, cfg.scale, lr_source=cfg.data.val_lr)
+        self.images = validation_images(val_set)
+        self.lr_images = validation_lr_images(val_set)  # None: LR by bicubic of each image
+        self.baseline = bicubic_baseline(self.images, cfg.scale, self.lr_images)
         self.lpips_fn = load_lpips(device=self.device)[0]
         if perceptual is None and cfg.train.phase == "gan" and cfg.loss.perceptual.weight > 0:
             from raysr.engine import perceptual_loss
@@ -60,7 +63,8 @@ class Validator:
         ``val_time_s`` (seconds this validation took).
         """
         start = time.perf_counter()
-        metrics, comparison = score_generator(g, self.images, self.cfg.scale, self.perceptual, self.lpips_fn)
+        metrics, comparison = score_generator(g, self.images, self.cfg.scale, self.perceptual, self.lpips_fn,
+                                              self.lr_images)
         metrics.update(self.baseline, val_step=step, val_time_s=time.perf_counter() - start)
         return metrics, comparison
 
