@@ -256,3 +256,49 @@ def test_a_failing_tracker_is_reported_once_and_never_raises(clean_env, tmp_path
     client = MlflowClient(tracking_uri=ok.run.mlflow_tracking_uri)
     assert [m.step for m in client.get_metric_history(run_id, "loss_g")] == [1, 4]
     assert list((tmp_path / "midway" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+# --------------------------------------------------------------------------- one real run (Ray)
+
+
+def test_a_train_run_logs_to_mlflow_and_wandb_and_its_rerun_continues_them(ray_local, demo_data, clean_env, tmp_path):
+    """``python -m raysr.train`` with both trackers on one worker, then the same command with more
+    steps: one MLflow run and one W&B run hold every report at its step, equal to the checkpoints'
+    metrics.json, and the validations at theirs."""
+    from mlflow.tracking import MlflowClient
+
+    storage = tmp_path / "runs"
+    argv = []
+    for value in ["model.generator.num_feat=8", "model.generator.num_block=1", "data.batch_size=2",
+                  "data.num_workers=0", f"data.train={demo_data.train}", f"data.val={demo_data.val}",
+                  "run.validation=inline", "run.log_every=2", "run.val_every=2", "run.checkpoint_every=2",
+                  f"run.storage={storage}", "run.name=tracked", "run.trackers=[tensorboard, mlflow, wandb]",
+                  "run.wandb_mode=offline"]:
+        argv += ["--set", value]
+    assert main(argv + ["--set", "train.total_steps=4"]) == 0
+    ids = json.loads((storage / "tracked" / IDS_FILE).read_text())
+    assert main(argv + ["--set", "train.total_steps=6"]) == 0  # resumes at step 4
+    assert json.loads((storage / "tracked" / IDS_FILE).read_text()) == ids
+
+    saved = {s: json.loads((storage / "tracked" / f"checkpoint_{s:08d}" / "metrics.json").read_text())
+             for s in (2, 4, 6)}
+    client = MlflowClient(tracking_uri=f"sqlite:///{storage}/mlflow.db")
+    (only,) = client.search_runs([client.get_experiment_by_name("raysr").experiment_id])
+    assert only.info.run_id == ids["mlflow"]["run_id"] and only.info.status == "FINISHED"
+
+    def history(key):
+        return [(m.step, m.value) for m in sorted(client.get_metric_history(only.info.run_id, key), key=lambda m: m.step)]
+
+    assert history("loss_g") == [(s, pytest.approx(saved[s]["loss_g"])) for s in (2, 4, 6)]
+    assert history("psnr") == [(s, pytest.approx(saved[s]["psnr"])) for s in (2, 4, 6)]
+    assert only.data.params["train.total_steps"] == "4" and only.data.tags["changed.train.total_steps"] == "6"
+    images = [a.path for a in client.list_artifacts(only.info.run_id, "images") if a.path.endswith(".png")]
+    assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in images) == [2, 4, 6]
+
+    sessions = wandb_runs(storage / "tracked")
+    assert [s["id"] for s in sessions] == [ids["wandb"]["run_id"]] * 2
+    rows = [r for s in sessions for r in s["rows"]]
+    assert [(r["step"], r["loss_g"]) for r in rows if "step" in r] == \
+        [(s, pytest.approx(saved[s]["loss_g"])) for s in (2, 4, 6)]
+    assert [(r["val_step"], r["psnr"]) for r in rows if "val_step" in r] == \
+        [(s, pytest.approx(saved[s]["psnr"])) for s in (2, 4, 6)]
