@@ -64,6 +64,8 @@ def resolve_settings(cfg: Config) -> Config:
     data = cfg.to_dict()
     if "mlflow" in run.trackers:
         uri = run.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri(run.storage)
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative: to this folder, not a worker's
+            uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
         _need("mlflow", PACKAGES["mlflow"] + (SQL_PACKAGES if is_database(uri) else ()))
         data["run"].update(mlflow_tracking_uri=uri, mlflow_experiment=run.mlflow_experiment or os.environ.get(
             "MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
@@ -178,10 +180,13 @@ class MLflowTracker:
         self.run_id = None
         if saved.get("tracking_uri") == uri:
             try:
-                if self.client.get_run(saved["run_id"]).info.lifecycle_stage == "active":
-                    self.run_id = saved["run_id"]
+                stage = self.client.get_run(saved["run_id"]).info.lifecycle_stage
             except MlflowException as err:
-                say(f"raysr: mlflow: the run {run} logged to ({saved['run_id']}) is not in {uri} ({err}); "
+                stage = f"not found: {err}"
+            if stage == "active":
+                self.run_id = saved["run_id"]
+            else:
+                say(f"raysr: mlflow: the MLflow run {saved['run_id']} this run logged to is {stage} at {uri}; "
                     "starting a new MLflow run")
         if self.run_id is not None:
             self.client.update_run(self.run_id, status="RUNNING")
@@ -260,22 +265,18 @@ class WandbTracker:
         self.run = wandb.init(id=run_id, resume="allow", name=cfg.run.name, config=cfg.to_dict(),
                               allow_val_change=True, mode=cfg.run.wandb_mode, dir=folder, **where,
                               settings=wandb.Settings(console="off", silent=True))
-        self.axes: dict[str, str] = {}
+        self.defined: set[str] = set()  # keys whose x-axis W&B was told
         say(f"raysr: wandb: {'continuing' if same else 'run'} {run_id} in project {where['project']} "
             f"({cfg.run.wandb_mode})")
 
     def log(self, step: int, metrics: dict, comparison: bytes | None, axis: str) -> None:
         values = {**_numbers(metrics, axis), axis: step}
-        for key in values:
-            if key not in self.axes:
-                self.run.define_metric(key, step_metric=None if key == axis else axis)
-                self.axes[key] = axis
         if comparison is not None:
             from PIL import Image
             values["comparison"] = self.wandb.Image(Image.open(io.BytesIO(comparison)), caption="bicubic | SR | HR")
-            if "comparison" not in self.axes:
-                self.run.define_metric("comparison", step_metric=axis)
-                self.axes["comparison"] = axis
+        for key in values.keys() - self.defined:  # each key's x-axis, once
+            self.run.define_metric(key, step_metric=None if key == axis else axis)
+            self.defined.add(key)
         self.run.log(values)
 
     def flush(self) -> None: ...

@@ -53,9 +53,10 @@ def test_unset_settings_come_from_the_environment_else_the_defaults(clean_env, t
     assert (cfg.mlflow_tracking_uri, cfg.mlflow_experiment) == ("http://127.0.0.1:5000", "sr")
     assert (cfg.wandb_project, cfg.wandb_entity, cfg.wandb_mode) == ("proj", "team", "offline")
     # a key in the config wins over the environment
+    clean_env.chdir(tmp_path)  # a relative sqlite path is made absolute here, where the command runs
     cfg = resolve_settings(tracked(tmp_path, "run.mlflow_tracking_uri=sqlite:///x.db", "run.wandb_project=p2",
                                    "run.wandb_mode=online")).run
-    assert (cfg.mlflow_tracking_uri, cfg.wandb_project, cfg.wandb_mode) == ("sqlite:///x.db", "p2", "online")
+    assert (cfg.mlflow_tracking_uri, cfg.wandb_project, cfg.wandb_mode) == (f"sqlite:///{tmp_path}/x.db", "p2", "online")
     assert resolve_settings(tracked(tmp_path, trackers="tensorboard")).run.mlflow_tracking_uri is None
 
 
@@ -199,7 +200,8 @@ def test_every_report_lands_at_its_step_and_a_rerun_continues_the_same_runs(clea
 
     assert history("loss_g") == [(2, 0.5), (4, 0.25), (6, 1 / 6)]
     assert history("crops_per_s") == [(2, 20.0), (4, 40.0), (6, 60.0)]
-    assert history("psnr") == [(2, 22.0), (6, 26.0)] and history("ssim") == [(2, pytest.approx(0.52)), (6, pytest.approx(0.56))]
+    assert history("psnr") == [(2, 22.0), (6, 26.0)]
+    assert history("ssim") == [(2, pytest.approx(0.52)), (6, pytest.approx(0.56))]
     assert set(only.data.metrics) == {"loss_g", "lr", "crops_per_s", "val_done", "psnr", "psnr_bicubic", "ssim"}
     # the config as parameters; MLflow keeps them as first logged, the new value is a tag
     assert only.data.params["train.total_steps"] == "4" and only.data.params["run.name"] == "fake"
@@ -256,6 +258,13 @@ def test_a_failing_tracker_is_reported_once_and_never_raises(clean_env, tmp_path
     client = MlflowClient(tracking_uri=ok.run.mlflow_tracking_uri)
     assert [m.step for m in client.get_metric_history(run_id, "loss_g")] == [1, 4]
     assert list((tmp_path / "midway" / "tensorboard").glob("events.out.tfevents.*"))
+
+    # a run someone deleted in MLflow is not continued: the rerun says so and starts a new one
+    client.delete_run(run_id)
+    fake_run(ok, str(tmp_path / "midway"), [5], {})
+    new_id = json.loads((tmp_path / "midway" / IDS_FILE).read_text())["mlflow"]["run_id"]
+    assert f"the MLflow run {run_id} this run logged to is deleted at" in capsys.readouterr().out
+    assert new_id != run_id and [m.step for m in client.get_metric_history(new_id, "loss_g")] == [5]
 
 
 # --------------------------------------------------------------------------- one real run (Ray)
