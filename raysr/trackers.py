@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import queue
 import secrets
@@ -171,6 +172,8 @@ class MLflowTracker:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
+        if not cfg.run.verbose:  # "Creating initial MLflow database tables..." at every new store
+            logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         uri = cfg.run.mlflow_tracking_uri
         if uri.startswith("sqlite:///"):  # sqlite creates the file, not its folder
             os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
