@@ -96,6 +96,21 @@ def test_a_server_store_needs_no_sqlalchemy_and_dry_run_shows_where_runs_log(cle
     assert "mlflow_tracking_uri: http://127.0.0.1:5000" in printed and "mlflow_experiment: raysr" in printed
 
 
+def test_every_tune_trial_logs_where_the_search_resolved(clean_env, tmp_path):
+    """A search resolves the tracker settings once, before Ray; its trials (runs under
+    <search>/runs) keep them, so every trial logs to the same store and project."""
+    from raysr.tune.cli import build_parser, prepare
+    from raysr.tune.space import trial_config
+
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.g.lr: {choice: [1.0e-4, 2.0e-4]}\n")
+    clean_env.setenv("WANDB_PROJECT", "sweep")
+    search = prepare(build_parser().parse_args(["--space", str(space), "--set", f"run.storage={tmp_path}",
+                                                "--set", "run.trackers=[mlflow, wandb]"]))
+    trial = trial_config(search.base, {"optim.g.lr": 2e-4}, name="t0", storage=str(tmp_path / "s" / "runs")).run
+    assert trial.mlflow_tracking_uri == f"sqlite:///{tmp_path}/mlflow.db" and trial.wandb_project == "sweep"
+
+
 # --------------------------------------------------------------------------- reading W&B's offline files
 
 
