@@ -182,7 +182,7 @@ class RunConfig:
     tf32: bool = True  # CUDA: fp32 matmuls and convolutions (the fp32 parts under bf16 too) in TF32
     cudnn_benchmark: bool = True  # CUDA: cuDNN times its algorithms per input shape, keeps the fastest
     # where the run's metrics, config and comparison images go (rank 0 logs; a rerun of run.name
-    # continues the same tracker runs): tensorboard (<run>/tensorboard), mlflow, wandb (docs/tracking.md)
+    # continues the same tracker runs): tensorboard (<run>/tensorboard), mlflow, wandb (docs/training.md)
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
     # unset: MLFLOW_TRACKING_URI, else sqlite:///<run.storage>/mlflow.db (local run.storage only)
     mlflow_tracking_uri: Optional[str] = None
