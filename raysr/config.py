@@ -237,6 +237,15 @@ class RunConfig:
     compile: Literal["off", "default", "max-autotune-no-cudagraphs"] = "off"
     tf32: bool = True  # CUDA: fp32 matmuls and convolutions (the fp32 parts under bf16 too) in TF32
     cudnn_benchmark: bool = True  # CUDA: cuDNN times its algorithms per input shape, keeps the fastest
+    # where the run's metrics, config and comparison images go (rank 0 logs; a rerun of run.name
+    # continues the same tracker runs): tensorboard (<run>/tensorboard), mlflow, wandb (docs/training.md)
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    # unset: MLFLOW_TRACKING_URI, else sqlite:///<run.storage>/mlflow.db (local run.storage only)
+    mlflow_tracking_uri: Optional[str] = None
+    mlflow_experiment: Optional[str] = None  # unset: MLFLOW_EXPERIMENT_NAME, else raysr
+    wandb_project: Optional[str] = None  # unset: WANDB_PROJECT, else raysr
+    wandb_entity: Optional[str] = None  # unset: WANDB_ENTITY, else the API key's default entity
+    wandb_mode: Optional[Literal["online", "offline"]] = None  # unset: WANDB_MODE, else online
 
     @property
     def elastic(self) -> bool:
@@ -316,8 +325,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}")
         return value
     if origin is list:
-        if isinstance(value, (str, int, float)) and args and args[0] in (str, int):
-            value = [value]  # `--set data.train=s3://…` gives a single URL
+        one = args and (args[0] in (str, int) or typing.get_origin(args[0]) is Literal)
+        if isinstance(value, (str, int, float)) and one:
+            value = [value]  # `--set data.train=s3://…` gives a single URL, `--set run.trackers=mlflow` one tracker
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
@@ -509,6 +519,9 @@ def check_config(cfg: Config) -> None:
     if sched.type == "cosine_restart" and (not sched.periods or min(sched.periods) <= 0):
         raise ConfigError("optim.schedule.periods: cosine_restart needs positive cycle lengths, "
                           "e.g. [250000, 250000, 250000, 250000]")
+    doubled = sorted({t for t in run.trackers if run.trackers.count(t) > 1})
+    if doubled:
+        raise ConfigError(f"run.trackers: {', '.join(doubled)} is listed more than once in {run.trackers}")
     if not run.name or "/" in run.name:
         raise ConfigError(f"run.name: {run.name!r} must be a non-empty name without '/'")
     if train.phase == "gan":

@@ -35,6 +35,7 @@ from raysr.ray_setup import (NOISE_RAY_LINES, describe_workers, drop_ray_log_lin
                              quiet_output, upload_checkpoint)
 from raysr.run_checkpoint import COMPARISON_FILE, GENERATOR_FILE, METRICS_FILE
 from raysr.storage import StorageError, is_s3, join
+from raysr.trackers import resolve_settings
 
 PSNR_PREFIX = "psnr."  # --set psnr.KEY=VALUE: a key of the PSNR phase that train.init_from=psnr runs first
 
@@ -55,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace) -> Config:
-    """The validated config for parsed arguments, data paths checked. Raises ConfigError/StorageError."""
+    """The config for parsed arguments: validated, data paths checked, trackers resolved. Raises ConfigError/StorageError."""
     cfg = load_config(preset=args.preset, config_file=args.config, overrides=gan_and_psnr_overrides(args.set)[0])
     check_data_paths(cfg)
     check_perceptual_weights(cfg)
-    return cfg
+    return resolve_settings(cfg)
 
 
 def check_perceptual_weights(cfg: Config) -> None:
@@ -182,9 +183,8 @@ def fit(cfg: Config, callbacks=()):
     cfg = prepare_demo_data(cfg)
     trainer = make_trainer(cfg, train_loop_per_worker, callbacks)
     device = "GPU" if trainer.scaling_config.use_gpu else "CPU"
-    print(f"raysr: run {cfg.run.name} -> {run_dir(cfg)} | {cfg.model.generator.name} x{cfg.scale}, "
-          f"{cfg.train.phase} phase, {cfg.train.total_steps} steps, {describe_workers(cfg.run)} on {device}",
-          flush=True)
+    print(f"raysr: run {cfg.run.name} -> {run_dir(cfg)} | {cfg.model.generator.name} x{cfg.scale}, {cfg.train.phase} "
+          f"phase, {cfg.train.total_steps} steps, {describe_workers(cfg.run)} on {device}", flush=True)
     run_checkpoint.pop_divergence(run_dir(cfg))  # a rerun (resume) starts without the last one's verdict
     try:
         result = trainer.fit()

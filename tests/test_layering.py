@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("scoring: the SR metrics protocol, LPIPS", ("raysr.scoring", "raysr.lpips")),
     ("losses", ("raysr.losses",)),
     ("files: the run checkpoint, generator files, shared command-line helpers", (
-        "raysr.run_checkpoint", "raysr.generator_file", "raysr.cli")),
+        "raysr.run_checkpoint", "raysr.generator_file", "raysr.cli", "raysr.trackers")),
     ("engine: the training step", ("raysr.engine",)),
     ("validator", ("raysr.validation.validator",)),
     ("tools without Ray: inference, evaluation, interpolation, demo data", (
