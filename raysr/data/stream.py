@@ -384,7 +384,7 @@ def host_batch(items: list[tuple[np.ndarray, int]], scale: int, lr_here: bool, q
 
 def iter_batches(shards, gt_size: int, scale: int, batch_size: int, seed: int = 0, *, lr_here: bool = True,
                  quantize: bool = True, **crop_args) -> Iterator[HostBatch]:
-    """:class:`HostBatch` es of ``batch_size`` crops: finished, LR made here (``lr_here``), or raw
+    """Batches (:class:`HostBatch`) of ``batch_size`` crops: finished, LR made here (``lr_here``), or raw
     for the device to finish (``batch.finish(device, scale)``). Other arguments as
     :func:`iter_pairs`; a final partial batch of a finite stream is dropped."""
     check_crop_args(gt_size, scale)
