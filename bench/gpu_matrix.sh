@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/performance.md, as one script (under 8 minutes on
 # one H100/H200): the step matrix {RRDBNet-23, MSRResNet-16} x {psnr, gan} x {eager, compiled},
-# each row with the BasicSR-style fp32 eager baseline measured in the same process, then a
-# 300-step raysr.train run with the real loader (its data_wait_frac and crops/s).
+# each row with the BasicSR-style fp32 eager baseline measured in the same process, the loader
+# (png/npy/npy.lz4 on one core; npy and png shards at esrgan_psnr_x4's process count, finished on
+# the GPU), then a 300-step raysr.train run with the real loader (its data_wait_frac and crops/s).
 #
 #   bash bench/gpu_matrix.sh                # on a GPU machine, from the repository root
 #   bash bench/gpu_matrix.sh --smoke        # the same script end to end on CPU with tiny networks
@@ -32,6 +33,7 @@ if (( smoke )); then
     train_args=(--preset quickstart --set train.total_steps=20 --set run.log_every=10 --set run.val_every=20
                 --set run.checkpoint_every=20 --set data.num_workers=1)
     step_timeout=300
+    data_args=(--device cpu --batches 10) rounds=1
 else
     gpu=$($python -c "import torch; print(torch.cuda.get_device_name(0).replace('NVIDIA ', '').replace(' ', '-'))") || {
         echo "gpu_matrix.sh: torch sees no CUDA GPU; use --smoke on a CPU machine" >&2; exit 2; }
@@ -40,6 +42,7 @@ else
     train_args=(--preset esrgan_psnr_x4 --set train.total_steps=300 --set run.log_every=50 --set run.val_every=300
                 --set run.checkpoint_every=300 --set run.use_gpu=true)
     step_timeout=150  # one row that compiles for longer is recorded as timed out, the rest still run
+    data_args=(--device cuda --batches 100) rounds=3
 fi
 stamp=$(date -u +%Y-%m-%d)
 log="$results_dir/$stamp-$gpu.log"
@@ -69,6 +72,20 @@ for model in rrdbnet msrresnet; do
             --compile default --baseline --json "${sizes[@]}"
     done
 done
+
+# The loader: formats side by side on one core, then the PSNR preset's processes on npy and png shards of
+# the same photos (scikit-image's), batches finished on the device as a training rank does.
+row "data-formats" 300 $python -m raysr.bench data --preset esrgan_psnr_x4 --rounds "$rounds" --json "${data_args[@]}"
+data_root=$(mktemp -d)
+photos=$($python -c "from raysr.demo import TRAIN_PHOTOS, sample_photo_dir; print(' '.join(str(sample_photo_dir() / n) for n in TRAIN_PHOTOS))")
+workers=$($python -c "from raysr.config import load_config; print(load_config(preset='esrgan_psnr_x4').data.num_workers)")
+for fmt in npy png; do
+    # shellcheck disable=SC2086  # the photo paths are one word each
+    $python -m raysr.data.make_shards --input $photos --output "$data_root/$fmt" --format "$fmt" >>"$log" 2>&1
+    row "data-$fmt-x$workers" 300 $python -m raysr.bench data --shards "$data_root/$fmt" --preset esrgan_psnr_x4 \
+        --workers "$workers" --json "${data_args[@]}"
+done
+rm -rf "$data_root"
 
 # A real run: loader processes, LR on the GPU, validation and a checkpoint at the end.
 if $python -c "import ray" 2>/dev/null; then

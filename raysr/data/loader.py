@@ -1,9 +1,11 @@
 """This rank's training batches: a torch DataLoader over the endless shard stream.
 
 Every DataLoader worker runs :func:`raysr.data.stream.iter_batches` on its
-share of the shards (rank, then worker) and ships whole ``(lr, hr)`` batches,
-so LR is made once per batch (one batched matmul) in the worker, or not at all
-when ``lr_on="device"``.
+share of the shards (rank, then worker) and ships whole batches
+(:class:`raysr.data.stream.HostBatch`): with ``lr_on="loader"`` finished, LR made
+once per batch (one batched matmul) in the worker; with ``lr_on="device"`` raw, the
+uint8 crops and their flip/rot90 symmetries, which the training device finishes
+(:class:`raysr.data.device_batches.DeviceBatches`), so the workers only slice and batch.
 
 The stream is resampled and never ends, on every rank: each consumer walks an
 endless sequence of shard positions (:func:`raysr.data.stream.shard_order`),
@@ -27,7 +29,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from raysr.data.sources import ShardList, as_shard_list
-from raysr.data.stream import DEFAULT_SHUFFLE_BUFFER, DataStats, check_crop_args, check_split_args, iter_batches
+from raysr.data.stream import (DEFAULT_SHUFFLE_BUFFER, DataStats, HostBatch, check_crop_args, check_split_args,
+                               iter_batches)
 from raysr.util import check_int
 
 LR_ON = ("loader", "device")
@@ -48,9 +51,10 @@ def resolve_lr_on(lr_on: str, device: torch.device) -> str:
 
 
 class _BatchStream(IterableDataset):
-    """``(lr or empty, hr, counters)`` batches of one rank; split further per DataLoader worker.
-    With ``degradation`` (a ``raysr.config.DegradationConfig``): ``(kernels, GT regions, counters)``
-    from :func:`raysr.degradation.regions.iter_region_batches` instead."""
+    """``(lr or empty, hr, symmetries or empty, counters)`` batches of one rank (a HostBatch's
+    tensors, so the DataLoader pins and ships them); split further per DataLoader worker.
+    With ``degradation`` (a ``raysr.config.DegradationConfig``): ``(kernels, GT regions, empty,
+    counters)`` from :func:`raysr.degradation.regions.iter_region_batches` instead."""
 
     def __init__(self, shard_list: ShardList, gt_size: int, scale: int, batch_size: int, seed: int, rank: int,
                  world_size: int, crops_per_image: int, shuffle_buffer: int, lr_here: bool, quantize: bool,
@@ -67,14 +71,16 @@ class _BatchStream(IterableDataset):
         worker = torch.tensor([info.id if info is not None else 0])
         stats = DataStats()
         empty = torch.empty(0)
-        batches = iter_batches(self.shard_list, stats=stats, **self.batch_args)
         if self.degradation is not None:  # data.degradation=realesrgan: degraded on the training device
             from raysr.degradation.regions import iter_region_batches
             args = {k: v for k, v in self.batch_args.items() if k not in ("gt_size", "scale", "lr_here", "quantize")}
-            batches = ((kernels, hr) for kernels, hr, _ in
-                       iter_region_batches(self.shard_list, opts=self.degradation, stats=stats, **args))
-        for lr, hr in batches:
-            yield (lr if lr is not None else empty), hr, torch.cat([worker, stats.as_tensor()])
+            for kernels, regions, _ in iter_region_batches(self.shard_list, opts=self.degradation, stats=stats, **args):
+                yield kernels, regions, empty, torch.cat([worker, stats.as_tensor()])
+            return
+        for batch in iter_batches(self.shard_list, stats=stats, **self.batch_args):
+            yield (batch.lr if batch.lr is not None else empty, batch.hr,
+                   batch.symmetries if batch.symmetries is not None else empty,
+                   torch.cat([worker, stats.as_tensor()]))
 
 
 class TrainLoader:
@@ -82,8 +88,10 @@ class TrainLoader:
 
     Iterating yields ``(lr, hr)``: hr ``(B,3,H,W)`` float32 in [0,1] and lr
     ``(B,3,H/scale,W/scale)`` on 8-bit levels, on the CPU (pinned when
-    ``pin_memory``); with ``lr_on="device"`` lr is None and the training step
-    calls :func:`raysr.data.make_lr` on the device batch. Each ``iter()`` continues
+    ``pin_memory``); with ``lr_on="device"`` lr is None (call :func:`raysr.data.make_lr`
+    on the device batch) and hr is finished from the shipped uint8 crops in this process;
+    :meth:`host_batches` yields the batches as shipped, for the device to finish
+    (:meth:`raysr.data.stream.HostBatch.finish`, as DeviceBatches does). Each ``iter()`` continues
     the same endless stream (no worker restart per epoch). ``num_samples``: the
     dataset size from the manifest, None without one. Call :meth:`close` to stop
     the worker processes.
@@ -93,6 +101,7 @@ class TrainLoader:
                  num_samples: int | None, pin_memory: bool, prefetch_factor: int):
         self.batches_per_epoch = batches_per_epoch
         self.num_samples = num_samples
+        self.lr_on = "loader" if dataset.batch_args["lr_here"] else "device"
         self.num_workers = num_workers
         self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                   prefetch_factor=prefetch_factor if num_workers else None)
@@ -106,17 +115,23 @@ class TrainLoader:
         return self.batches_per_epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
+        for batch in self.host_batches():
+            yield batch.lr, batch.float_hr()
+
+    def host_batches(self) -> Iterator[HostBatch]:
+        """The batches as the workers ship them (one epoch, as ``iter()``): finished with
+        ``lr_on="loader"``, raw uint8 crops with their symmetries with ``lr_on="device"``."""
         if self._batches is None:
             self._batches = iter(self._loader)
         produced = 0
         while self.batches_per_epoch is None or produced < self.batches_per_epoch:
             try:
-                lr, hr, counters = next(self._batches)
+                lr, hr, symmetries, counters = next(self._batches)
             except StopIteration:  # the stream is endless; ending means a worker died quietly
                 raise RuntimeError("the training data stream ended; see the worker logs above") from None
             self._worker_stats[int(counters[0])] = DataStats.from_tensor(counters[1:])
             produced += 1
-            yield (lr if lr.numel() else None), hr
+            yield HostBatch(hr=hr, lr=lr if lr.numel() else None, symmetries=symmetries if symmetries.numel() else None)
 
     def stats(self) -> dict[str, int]:
         """Counters of this rank so far, summed over its workers: ``samples`` (images
@@ -157,10 +172,12 @@ def make_train_loader(shards, gt_size: int, scale: int, batch_size: int, rank: i
     crops_per_image: crops per decoded image. batches_per_epoch: the length of
     one ``iter()``; default one pass over the manifest's samples (same on every
     rank), endless without a manifest. lr_on: ``"loader"`` (LR made in the
-    workers) or ``"device"`` (lr is None; call make_lr on the device batch).
+    workers) or ``"device"`` (the workers ship uint8 crops and their flips; iterating
+    gives lr None, :meth:`TrainLoader.host_batches` the batches to finish on the device).
     pin_memory: default True when CUDA is available. degradation: a ``raysr.config.DegradationConfig``
     for ``data.degradation=realesrgan``: batches are then ``(kernels (B,3,21,21), GT regions
-    (B,3,S,S))`` for :class:`raysr.degradation.TrainingPairs` (lr_on is ignored). Raises ValueError for
+    (B,3,S,S))`` (in a HostBatch's ``lr`` and ``hr``) for :class:`raysr.degradation.TrainingPairs`.
+    Raises ValueError for
     invalid settings, StorageError for shards that cannot be found.
     """
     check_crop_args(gt_size, scale, crops_per_image, shuffle_buffer)

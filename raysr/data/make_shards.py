@@ -9,8 +9,10 @@
    crop is kept whole; images shorter than ``min_size`` are skipped.
 2. Encode (``--workers`` processes): decode upright RGB (gray, palette, alpha,
    16-bit, EXIF orientation handled by :mod:`raysr.data.decode`), crop, encode
-   (lossless PNG by default). Sample ``KEY.png`` + ``KEY.json`` (source file,
-   crop box); keys have no dots, e.g. ``0001_s001``.
+   (lossless PNG by default; ``--format npy`` stores the raw pixels, which the
+   loaders read with no decode, see :mod:`raysr.data.npy`). Sample ``KEY.png``
+   (``KEY.npy``, ...) + ``KEY.json`` (source file, crop box); keys have no dots,
+   e.g. ``0001_s001``. The manifest records the format.
 3. Write ``PREFIX/train-000000.tar ...`` in plan order, each at most
    ``--shard-size-mb``, locally or to S3 (multipart upload, sha256 stored as
    object metadata), and ``PREFIX/manifest.parquet`` after every shard.
@@ -47,6 +49,7 @@ from PIL import Image
 from raysr import storage
 from raysr.data.decode import DECODE_ERRORS, decode_rgb, is_image_name
 from raysr.data.manifest import ShardEntry, manifest_uri, read_entries, write_manifest
+from raysr.data.npy import NPY, NPY_LZ4, encode_npy
 from raysr.images import probe_image
 from raysr.util import Progress
 
@@ -54,7 +57,10 @@ LOG = logging.getLogger(__name__)
 
 SHARD_NAME = "train-{:06d}.tar"
 MIB = 1 << 20
-FORMATS = {"png": ("PNG", "png"), "webp": ("WEBP", "webp"), "jpeg": ("JPEG", "jpg")}
+# --format -> (Pillow format or None for an array, member extension)
+FORMATS = {"png": ("PNG", "png"), "webp": ("WEBP", "webp"), "jpeg": ("JPEG", "jpg"),
+           NPY: (None, NPY), NPY_LZ4: (None, NPY_LZ4)}
+LOSSY = ("webp", "jpeg")
 DEFAULT_QUALITY = 95
 # Fixed tar header fields: the same samples always give byte-identical shards.
 TAR_MTIME = 0
@@ -176,6 +182,15 @@ class EncodeSettings:
     fmt: str = "png"
     quality: int | None = None
 
+    def encode(self, pixels: np.ndarray) -> bytes:
+        """The member bytes of ``(H, W, 3)`` uint8 ``pixels``."""
+        if self.fmt in (NPY, NPY_LZ4):
+            return encode_npy(pixels, compressed=self.fmt == NPY_LZ4)
+        pil_format, options = self.save_args()
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(pixels)).save(buf, pil_format, **options)
+        return buf.getvalue()
+
     def save_args(self) -> tuple[str, dict]:
         pil_format = FORMATS[self.fmt][0]
         if self.fmt == "png":
@@ -197,13 +212,10 @@ def encode_image(image: SourceImage, settings: EncodeSettings) -> list[tuple[str
     if pixels.shape[:2] != (image.height, image.width):
         raise ValueError(f"decodes to {pixels.shape[1]}x{pixels.shape[0]}, planned {image.width}x{image.height}; "
                          "was it changed during the run?")
-    pil_format, options = settings.save_args()
     out = []
     for key, (left, top, right, bottom) in zip(image.keys, image.boxes):
-        buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(pixels[top:bottom, left:right])).save(buf, pil_format, **options)
         meta = {"source": image.relpath, "box": [left, top, right, bottom], "source_size": [image.width, image.height]}
-        out.append((key, buf.getvalue(), json.dumps(meta, sort_keys=True).encode()))
+        out.append((key, settings.encode(pixels[top:bottom, left:right]), json.dumps(meta, sort_keys=True).encode()))
     return out
 
 
@@ -365,8 +377,13 @@ def _check_settings(crop_size, step, min_size, fmt, quality, shard_size_mb, work
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {fmt!r}")
-    if quality is not None and (fmt == "png" or not 1 <= quality <= 100):
-        raise ValueError(f"quality={quality!r}: it applies to jpeg and webp only, as 1..100; PNG is lossless")
+    if quality is not None and (fmt not in LOSSY or not 1 <= quality <= 100):
+        raise ValueError(f"quality={quality!r}: it applies to jpeg and webp only, as 1..100; {fmt} is lossless")
+    if fmt == NPY_LZ4:
+        import importlib.util
+        if importlib.util.find_spec("lz4") is None:
+            raise ValueError("format npy.lz4 needs the lz4 package: pip install lz4 "
+                             "(or pip install 'raysr[data]'), or use --format npy")
     if not shard_size_mb > 0:
         raise ValueError(f"shard_size_mb must be > 0, got {shard_size_mb!r}")
 
@@ -525,8 +542,10 @@ def make_shards(inputs: Sequence[str], output: str, *, crop_size: int = 480, ste
 
     inputs: local directories (recursive), globs or image files. output: local
     directory or ``s3://bucket/prefix``. crop_size/step/min_size in pixels;
-    fmt ``png`` (lossless), ``webp`` (lossless, or lossy at ``quality``) or
-    ``jpeg`` (``quality`` 1..100, default 95, 4:4:4 chroma);
+    fmt ``png`` (lossless), ``npy`` (raw uint8 pixels: no decode when training, ~2.4x the
+    bytes of PNG for photos), ``npy.lz4`` (the same LZ4-compressed, 0.6x npy, needs ``lz4``),
+    ``webp`` (lossless, or lossy at ``quality``) or ``jpeg`` (``quality`` 1..100, default 95,
+    4:4:4 chroma); docs/data.md compares them;
     shard_size_mb: upper bound per shard in MiB (a single larger sample gets a
     shard of its own); workers: encoding processes (default: all cores).
     Returns a :class:`ShardsReport`. Raises ValueError for bad settings or
@@ -616,7 +635,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-size", type=int, default=128,
                         help="skip images whose shorter side is below this (px); smaller-than-crop images "
                              "at least this size are kept whole")
-    parser.add_argument("--format", choices=sorted(FORMATS), default="png", help="sub-image encoding")
+    parser.add_argument("--format", choices=sorted(FORMATS), default="png",
+                        help="sub-image encoding: png (lossless, compact), npy (raw pixels: no decode when "
+                             "training, the fastest loader), npy.lz4 (npy compressed with LZ4: 0.6x the "
+                             "bytes, most of npy's speed; needs lz4); docs/data.md compares them")
     parser.add_argument("--quality", type=int, default=None,
                         help=f"jpeg quality 1..100 (default {DEFAULT_QUALITY}, 4:4:4 chroma); webp: lossless "
                              "unless a quality is given; not for png")

@@ -4,7 +4,9 @@
 (:class:`ShardEntry`): ``shard`` (index), ``name`` (file name beside the manifest),
 ``url``, ``samples``, ``bytes``, ``sha256`` (hex), and ``plan_start``/``plan_count``/
 ``plan_sha256`` (the slice of planned samples the shard holds, so a re-run can reuse
-it). The run's settings are JSON in the schema metadata under ``raysr``.
+it). The run's settings are JSON in the schema metadata under ``raysr``, among them
+``format``: how the sub-images are stored (``png``, ``npy``, ``npy.lz4``, ``webp``, ``jpeg``;
+the member extension each sample's image has), which readers see as :attr:`Manifest.format`.
 
 Training needs no manifest. Where one is present, readers take from it the samples
 per shard (the dataset size for logs and benchmarks, the length of a finite pass,
@@ -51,7 +53,8 @@ class Manifest:
 
     ``urls``: where each shard is read from (resolved next to the manifest);
     ``samples``: samples per shard; ``bytes``: shard sizes (0 if not recorded);
-    ``sha256``: hex digests ("" if not recorded).
+    ``sha256``: hex digests ("" if not recorded); ``format``: the sub-image format make_shards
+    wrote (``"png"``, ``"npy"``, ``"npy.lz4"``, ...), None for other tools' manifests.
     """
 
     uri: str
@@ -59,6 +62,7 @@ class Manifest:
     samples: list[int]
     bytes: list[int]
     sha256: list[str]
+    format: str | None = None
 
     @property
     def num_samples(self) -> int:
@@ -124,4 +128,14 @@ def read_manifest(uri: str) -> Manifest:
     urls = [storage.join(base, row["name"]) if row.get("name") else row["url"] for row in rows]
     return Manifest(uri=uri, urls=urls, samples=[int(row["samples"]) for row in rows],
                     bytes=[int(row.get("bytes") or 0) for row in rows],
-                    sha256=[row.get("sha256") or "" for row in rows])
+                    sha256=[row.get("sha256") or "" for row in rows], format=_settings(table).get("format"))
+
+
+def _settings(table) -> dict:
+    """The make_shards settings stored with ``table`` ({} for other tools' manifests)."""
+    raw = (table.schema.metadata or {}).get(SETTINGS_KEY.encode())
+    try:
+        settings = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return settings if isinstance(settings, dict) else {}

@@ -9,10 +9,11 @@ Any WebDataset shard trains, whichever tool wrote it (``make_shards``,
   ``a/b``, extension ``c.jpg`` — and consecutive members with one key make one
   sample. Members WebDataset skips are skipped (no dot in the base name,
   ``__meta__`` files), and so are hidden files (``.DS_Store``, macOS ``._`` forks).
-* A sample's image is its first member whose LAST extension is a format the
-  decoder reads (:data:`raysr.images.IMAGE_EXTENSIONS`: png, jpg/jpeg, webp,
-  bmp, tif/tiff, ppm, ...): ``c.jpg`` is a JPEG. Other members (``json``,
-  ``cls``, ``txt``) are ignored.
+* A sample's image is its first member that holds pixels: one whose LAST extension
+  is a format the decoder reads (:data:`raysr.images.IMAGE_EXTENSIONS`: png,
+  jpg/jpeg, webp, bmp, tif/tiff, ppm, ...; ``c.jpg`` is a JPEG), or a uint8 image
+  array, ``.npy`` or ``.npy.lz4`` (:mod:`raysr.data.npy`), read with no decode.
+  Other members (``json``, ``cls``, ``txt``) are ignored.
 
 :func:`check_train_shards` looks at the first shard before training starts, so
 shards with no usable image fail in seconds with one message, not inside every
@@ -30,7 +31,8 @@ from typing import Iterator
 import numpy as np
 
 from raysr import storage
-from raysr.data.decode import DECODE_ERRORS, decode_rgb, is_image_name
+from raysr.data.decode import DECODE_ERRORS, decode_member, is_pixel_member
+from raysr.data.npy import NPY_EXTENSIONS
 from raysr.data.sources import as_shard_list
 from raysr.images import IMAGE_EXTENSIONS
 from raysr.util import check_int
@@ -43,7 +45,8 @@ _META = re.compile(r"__[^/]*__($|/)")
 # Damaged shards check_train_shards reads past before it calls the shards unreadable.
 CHECK_DAMAGED_SHARDS = 3
 HOW_TO_MAKE = ("raysr trains on WebDataset tars with one image member per sample ("
-               + ", ".join(ext[1:] for ext in IMAGE_EXTENSIONS) + "; other members such as json are ignored); "
+               + ", ".join([ext[1:] for ext in IMAGE_EXTENSIONS] + list(NPY_EXTENSIONS))
+               + "; other members such as json are ignored); "
                "make them from a folder of HR images with python -m raysr.data.make_shards --input DIR "
                "--output DIR_OR_S3_PREFIX")
 
@@ -95,8 +98,8 @@ def tar_samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def image_member(files: dict[str, bytes]) -> str | None:
-    """The extension of the sample's image: the first whose last part is an image format, else None."""
-    return next((ext for ext in files if is_image_name(ext)), None)
+    """The extension of the sample's image: the first member that is an image or a .npy/.npy.lz4 array, else None."""
+    return next((ext for ext in files if is_pixel_member(ext)), None)
 
 
 def decode_sample(key: str, files: dict[str, bytes], min_size: int) -> tuple[np.ndarray | None, str]:
@@ -105,7 +108,7 @@ def decode_sample(key: str, files: dict[str, bytes], min_size: int) -> tuple[np.
     if ext is None:
         return None, f"no image member (has {', '.join(sorted(files)) or 'nothing'})"
     try:
-        image = decode_rgb(files[ext], key)
+        image = decode_member(ext, files[ext], key)
     except DECODE_ERRORS as err:
         return None, f"undecodable .{ext} ({type(err).__name__}: {err})"
     if min(image.shape[:2]) < min_size:

@@ -38,11 +38,14 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 class ShardList:
     """Resolved shard URLs, with per-shard sample counts where a manifest gives them.
 
-    ``samples[i]`` is None for a shard no manifest describes.
+    ``samples[i]`` is None for a shard no manifest describes. ``format``: the sub-image
+    format (``"png"``, ``"npy"``, ...) the manifests of every shard record, when they all
+    record the same one; else None (readers never need it: each sample's member says).
     """
 
     urls: list[str]
     samples: list[int | None]
+    format: str | None = None
 
     def __len__(self) -> int:
         return len(self.urls)
@@ -77,18 +80,26 @@ def _expand_one(source: str) -> tuple[list[str], Manifest | None]:
     return [u for u in storage.list_files(source) if _is_shard(u)], None
 
 
-def _known_counts(urls: list[str], manifests: dict[str, Manifest]) -> list[int | None]:
-    """Per-URL sample counts from the given manifests, else from a manifest beside the shard."""
+def _described(urls: list[str], manifests: dict[str, Manifest]) -> tuple[list[int | None], str | None]:
+    """Per-URL sample counts from the given manifests, else from a manifest beside the shard,
+    and the one format all of them record (None if any shard has none or they differ)."""
     counts: dict[str, int] = {}
-    for manifest in manifests.values():
+    formats: dict[str, str | None] = {}
+
+    def add(manifest: Manifest) -> None:
         counts.update(zip(manifest.urls, manifest.samples))
+        formats.update(dict.fromkeys(manifest.urls, manifest.format))
+
+    for manifest in manifests.values():
+        add(manifest)
     for folder in sorted({parent(u) for u in urls if u not in counts}):
         uri = manifest_uri(folder)
         if uri not in manifests and storage.exists(uri):
             manifest = read_manifest(uri)
             manifests[uri] = manifest
-            counts.update(zip(manifest.urls, manifest.samples))
-    return [counts.get(u) for u in urls]
+            add(manifest)
+    found = {formats.get(u) for u in urls}
+    return [counts.get(u) for u in urls], (found.pop() if len(found) == 1 else None)
 
 
 def resolve_shards(shards: str | Sequence[str]) -> ShardList:
@@ -115,7 +126,8 @@ def resolve_shards(shards: str | Sequence[str]) -> ShardList:
             manifests[manifest.uri] = manifest
         urls += found
     urls = list(dict.fromkeys(urls))
-    return ShardList(urls=urls, samples=_known_counts(urls, manifests))
+    samples, shard_format = _described(urls, manifests)
+    return ShardList(urls=urls, samples=samples, format=shard_format)
 
 
 def as_shard_list(shards) -> ShardList:

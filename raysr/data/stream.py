@@ -8,18 +8,27 @@ The stages, each a generator feeding the next:
    positions ``g, g+T, g+2T, ...``: within a pass every shard is read by exactly
    one consumer, every shard is read equally often over time, and it works for
    any number of shards, ranks and workers.
-2. :func:`iter_images` — decode the image of each sample of each shard
-   (which members make a sample and which one is its image:
-   :mod:`raysr.data.samples`; any WebDataset tar works). Bad data never
+2. :func:`iter_images` — the pixels of each sample of each shard: a view of a
+   ``.npy`` member (no decode), or a decoded image (which members make a sample and
+   which one is its image: :mod:`raysr.data.samples`; any WebDataset tar works). Bad data never
    stops training: a garbage or truncated tar, an undecodable or non-image
    member, or an image smaller than ``gt_size`` is skipped, counted in
    :class:`DataStats` and logged once per shard. A missing or denied shard
    (404/403) raises :class:`raysr.storage.StorageError` naming it; transient S3
    errors are retried by :func:`raysr.storage.open_stream`.
-3. random ``gt_size`` crops (``crops_per_image`` per decoded image, to amortise
-   the decode), each under a random flip / rot90 (one of the 8 symmetries).
-4. a seeded shuffle buffer, so crops of one image and of one shard spread out.
-5. LR = :func:`make_lr` (exact MATLAB bicubic, rounded to 8-bit levels).
+3. :func:`random_crops` — ``crops_per_image`` random ``gt_size`` crops per image
+   (to amortise a decode), gathered in one copy, each with a random flip / rot90
+   (one of the 8 symmetries of :mod:`raysr.data.augment`) to apply later.
+4. :func:`shuffled` — a seeded shuffle buffer, so crops of one image and of one
+   shard spread out.
+5. :func:`host_batch` — a batch: symmetries applied, float, and LR = :func:`make_lr`
+   (exact MATLAB bicubic, rounded to 8-bit levels) here; or, for ``data.lr_on:
+   device``, the uint8 crops and their symmetries, which the training device
+   finishes (:meth:`HostBatch.finish`), so loader processes only slice and batch.
+
+A stage that needs a per-sample random draw (a new augmentation, a degradation
+kernel) is a generator over the stage before it, with the stream's ``rng``, so
+the stream stays one pipeline read in data order.
 
 Everything is seeded from ``seed`` and the consumer's position, so a run is
 reproducible for a fixed (seed, world_size, num_workers).
@@ -33,8 +42,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
 
 from raysr import storage
+from raysr.data.augment import NUM_SYMMETRIES, apply_symmetries, symmetric_view
 from raysr.data.samples import DamagedTar, decode_sample, tar_samples
 from raysr.data.sources import as_shard_list
 from raysr.ops.convert import to_tensor
@@ -237,32 +248,34 @@ def iter_images(shards, *, seed: int = 0, rank: int = 0, world_size: int = 1, re
 # --------------------------------------------------------------------------- samples -> crops
 
 
-def random_crops(images: Iterator[tuple[str, np.ndarray]], gt_size: int, crops_per_image: int, augment: bool,
-                 rng: np.random.Generator, stats: DataStats) -> Iterator[np.ndarray]:
-    """``crops_per_image`` random ``(gt_size, gt_size, 3)`` uint8 crops per image (possibly
-    non-contiguous views of a crop-sized copy).
+def gather_crops(image: np.ndarray, tops: np.ndarray, lefts: np.ndarray, size: int) -> np.ndarray:
+    """``(K, size, size, C)`` copies of the windows of ``image`` (H, W, C) at ``(tops[k], lefts[k])``,
+    taken in one gather (one fancy index into a strided window view; no loop over crops)."""
+    windows = sliding_window_view(image, (size, size), axis=(0, 1))  # (H-size+1, W-size+1, C, size, size)
+    return windows.transpose(0, 1, 3, 4, 2)[tops, lefts]
 
-    ``augment``: each crop gets one of the 8 flip/rot90 symmetries, uniformly
-    (BasicSR's hflip, vflip, transpose, each with p=0.5).
+
+def random_crops(images: Iterator[tuple[str, np.ndarray]], gt_size: int, crops_per_image: int, augment: bool,
+                 rng: np.random.Generator, stats: DataStats) -> Iterator[tuple[np.ndarray, int]]:
+    """``(crop, symmetry)``: ``crops_per_image`` random ``(gt_size, gt_size, 3)`` uint8 crops per image,
+    each with the flip/rot90 symmetry it is to be shown under (:mod:`raysr.data.augment`).
+
+    The crops of one image are drawn and copied together (:func:`gather_crops`): they hold
+    no reference to the image. ``augment``: symmetries uniform over the 8; else all 0.
     """
     for _, image in images:
         height, width = image.shape[:2]
-        for _ in range(crops_per_image):
-            top = int(rng.integers(height - gt_size + 1))
-            left = int(rng.integers(width - gt_size + 1))
-            # a compact copy (rows stay contiguous, so it is cheap) that holds no reference to the
-            # whole image; flips are views of it, laid out once by to_tensor
-            crop = image[top:top + gt_size, left:left + gt_size].copy()
-            if augment:
-                symmetry = int(rng.integers(8))
-                if symmetry & 1:
-                    crop = crop[:, ::-1]
-                if symmetry & 2:
-                    crop = crop[::-1]
-                if symmetry & 4:
-                    crop = crop.transpose(1, 0, 2)
-            stats.crops += 1
-            yield crop
+        tops = rng.integers(height - gt_size + 1, size=crops_per_image)
+        lefts = rng.integers(width - gt_size + 1, size=crops_per_image)
+        symmetries = (rng.integers(NUM_SYMMETRIES, size=crops_per_image) if augment
+                      else np.zeros(crops_per_image, np.int64))
+        crops = gather_crops(image, tops, lefts, gt_size)
+        stats.crops += crops_per_image
+        yield from zip(crops, symmetries.tolist())
+
+
+# Shuffle-buffer slots drawn at once (one RNG call per block, not per item).
+SHUFFLE_DRAWS = 256
 
 
 def shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
@@ -272,11 +285,14 @@ def shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
         yield from items
         return
     buffer = []
+    slots: list[int] = []
     for item in items:
         if len(buffer) < size:
             buffer.append(item)
             continue
-        i = int(rng.integers(size))
+        if not slots:
+            slots = rng.integers(size, size=SHUFFLE_DRAWS).tolist()[::-1]
+        i = slots.pop()
         yield buffer[i]
         buffer[i] = item
     rng.shuffle(buffer)
@@ -285,8 +301,9 @@ def shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
 
 def iter_crops(shards, gt_size: int, seed: int = 0, *, crops_per_image: int = 1, augment: bool = True,
                resampled: bool = False, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, rank: int = 0,
-               world_size: int = 1, stats: DataStats | None = None) -> Iterator[np.ndarray]:
-    """Shuffled random HR crops ``(gt_size, gt_size, 3)`` uint8 of this consumer's samples."""
+               world_size: int = 1, stats: DataStats | None = None) -> Iterator[tuple[np.ndarray, int]]:
+    """Shuffled random HR crops of this consumer's samples: ``(crop, symmetry)``, crop
+    ``(gt_size, gt_size, 3)`` uint8 as stored, symmetry 0..7 to apply (:mod:`raysr.data.augment`)."""
     check_crop_args(gt_size, 1, crops_per_image, shuffle_buffer)
     check_split_args(rank, world_size, seed)
     stats = stats if stats is not None else DataStats()
@@ -313,24 +330,68 @@ def iter_pairs(shards, gt_size: int, scale: int, seed: int = 0, *, crops_per_ima
     ``gt_size % scale != 0`` raises ValueError.
     """
     check_crop_args(gt_size, scale, crops_per_image, shuffle_buffer)
-    for crop in iter_crops(shards, gt_size, seed, crops_per_image=crops_per_image, augment=augment,
-                           resampled=resampled, shuffle_buffer=shuffle_buffer, rank=rank, world_size=world_size,
-                           stats=stats):
-        hr = to_tensor([crop])
+    for crop, symmetry in iter_crops(shards, gt_size, seed, crops_per_image=crops_per_image, augment=augment,
+                                     resampled=resampled, shuffle_buffer=shuffle_buffer, rank=rank,
+                                     world_size=world_size, stats=stats):
+        hr = to_tensor([symmetric_view(crop, symmetry)])
         yield make_lr(hr, scale, quantize)[0], hr[0]
 
 
+# --------------------------------------------------------------------------- crops -> batches
+
+
+@dataclass
+class HostBatch:
+    """One batch as a loader process ships it, in one of two forms.
+
+    Finished (LR made in the loader, ``data.lr_on: loader``): ``hr`` ``(B,3,H,W)`` float32 in
+    [0,1] under its symmetries, ``lr`` ``(B,3,H/scale,W/scale)`` on 8-bit levels, ``symmetries``
+    None. Raw (``data.lr_on: device``): ``hr`` ``(B,H,W,3)`` uint8 crops as stored, ``symmetries``
+    ``(B,)`` int64 still to apply, ``lr`` None: a quarter of the bytes to ship, and the loader
+    process only sliced and batched. :meth:`finish` turns either into the training pair on a device.
+    """
+
+    hr: torch.Tensor
+    lr: torch.Tensor | None = None
+    symmetries: torch.Tensor | None = None
+
+    def float_hr(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``(B,3,H,W)`` float32 in [0,1] under the symmetries, on ``device`` (default: where ``hr`` is);
+        a raw batch is copied there as uint8 (non-blocking) and finished there."""
+        hr = self.hr if device is None else self.hr.to(device, non_blocking=True)
+        if self.symmetries is None:
+            return hr
+        hr = apply_symmetries(hr, self.symmetries)
+        return hr.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+
+    def finish(self, device: torch.device | str, scale: int, quantize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lr, hr)`` float32 on ``device``: copied there (non-blocking, from pinned memory), and
+        what the loader left done there: symmetries, float, LR = :func:`make_lr`."""
+        hr = self.float_hr(device)
+        if self.lr is not None:
+            return self.lr.to(device, non_blocking=True), hr
+        return make_lr(hr, scale, quantize), hr
+
+
+def host_batch(items: list[tuple[np.ndarray, int]], scale: int, lr_here: bool, quantize: bool) -> HostBatch:
+    """A :class:`HostBatch` of ``(crop, symmetry)`` items: finished (LR made) when ``lr_here``, else raw."""
+    if lr_here:
+        hr = to_tensor([symmetric_view(crop, symmetry) for crop, symmetry in items])
+        return HostBatch(hr=hr, lr=make_lr(hr, scale, quantize))
+    crops = torch.from_numpy(np.stack([crop for crop, _ in items]))
+    return HostBatch(hr=crops, symmetries=torch.tensor([symmetry for _, symmetry in items], dtype=torch.int64))
+
+
 def iter_batches(shards, gt_size: int, scale: int, batch_size: int, seed: int = 0, *, lr_here: bool = True,
-                 quantize: bool = True, **crop_args) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
-    """``(lr, hr)`` batches ``(B,3,h,w)``, ``(B,3,H,W)`` float32 in [0,1]; ``lr`` is None
-    unless ``lr_here`` (the caller makes it, e.g. on the GPU). Other arguments as
+                 quantize: bool = True, **crop_args) -> Iterator[HostBatch]:
+    """Batches (:class:`HostBatch`) of ``batch_size`` crops: finished, LR made here (``lr_here``), or raw
+    for the device to finish (``batch.finish(device, scale)``). Other arguments as
     :func:`iter_pairs`; a final partial batch of a finite stream is dropped."""
     check_crop_args(gt_size, scale)
     batch_size = check_int("batch_size", batch_size)
     batch = []
-    for crop in iter_crops(shards, gt_size, seed, **crop_args):
-        batch.append(crop)
+    for item in iter_crops(shards, gt_size, seed, **crop_args):
+        batch.append(item)
         if len(batch) == batch_size:
-            hr = to_tensor(batch)
+            yield host_batch(batch, scale, lr_here, quantize)
             batch = []
-            yield (make_lr(hr, scale, quantize) if lr_here else None), hr
