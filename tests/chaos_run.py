@@ -37,7 +37,11 @@ CHECKPOINT_EVERY = 2
 
 def overrides(mode: str, train: str, val: str, out: Path) -> list[str]:
     workers = "[1, 2]" if mode == "elastic" else "2"
-    return ["model.generator.num_feat=8", "model.generator.num_block=1", "data.gt_size=32", "data.batch_size=2",
+    # the elastic run makes its LR by Real-ESRGAN's degradations, with a pair pool of 3 (no multiple of
+    # any batch): the chain and the per-rank pool must work at every world size the run passes through
+    realesrgan = (["data.degradation=realesrgan", "degradation.crop_pad_size=64", "degradation.pool_size=3",
+                   "degradation.resize_range=[0.2, 1.5]"] if mode == "elastic" else [])
+    return [*realesrgan, "model.generator.num_feat=8", "model.generator.num_block=1", "data.gt_size=32", "data.batch_size=2",
             "data.num_workers=0", f"data.train={train}", f"data.val={val}", f"run.num_workers={workers}",
             f"train.total_steps={TOTAL_STEPS}", f"run.checkpoint_every={CHECKPOINT_EVERY}", "run.val_every=1000",
             "run.log_every=1", "run.max_failures=3", "run.resize_monitor_interval_s=1",

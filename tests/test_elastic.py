@@ -93,7 +93,10 @@ def test_a_fixed_size_run_waits_for_a_lost_node_and_ends_at_its_last_step(chaos)
 
 
 def test_an_elastic_run_goes_on_with_one_worker_and_grows_back_to_two(chaos):
+    """On Real-ESRGAN's degradations with a pool of 3 pairs (tests/chaos_run.py): world size 2 -> 1 -> 2."""
     reports, events, out = scenario(chaos, "elastic")
+    state = torch.load(out / "runs" / "elastic" / f"checkpoint_{TOTAL_STEPS:08d}" / "state.pt", weights_only=True)
+    assert state["config"]["data"]["degradation"] == "realesrgan" and state["config"]["degradation"]["pool_size"] == 3
     assert_steps_and_batch(reports)
     sizes = [r["world_size"] for r in reports]
     first_one, last_one = sizes.index(1), len(sizes) - 1 - sizes[::-1].index(1)
