@@ -193,7 +193,7 @@ def fit(cfg: Config, callbacks=()):
         return None
     diverged = run_checkpoint.pop_divergence(run_dir(cfg))
     if diverged is not None:
-        print(divergence_message(cfg, diverged, result.checkpoint), file=sys.stderr)
+        print(f"raysr: error: {divergence_message(cfg, diverged, result.checkpoint)}", file=sys.stderr)
         return None
     summarize(cfg, result)
     return result
@@ -201,12 +201,12 @@ def fit(cfg: Config, callbacks=()):
 
 def divergence_message(cfg: Config, m: dict, checkpoint) -> str:
     """What to say when train.max_nonfinite steps in a row had a NaN/inf loss or gradient
-    (``m``: the metrics of that interval; ``checkpoint``: the run's latest, or None)."""
+    (``m``: the metrics of that interval; ``checkpoint``: the run's latest, or None); raysr.tune says it too."""
     losses = ", ".join(f"{k} {m[k]:.4g}" for k in ("loss_g", "loss_pix", "loss_percep", "loss_adv", "loss_d")
                        if k in m)
     last = f"the last checkpoint ({checkpoint.path})" if checkpoint is not None else \
         "no checkpoint was written yet, and"
-    return (f"raysr: error: training diverged: {cfg.train.max_nonfinite} steps in a row had a NaN/inf loss or "
+    return (f"training diverged: {cfg.train.max_nonfinite} steps in a row had a NaN/inf loss or "
             f"gradient, up to step {m['diverged_at']} (interval means: {losses or 'none'}). Those steps updated "
             f"nothing and the run stopped, so {last} holds only finite weights: resume from it, or start a new "
             "run.name from its generator.pth (train.init_from). Try a lower learning rate (optim.g.lr, optim.d.lr), "
