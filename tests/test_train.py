@@ -587,17 +587,18 @@ def test_ray_job_submit_to_a_ray_start_head_succeeds(demo_data, tmp_path):
 
 
 def test_ctrl_c_checkpoints_the_next_step_and_the_same_command_resumes_there(ray_local, demo_data, tmp_path):
-    """SIGINT to the driver (Ctrl-C; ``ray job stop`` sends SIGTERM) once step 3 is logged: the workers
-    write a checkpoint at the next step boundary and end, the driver names that step and the command
-    that resumes and exits 130; that command resumes at exactly that step and ends at step 40.
-    Both drivers join the session's Ray (as ``ray job submit`` drivers join a cluster). A report every
-    step paces the run (Ray Train's controller takes one per health check, 0.5 s in the tests)."""
+    """SIGINT to the driver (Ctrl-C; ``ray job stop`` sends SIGTERM) once step 3 is logged: both workers
+    stop at the same step boundary (else their reports would hang), rank 0 writes the checkpoint, the
+    driver names that step and the command that resumes and exits 130; that command resumes at exactly
+    that step and ends at step 40. Both drivers join the session's Ray (as ``ray job submit`` drivers
+    join a cluster). A report every step paces the run (Ray Train's controller takes one per health
+    check, 0.5 s in the tests)."""
     total = 40
     argv = ["--preset", "quickstart"]
     for value in ["model.generator.num_feat=8", "model.generator.num_block=1", "data.gt_size=32",
                   "data.batch_size=2", "data.num_workers=0", f"data.train={demo_data.train}", f"data.val={demo_data.val}",
                   f"train.total_steps={total}", "run.log_every=1", "run.checkpoint_every=1000", "run.val_every=1000",
-                  "run.validation=inline",
+                  "run.validation=inline", "run.num_workers=2",
                   f"run.storage={tmp_path}", "run.name=ctrlc"]:
         argv += ["--set", value]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
@@ -633,7 +634,7 @@ def test_ctrl_c_checkpoints_the_next_step_and_the_same_command_resumes_there(ray
 
     code, log = run(interrupt_at=None)
     assert code == 0, log[-4000:]
-    assert f"raysr: resumed ctrlc at step {stop} on 1 worker(s)" in log
+    assert f"raysr: resumed ctrlc at step {stop} on 2 worker(s)" in log
     logged = [int(step) for step in re.findall(r"raysr: step (\d+)/", log)]
     assert logged == list(range(stop + 1, total + 1))
     assert f"raysr: finished ctrlc at step {total}/{total}" in log
