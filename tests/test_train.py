@@ -17,6 +17,7 @@ import math
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -506,6 +507,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_exit_status_names_the_step_and_a_resume_command_the_shell_reads_back(capsys):
+    from raysr.stop_request import STOPPED_KEY, exit_status
+
+    argv = ["--preset", "quickstart", "--set", "run.storage=/tmp/my runs", "--set", "run.name=a'b"]
+    stopped = SimpleNamespace(metrics={"step": 7, STOPPED_KEY: 1}, checkpoint=SimpleNamespace(path="/r/ck_7"))
+    assert exit_status(stopped, argv) == 130
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("raysr: stopped at step 7 (Ctrl-C), checkpoint /r/ck_7; resume with: python -m raysr.train ")
+    assert shlex.split(line.split("resume with: ")[1]) == ["python", "-m", "raysr.train", *argv]
+    assert exit_status(SimpleNamespace(metrics={"step": 9}, checkpoint=None), argv) == 0
+    assert exit_status(None, argv) == 1 and capsys.readouterr().out == ""
 
 
 @pytest.mark.slow  # a Ray head of its own and a job
