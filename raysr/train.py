@@ -9,8 +9,8 @@ Ray (RAY_ADDRESS / ``ray job submit``) or start a local one on 127.0.0.1 -> a To
 :func:`train_loop_per_worker` on ``run.num_workers`` workers (N, or elastic: [min, max]): each streams
 its share of the shards, runs :func:`raysr.engine.train_step` and reports metrics; rank 0 writes
 checkpoints to ``<run.storage>/<run.name>`` and hands validations to an actor that scores them while
-training goes on. Re-running the same ``run.name`` resumes from its latest checkpoint;
-``train.init_from=psnr`` runs a PSNR phase (``<run.name>_psnr``) first (:func:`fit_both_phases`).
+training goes on. Re-running the same ``run.name`` resumes from its latest checkpoint; Ctrl-C checkpoints
+the next step and exits 130 (:mod:`raysr.stop_request`); ``train.init_from=psnr`` runs a PSNR phase first.
 
 Beside it: Ray start-up, the TorchTrainer, checkpoint upload and log filtering in :mod:`raysr.ray_setup`;
 the step and DDP in :mod:`raysr.engine`; rank 0's duties in :mod:`raysr.rank_zero` (validations:
@@ -34,6 +34,7 @@ from raysr.models.vgg import resolve_vgg19_source
 from raysr.ray_setup import (NOISE_RAY_LINES, describe_workers, drop_ray_log_lines, init_ray, make_trainer,
                              quiet_output, upload_checkpoint)
 from raysr.run_checkpoint import COMPARISON_FILE, GENERATOR_FILE, METRICS_FILE
+from raysr.stop_request import STOPPED_KEY, StopCheck, exit_status, fit_until_stopped, stopped
 from raysr.storage import StorageError, is_s3, join
 from raysr.trackers import resolve_settings
 
@@ -91,7 +92,7 @@ def check_data_paths(cfg: Config) -> None:
     if cfg.data.train:
         try:
             urls = resolve_shards(cfg.data.train)
-            check_train_shards(urls, cfg.data.gt_size)
+            check_train_shards(urls, cfg.data.gt_size if cfg.realesrgan is None else 1)  # realesrgan pads small ones
         except (StorageError, ValueError, OSError) as err:
             raise ConfigError(f"data.train: {err}") from err
         if not urls:
@@ -121,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             print(f"raysr.train: error: {err}", file=sys.stderr)
             return 2
-        return 0 if fit_both_phases(psnr_cfg, cfg) is not None else 1
-    return 0 if fit(cfg) is not None else 1
+        return exit_status(fit_both_phases(psnr_cfg, cfg), argv)
+    return exit_status(fit(cfg), argv)  # 130 (with the command that resumes) when Ctrl-C stopped it
 
 
 # --------------------------------------------------------------------------- two phases in one command
@@ -147,8 +148,8 @@ def psnr_phase_config(gan: Config, overrides: list[str] = ()) -> Config:
 
 
 def fit_both_phases(psnr_cfg: Config, gan_cfg: Config):
-    """Run the PSNR phase (resuming it, or reusing it when it reached its last step), then the GAN
-    phase from its EMA generator; returns the GAN run's Result, or None when a phase failed."""
+    """Run the PSNR phase (resuming it, or reusing it when it reached its last step), then the GAN phase
+    from its EMA generator; returns the last run's Result (PSNR's if Ctrl-C stopped it), None if one failed."""
     gan_cfg = prepare_demo_data(gan_cfg)  # both phases train on the same shards
     psnr_cfg = config_from_dict({**psnr_cfg.to_dict(), "data": gan_cfg.to_dict()["data"]})
     last = join(run_dir(psnr_cfg), f"checkpoint_{psnr_cfg.train.total_steps:08d}")
@@ -158,8 +159,8 @@ def fit_both_phases(psnr_cfg: Config, gan_cfg: Config):
     else:
         print(f"raysr: phase 1 of 2: PSNR phase {psnr_cfg.run.name} ({psnr_cfg.train.total_steps} steps), "
               f"then the GAN phase {gan_cfg.run.name}", flush=True)
-        if fit(psnr_cfg) is None:
-            return None
+        if (psnr := fit(psnr_cfg)) is None or stopped(psnr):  # Ctrl-C: the same command resumes the PSNR phase
+            return psnr
         print(f"raysr: phase 2 of 2: GAN phase {gan_cfg.run.name} from {generator}", flush=True)
     data = gan_cfg.to_dict()
     data["train"]["init_from"] = generator
@@ -187,13 +188,12 @@ def fit(cfg: Config, callbacks=()):
           f"phase, {cfg.train.total_steps} steps, {describe_workers(cfg.run)} on {device}", flush=True)
     run_checkpoint.pop_divergence(run_dir(cfg))  # a rerun (resume) starts without the last one's verdict
     try:
-        result = trainer.fit()
+        result = fit_until_stopped(trainer)  # Ctrl-C: the workers checkpoint the next step and stop
     except Exception as err:  # Ray wraps worker errors; show the cause, not Ray's stack
         print(f"raysr: training failed: {err}", file=sys.stderr)
         return None
-    diverged = run_checkpoint.pop_divergence(run_dir(cfg))
-    if diverged is not None:
-        print(divergence_message(cfg, diverged, result.checkpoint), file=sys.stderr)
+    if (diverged := run_checkpoint.pop_divergence(run_dir(cfg))) is not None:
+        print(f"raysr: error: {divergence_message(cfg, diverged, result.checkpoint)}", file=sys.stderr)
         return None
     summarize(cfg, result)
     return result
@@ -201,12 +201,12 @@ def fit(cfg: Config, callbacks=()):
 
 def divergence_message(cfg: Config, m: dict, checkpoint) -> str:
     """What to say when train.max_nonfinite steps in a row had a NaN/inf loss or gradient
-    (``m``: the metrics of that interval; ``checkpoint``: the run's latest, or None)."""
+    (``m``: the metrics of that interval; ``checkpoint``: the run's latest, or None); raysr.tune says it too."""
     losses = ", ".join(f"{k} {m[k]:.4g}" for k in ("loss_g", "loss_pix", "loss_percep", "loss_adv", "loss_d")
                        if k in m)
     last = f"the last checkpoint ({checkpoint.path})" if checkpoint is not None else \
         "no checkpoint was written yet, and"
-    return (f"raysr: error: training diverged: {cfg.train.max_nonfinite} steps in a row had a NaN/inf loss or "
+    return (f"training diverged: {cfg.train.max_nonfinite} steps in a row had a NaN/inf loss or "
             f"gradient, up to step {m['diverged_at']} (interval means: {losses or 'none'}). Those steps updated "
             f"nothing and the run stopped, so {last} holds only finite weights: resume from it, or start a new "
             "run.name from its generator.pth (train.init_from). Try a lower learning rate (optim.g.lr, optim.d.lr), "
@@ -214,15 +214,14 @@ def divergence_message(cfg: Config, m: dict, checkpoint) -> str:
 
 
 def summarize(cfg: Config, result) -> None:
-    m = result.metrics or {}
-    print(f"raysr: finished {cfg.run.name} at step {m.get('step', '?')}/{cfg.train.total_steps}")
+    m, ended = result.metrics or {}, "stopped" if stopped(result) else "finished"
+    print(f"raysr: {ended} {cfg.run.name} at step {m.get('step', '?')}/{cfg.train.total_steps}")
     if "psnr" in m:
         print(f"raysr: validation PSNR(Y) {m['psnr']:.2f} dB vs bicubic {m['psnr_bicubic']:.2f} dB "
               f"({m['psnr'] - m['psnr_bicubic']:+.2f} dB), SSIM(Y) {m['ssim']:.4f} vs {m['ssim_bicubic']:.4f}")
     if result.checkpoint is not None:
         where = result.checkpoint.path
-        if is_s3(cfg.run.storage) and not where.startswith("s3://"):
-            where = "s3://" + where
+        where = "s3://" + where if is_s3(cfg.run.storage) and not where.startswith("s3://") else where
         print(f"raysr: generator  {join(where, GENERATOR_FILE)}  (params, params_ema as BasicSR; + architecture)")
         if "val_step" in m:  # a comparison image comes with a finished validation
             print(f"raysr: images     {join(where, COMPARISON_FILE)}  (bicubic | SR | HR)")
@@ -295,11 +294,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         lead.say(f"raysr: resumed {cfg.run.name} at step {state.step} on {world} worker(s)"
                  + (f" (global batch {global_batch}: up to {micro_batches} micro-batches of {cfg.data.batch_size} "
                     "per worker)" if cfg.run.elastic else ""))
-    meter, checkpoint_block_s = Meter(), 0.0
+    meter, checkpoint_block_s, stop, stopping = Meter(), 0.0, StopCheck(rank, world), False
     # S3: raysr's upload, which fails loudly; local folders: Ray's own copy
     upload = functools.partial(upload_checkpoint, ctx.get_storage()) if is_s3(cfg.run.storage) else None
 
-    while state.step < cfg.train.total_steps:
+    while state.step < cfg.train.total_steps and not stopping:
         # ---- step
         t_wait = time.perf_counter()
         lr, hr, hr_usm = batches.next()
@@ -307,8 +306,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         scalars = train_step(state, lr, hr, micro_batches=micro_batches, global_batch=global_batch, hr_usm=hr_usm)
         meter.add(scalars, batch=global_batch, wait=t_step - t_wait, total=time.perf_counter() - t_wait)
         step, last = state.step, state.step >= cfg.train.total_steps
+        stopping = stop.requested() and not last  # the driver's Ctrl-C, on every rank alike: checkpoint, end
         do_val = last or step % cfg.run.val_every == 0
-        do_ckpt = last or step % cfg.run.checkpoint_every == 0
+        do_ckpt = last or stopping or step % cfg.run.checkpoint_every == 0
         if not (do_val or do_ckpt or step % cfg.run.log_every == 0):
             continue
 
@@ -323,7 +323,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics)
             break
         if do_ckpt:  # replicas must hold identical weights; a drift here means DDP is broken
-            metrics["g_fingerprint"] = weight_fingerprint(state.g_module)
+            metrics.update(g_fingerprint=weight_fingerprint(state.g_module), **{STOPPED_KEY: 1} if stopping else {})
 
         # ---- validate (rank 0; the validations finished by now join its metrics), then log the interval
         lead.validate_and_log(step, state.g_eval if do_val else None, metrics, wait=last)

@@ -37,8 +37,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("validator", ("raysr.validation.validator",)),
     ("tools without Ray: inference, evaluation, interpolation, demo data", (
         "raysr.upscale", "raysr.evaluate", "raysr.interpolate", "raysr.demo", "raysr.preview")),
-    ("ray: start-up, the TorchTrainer, rank 0's duties and validations", (
-        "raysr.ray_setup", "raysr.validation.queue", "raysr.rank_zero")),
+    ("ray: start-up, the TorchTrainer, rank 0's duties and validations, Ctrl-C", (
+        "raysr.ray_setup", "raysr.validation.queue", "raysr.rank_zero", "raysr.stop_request")),
     ("driver", ("raysr.train",)),
     ("on the driver: tuning and benchmarks", (
         "raysr.tune", "raysr.tune.__main__", "raysr.tune.cli", "raysr.tune.report", "raysr.tune.space",

@@ -15,7 +15,9 @@ import io
 import json
 import math
 import os
+import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -526,6 +528,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_exit_status_names_the_step_and_a_resume_command_the_shell_reads_back(capsys):
+    from raysr.stop_request import STOPPED_KEY, exit_status
+
+    argv = ["--preset", "quickstart", "--set", "run.storage=/tmp/my runs", "--set", "run.name=a'b"]
+    stopped = SimpleNamespace(metrics={"step": 7, STOPPED_KEY: 1}, checkpoint=SimpleNamespace(path="/r/ck_7"))
+    assert exit_status(stopped, argv) == 130
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("raysr: stopped at step 7 (Ctrl-C), checkpoint /r/ck_7; resume with: python -m raysr.train ")
+    assert shlex.split(line.split("resume with: ")[1]) == ["python", "-m", "raysr.train", *argv]
+    assert exit_status(SimpleNamespace(metrics={"step": 9}, checkpoint=None), argv) == 0
+    assert exit_status(None, argv) == 1 and capsys.readouterr().out == ""
+
+
 @pytest.mark.slow  # a Ray head of its own and a job
 def test_ray_job_submit_to_a_ray_start_head_succeeds(demo_data, tmp_path):
     """`ray start --head` on 127.0.0.1, then `ray job submit -- python -m raysr.train --preset quickstart …`.
@@ -602,6 +617,62 @@ def test_ray_job_submit_to_a_ray_start_head_succeeds(demo_data, tmp_path):
     assert {k: g.config[k] for k in ("num_feat", "num_block", "scale", "variant")} == \
         {"num_feat": 8, "num_block": 1, "scale": 4, "variant": "msrresnet"}
     assert g(torch.rand(1, 3, 8, 8)).shape == (1, 3, 32, 32)
+
+
+def test_ctrl_c_checkpoints_the_next_step_and_the_same_command_resumes_there(ray_local, demo_data, tmp_path):
+    """SIGINT to the driver (Ctrl-C; ``ray job stop`` sends SIGTERM) once step 3 is logged: both workers
+    stop at the same step boundary (else their reports would hang), rank 0 writes the checkpoint, the
+    driver names that step and the command that resumes and exits 130; that command resumes at exactly
+    that step and ends at step 40. Both drivers join the session's Ray (as ``ray job submit`` drivers
+    join a cluster). A report every step paces the run (Ray Train's controller takes one per health
+    check, 0.5 s in the tests)."""
+    total = 40
+    argv = ["--preset", "quickstart"]
+    for value in ["model.generator.num_feat=8", "model.generator.num_block=1", "data.gt_size=32",
+                  "data.batch_size=2", "data.num_workers=0", f"data.train={demo_data.train}", f"data.val={demo_data.val}",
+                  f"train.total_steps={total}", "run.log_every=1", "run.checkpoint_every=1000", "run.val_every=1000",
+                  "run.validation=inline", "run.num_workers=2",
+                  f"run.storage={tmp_path}", "run.name=ctrlc"]:
+        argv += ["--set", value]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+
+    def run(interrupt_at: str | None) -> tuple[int, str]:
+        proc = subprocess.Popen([sys.executable, "-m", "raysr.train", *argv], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        lines = []
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if interrupt_at is not None and interrupt_at in line:  # a worker's line, maybe prefixed by Ray
+                    proc.send_signal(signal.SIGINT)  # the driver only, as `ray job stop` signals it
+                    interrupt_at = None
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return proc.returncode, "".join(lines)
+
+    code, log = run(interrupt_at=f"raysr: step 3/{total} ")
+    assert code == 130, log[-4000:]
+    stop = int(log.split("raysr: stopped at step ")[1].split(" ")[0])
+    assert 3 < stop < total, log[-4000:]
+    checkpoint = tmp_path / "ctrlc" / f"checkpoint_{stop:08d}"
+    command = "python -m raysr.train " + " ".join(argv)  # no value here needs shell quoting
+    assert f"raysr: stopped at step {stop} (Ctrl-C), checkpoint {checkpoint}; resume with: {command}" in log
+    assert sorted(p.name for p in (tmp_path / "ctrlc").glob("checkpoint_0*")) == [checkpoint.name]
+    assert json.loads((checkpoint / "metrics.json").read_text())["step"] == stop
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    assert state["step"] == stop and state["opt_g"]["state"][0]["step"].item() == stop
+    assert f"raysr: step {stop + 1}/" not in log  # nothing trained past the checkpoint
+
+    code, log = run(interrupt_at=None)
+    assert code == 0, log[-4000:]
+    assert f"raysr: resumed ctrlc at step {stop} on 2 worker(s)" in log
+    logged = [int(step) for step in re.findall(r"raysr: step (\d+)/", log)]
+    assert logged == list(range(stop + 1, total + 1))
+    assert f"raysr: finished ctrlc at step {total}/{total}" in log
+    state = torch.load(tmp_path / "ctrlc" / f"checkpoint_{total:08d}" / "state.pt", weights_only=True)
+    assert state["step"] == total and state["opt_g"]["state"][0]["step"].item() == total
 
 
 def test_local_ray_listens_on_loopback_only(ray_local):

@@ -24,7 +24,7 @@ from PIL import Image
 from conftest import synthetic_image
 from raysr.config import ConfigError, load_config
 from raysr.tune.cli import main
-from raysr.tune.report import TrialRow, pareto_front, rank_trials
+from raysr.tune.report import TrialRow, pareto_front, rank_trials, write_report
 from raysr.tune.space import parse_space, trial_config
 from raysr.tune.trial import asha_schedule, trial_resources
 
@@ -308,6 +308,36 @@ def test_rank_trials_of_an_interrupted_search_uses_the_unfinished():
     assert rank_trials([row("c", "error", None)], "psnr", "max") == (None, None)
 
 
+def tune_result(folder: Path, trial_id: str, lr: float, results: list[dict]) -> SimpleNamespace:
+    """What write_report reads of a Tune ``Result``: the trial's config, its results, its folder."""
+    import pandas as pd
+
+    return SimpleNamespace(config={"optim.g.lr": lr}, metrics_dataframe=pd.DataFrame(results),
+                           path=str(folder / trial_id), error=None)
+
+
+def test_a_diverged_trial_is_shown_as_diverged_and_never_ranked(tmp_path, capsys):
+    """An interrupted search (no trial complete): the trial that diverged at step 23 had the highest
+    PSNR at step 20, yet the best is the stopped trial; the table and trials.csv say it diverged and why."""
+    space = parse_space("optim.g.lr: {grid: [1.0e-4, 2.0e-4, 3.0e-4]}\n", "space.yaml")
+    base = load_config(preset="quickstart", overrides=["train.total_steps=40"]).to_dict()
+    why = "training diverged: 10 steps in a row had a NaN/inf loss or gradient, up to step 23 (hand-made)"
+    results = [tune_result(tmp_path, "a", 1e-4, [{"step": 20, "psnr": 24.0}]),
+               tune_result(tmp_path, "b", 3e-4, [{"step": 20, "psnr": 30.0},
+                                                  {"step": 23, "psnr": math.nan, "diverged": why}]),
+               tune_result(tmp_path, "c", 2e-4, [{"step": 20, "psnr": 26.0}])]
+    statuses = {"a": "RUNNING", "b": "TERMINATED", "c": "TERMINATED"}
+    assert write_report(results, statuses, space=space, base=base, metric="psnr", mode="max",
+                        folder=str(tmp_path), name="s") == 0
+    out = capsys.readouterr().out
+    rows = {r["trial"]: r for r in read_csv(tmp_path / "trials.csv")}
+    assert [(t, r["status"], r["step"], r["psnr"], r["pareto"], r["best"], r["message"]) for t, r in rows.items()] == [
+        ("c", "stopped", "20", "26.0", "1", "1", ""), ("a", "unfinished", "20", "24.0", "0", "0", ""),
+        ("b", "diverged", "23", "30.0", "0", "0", why)]
+    assert f"b diverged: {why}" in out and "c (best)" in out
+    assert load_config(config_file=str(tmp_path / "best_config.yaml")).optim.g.lr == 2e-4
+
+
 # --------------------------------------------------------------------------- real searches
 
 
@@ -365,34 +395,43 @@ def test_search_finishes_and_writes_table_and_best_config(ray_local, data, tmp_p
     # resources a little later, and no search of this file waits on them.
     from raysr.train import main as train_main
 
-    argv = [*tiny_args(data, tmp_path, total_steps=4, val_every=2), "--num-samples", "2", "--name", "tiny"]
+    # Two trials, one per gamma: the lr multiplied by 1e30 from the first step (milestone 0) makes
+    # every loss from step 2 on inf, and train.max_nonfinite=1 stops that trial's run at step 2.
+    space = tmp_path / "diverge.yaml"
+    space.write_text(SPACE + "optim.schedule.gamma: {grid: [0.5, 1.0e30]}\n")
+    argv = [*tiny_args(data, tmp_path, total_steps=4, val_every=2), "--space", str(space), "--num-samples", "1",
+            "--set", "optim.schedule.milestones=[0]", "--set", "train.max_nonfinite=1", "--name", "tiny"]
     assert main(argv) == 0
     log = capsys.readouterr().out
     folder = tmp_path / "tiny"
     best_path = folder / "best_config.yaml"
     assert f"raysr.tune: config {best_path}" in log
     rows = read_csv(folder / "trials.csv")
-    assert len(rows) == 2
+    assert sorted(float(r["optim.schedule.gamma"]) for r in rows) == [0.5, 1e30]
     for r in rows:
-        assert r["status"] in ("complete", "stopped")  # ASHA may stop the weaker one at its step-2 rung
         assert 1e-4 <= float(r["optim.g.lr"]) <= 1e-3 and r["model.generator.num_block"] in ("1", "2")
-        # the PSNR Tune saw is the one the trial's own run wrote into its checkpoint at that step
-        checkpoint = folder / "runs" / r["trial"] / f"checkpoint_{int(r['step']):08d}"
-        assert (checkpoint / "generator.pth").is_file()
-        metrics = json.loads((checkpoint / "metrics.json").read_text())
-        assert float(r["psnr"]) == metrics["psnr"] and 15 < metrics["psnr"] < 45
-        assert f"bicubic upscaling of the same validation images: psnr {metrics['psnr_bicubic']:.5g}" in log
-    complete = [r for r in rows if r["status"] == "complete"]
-    assert complete and all(r["step"] == "4" for r in complete)
-    top = max(float(r["psnr"]) for r in complete)
-    # a PSNR-phase search has no perceptual distance: its Pareto front is the top PSNR
-    assert [r["pareto"] for r in rows] == [str(int(r in complete and float(r["psnr"]) == top)) for r in rows]
-    (best,) = [r for r in rows if r["best"] == "1"]
-    assert best in complete and float(best["psnr"]) == top
+    (diverged,) = [r for r in rows if float(r["optim.schedule.gamma"]) == 1e30]
+    (good,) = [r for r in rows if r is not diverged]
+    # the diverged trial: marked, with the message raysr.train prints, never on the front or best;
+    # its NaN result leaves ASHA's rung to the other trial, which runs to its last step
+    assert (diverged["status"], diverged["step"], diverged["psnr"], diverged["pareto"], diverged["best"]) == \
+        ("diverged", "2", "", "0", "0")
+    assert diverged["message"].startswith("training diverged: 1 steps in a row had a NaN/inf loss or gradient, "
+                                          "up to step 2") and "optim.g.lr" in diverged["message"]
+    assert f"raysr.tune: trial {diverged['trial']} stopped: {diverged['message']}" in log
+    assert f"{diverged['trial']} diverged: {diverged['message']}" in log
+    assert not list((folder / "runs" / diverged["trial"]).glob("checkpoint_0*"))  # nothing finite to keep after step 1
+    assert (good["status"], good["step"], good["pareto"], good["best"], good["message"]) == ("complete", "4", "1", "1", "")
+    # the PSNR Tune saw is the one the trial's own run wrote into its checkpoint at that step
+    checkpoint = folder / "runs" / good["trial"] / "checkpoint_00000004"
+    assert (checkpoint / "generator.pth").is_file()
+    metrics = json.loads((checkpoint / "metrics.json").read_text())
+    assert float(good["psnr"]) == metrics["psnr"] and 15 < metrics["psnr"] < 45
+    assert f"bicubic upscaling of the same validation images: psnr {metrics['psnr_bicubic']:.5g}" in log
 
     cfg = load_config(config_file=str(best_path))
-    assert cfg.optim.g.lr == float(best["optim.g.lr"])
-    assert cfg.model.generator.num_block == int(best["model.generator.num_block"])
+    assert cfg.optim.g.lr == float(good["optim.g.lr"]) and cfg.optim.schedule.gamma == 0.5
+    assert cfg.model.generator.num_block == int(good["model.generator.num_block"])
     assert cfg.model.generator.num_feat == 8 and cfg.train.total_steps == 4  # the base config's --set values
     assert cfg.run.name == "tiny_best" and cfg.run.storage == str(tmp_path)
     assert cfg.data.train == [data.train] and cfg.data.val == data.val

@@ -153,7 +153,8 @@ def make_tuner(search: Search, resume: bool) -> tune.Tuner:
     # what the trials run with (search.base, as saved and compared on --resume, stays as given)
     cfg = validation_for_local_ray(config_from_dict(search.base), other_cpus=TRIAL_DRIVER_CPUS)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=cfg.to_dict(), space=search.space, runs_dir=join(search.folder, RUNS_DIR)),
+        tune.with_parameters(run_trial, base=cfg.to_dict(), space=search.space, runs_dir=join(search.folder, RUNS_DIR),
+                             metric=search.metric),
         {"CPU": TRIAL_DRIVER_CPUS})
     if resume:
         path, filesystem = experiment_location(search)

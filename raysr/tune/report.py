@@ -18,6 +18,8 @@ from raysr.tune.space import SearchSpace, label, trial_config
 TRIALS_FILE = "trials.csv"
 BEST_CONFIG_FILE = "best_config.yaml"
 RUNS_DIR = "runs"  # each trial's training run: <search>/runs/<trial id>
+# In the last result of a trial whose training diverged: the message raysr.train prints.
+DIVERGED_KEY = "diverged"
 
 # Metrics every validation reports (psnr, ssim) or may report (perceptual: the
 # configured VGG loss in the GAN phase; lpips: when its weights are available offline).
@@ -67,12 +69,15 @@ class TrialRow:
     """One trial's outcome: its params and its last reported validation metrics."""
 
     trial_id: str
-    status: str  # complete | stopped (early, by the scheduler) | unfinished (interrupted search) | error
+    # complete | stopped (early, by the scheduler) | unfinished (interrupted search) | error
+    # | diverged (train.max_nonfinite NaN/inf steps in a row; ``message`` says so as raysr.train does)
+    status: str
     step: int | None
     params: dict
     metrics: dict[str, float]
     pareto: bool = False
     best: bool = False
+    message: str = ""
 
 
 def trial_row(result, saved_status: str | None, space: SearchSpace, base: dict, metric: str) -> TrialRow:
@@ -86,13 +91,16 @@ def trial_row(result, saved_status: str | None, space: SearchSpace, base: dict, 
             if name in df and df[name].notna().any():
                 metrics[name] = float(df[name].dropna().iloc[-1])
     total = trial_config(base, params).train.total_steps
-    if result.error is not None or saved_status == "ERROR":
+    message = ""
+    if df is not None and DIVERGED_KEY in df and df[DIVERGED_KEY].notna().any():
+        status, message = "diverged", str(df[DIVERGED_KEY].dropna().iloc[-1])
+    elif result.error is not None or saved_status == "ERROR":
         status = "error"
     elif saved_status != "TERMINATED":
         status = "unfinished"
     else:
         status = "complete" if step is not None and step >= total else "stopped"
-    return TrialRow(Path(result.path).name, status, step, params, metrics)
+    return TrialRow(Path(result.path).name, status, step, params, metrics, message=message)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
@@ -107,13 +115,13 @@ def rank_trials(rows: list[TrialRow], metric: str, mode: str,
 
     Only trials that ran to their last step are compared (a trial stopped early
     was judged on less training); if none did (an interrupted search), all that
-    did not fail are. The front is over PSNR and LPIPS when any compared trial
+    neither failed nor diverged are. The front is over PSNR and LPIPS when any compared trial
     has LPIPS, else the VGG perceptual distance (unless ``use_perceptual`` is
     False: trials measured it with different VGG layers); with neither (a
     PSNR-phase search) it is the trials with the highest PSNR. ``best`` is None
     when no compared trial reported ``metric``.
     """
-    pool = [r for r in rows if r.status == "complete"] or [r for r in rows if r.status != "error"]
+    pool = [r for r in rows if r.status == "complete"] or [r for r in rows if r.status not in ("error", "diverged")]
     distances = ("lpips", "perceptual") if use_perceptual else ("lpips",)
     distance = next((m for m in distances if any(m in r.metrics for r in pool)), None)
     scored = [r for r in pool if "psnr" in r.metrics and (distance is None or distance in r.metrics)]
@@ -161,12 +169,13 @@ def format_table(rows: list[TrialRow], columns: list[str]) -> str:
 
 
 def trials_csv(rows: list[TrialRow], columns: list[str]) -> str:
-    """The table as CSV with full-precision values and 0/1 ``pareto`` and ``best`` columns."""
+    """The table as CSV with full-precision values, 0/1 ``pareto`` and ``best`` columns, and
+    ``message``: why a trial ended as it did (a diverged trial's, as raysr.train says it), else empty."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*columns, "best"])
+    writer.writerow([*columns, "best", "message"])
     for r in rows:
-        writer.writerow([*row_values(r, columns, exact=True)[:-1], int(r.pareto), int(r.best)])
+        writer.writerow([*row_values(r, columns, exact=True)[:-1], int(r.pareto), int(r.best), r.message])
     return out.getvalue()
 
 
@@ -189,9 +198,10 @@ def write_report(results, statuses: dict[str, str], *, space: SearchSpace, base:
     best, distance = rank_trials(rows, metric, mode, perceptual_comparable(space))
     sign = 1 if mode == "max" else -1
 
-    def order(r: TrialRow):  # complete trials first, then best by the metric
+    def order(r: TrialRow):  # complete trials first, diverged and failed ones last, then best by the metric
         value = r.metrics.get(metric)
-        return r.status != "complete", value is None, 0.0 if value is None else -sign * value
+        return (r.status != "complete", r.status in ("diverged", "error"), value is None,
+                0.0 if value is None else -sign * value)
 
     rows.sort(key=order)
     columns = table_columns(rows, space, metric)
@@ -201,6 +211,9 @@ def write_report(results, statuses: dict[str, str], *, space: SearchSpace, base:
         say(f"bicubic upscaling of the same validation images: psnr {bicubic:.5g}")
     if distance:
         say(f"pareto *: no other compared trial has both a higher psnr and a lower {distance}")
+    for r in rows:
+        if r.status == "diverged":  # never compared: its last metrics were measured before the weights blew up
+            say(f"{r.trial_id} diverged: {r.message}")
     write_bytes(join(folder, TRIALS_FILE), trials_csv(rows, columns).encode())
     say(f"raysr.tune: table  {join(folder, TRIALS_FILE)}")
     if best is None:

@@ -9,11 +9,12 @@ import math
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from raysr import run_checkpoint
 from raysr.cli import say
 from raysr.config import Config, ConfigError
 from raysr.ray_setup import make_trainer
-from raysr.train import train_loop_per_worker
-from raysr.tune.report import METRIC_MODES
+from raysr.train import divergence_message, run_dir, train_loop_per_worker
+from raysr.tune.report import DIVERGED_KEY, METRIC_MODES
 from raysr.tune.space import SearchSpace, label, trial_config
 
 # The trial function itself only waits on its TorchTrainer; a whole CPU per trial
@@ -23,15 +24,23 @@ TRIAL_DRIVER_CPUS = 0.1
 VALIDATION_KEY = "psnr"
 
 
-def run_trial(params: dict, base: dict, space: SearchSpace, runs_dir: str) -> None:
+def run_trial(params: dict, base: dict, space: SearchSpace, runs_dir: str, metric: str) -> None:
     """The body of one Tune trial: a complete raysr training of ``base`` + ``params``.
 
     Runs as ``<runs_dir>/<trial id>``; a restarted trial (``--resume``) refits the
-    same run name, so its TorchTrainer resumes from the latest checkpoint.
+    same run name, so its TorchTrainer resumes from the latest checkpoint. A run that
+    diverged (train.max_nonfinite) ends with one more result: ``diverged`` holds the
+    message ``raysr.train`` prints, and the metrics are NaN (``metric``, the search's,
+    must be in every result), which no scheduler or searcher counts as a score.
     """
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, space.decode(params), name=trial_id, storage=runs_dir)
-    make_trainer(cfg, train_loop_per_worker, callbacks=[ValidationReport()]).fit()
+    run_checkpoint.pop_divergence(run_dir(cfg))  # a restarted trial starts without the last verdict
+    result = make_trainer(cfg, train_loop_per_worker, callbacks=[ValidationReport()]).fit()
+    diverged = run_checkpoint.pop_divergence(run_dir(cfg))
+    if diverged is not None:
+        tune.report({**{m: math.nan for m in (*METRIC_MODES, metric)}, "step": diverged["diverged_at"],
+                     DIVERGED_KEY: divergence_message(cfg, diverged, result.checkpoint)})
 
 
 class ValidationReport(TuneReportCallback):
@@ -68,6 +77,9 @@ class TrialProgress(tune.Callback):
         say(f"raysr.tune: trial {trial.trial_id} started: {params}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if DIVERGED_KEY in result:
+            say(f"raysr.tune: trial {trial.trial_id} stopped: {result[DIVERGED_KEY]}")
+            return
         shown = [self.metric] + [m for m in METRIC_MODES if m != self.metric]
         values = " ".join(f"{m} {result[m]:.4g}" for m in shown if m in result)
         say(f"raysr.tune: trial {trial.trial_id} step {result.get('step', '?')}: {values}")
