@@ -16,6 +16,7 @@ from torch import nn
 
 from raysr import storage
 from raysr.generator_file import interpolate, load_generator
+from raysr.images import ImageError
 from raysr.weights import check_compatible
 
 EXIT_BAD_INPUT = 2
@@ -60,6 +61,16 @@ def cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int
     except InputError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def failure_reason(err: BaseException) -> str:
+    """Why one input of a dataset job failed, for ``_failed.jsonl``: the message of raysr's own errors
+    (which name the file), a hint for a GPU out of memory, else the exception's type and message."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return "does not fit in GPU memory at once; pass --tile 512 (or smaller) to run it in tiles"
+    if isinstance(err, (ImageError, storage.StorageError)):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,0 +1,179 @@
+"""Whole datasets through Ray Data: ``python -m raysr.upscale ... --ray [ADDRESS]``.
+
+The pipeline, in the order the data flows::
+
+    work list (driver) -> read + decode (CPU tasks) -> upscale (actor pool, GPUs or CPUs)
+                       -> encode + write (CPU tasks) -> outcomes (driver: progress, _failed.jsonl, summary)
+
+Decoding and encoding run on whatever CPUs the cluster has while the model actors only upscale;
+the actor pool grows from ``--workers MIN`` to ``MAX`` with the backlog (``ActorPoolStrategy``).
+Every stage catches what goes wrong with one input and passes it on as that row's ``error``, so a
+bad input never stops the job: the driver lists it in ``_failed.jsonl``. Each output is written
+atomically (:func:`raysr.storage.write_bytes`), so a stage Ray retries, or a job run again after it
+was killed, never leaves a half-written file.
+
+The stages call the very functions the single-process path calls (:func:`raysr.images.read_image`,
+the :class:`raysr.upscale.Upscaler` handed in, :func:`raysr.images.write_image`), so both paths
+write the same bytes for the same model, tile and precision.
+
+Decoded images travel between stages as raw bytes plus shape and dtype columns: Ray Data's own
+tensor columns cast a batch of uint8 and uint16 images to one dtype and turn a missing ICC
+profile into NaN. The pixels of one row live in one Arrow binary value (below 2 GiB per image).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from raysr.cli import InputError, failure_reason
+from raysr.images import DecodedImage, read_image, write_image
+from raysr.ray_setup import init_ray
+
+# Stage tasks may be retried (a lost node); outputs are atomic, so a retry is harmless.
+TASK_RETRIES = 3
+
+
+def start_ray(address: str, verbose: bool) -> None:
+    """Join the cluster at ``address`` ('auto', host:port), or, with '', the one in RAY_ADDRESS or
+    a new local Ray on 127.0.0.1 (:func:`raysr.ray_setup.init_ray`); Ray Data's progress bars and
+    execution logs only with ``verbose``."""
+    if address:
+        os.environ["RAY_ADDRESS"] = address
+    init_ray()
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = verbose
+    context.print_on_execution_start = verbose
+    if not verbose:  # "Progress bars disabled", "execution finished in ..." are raysr's own lines here
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def actor_resources(workers: tuple[int, int] | None, gpus_per_worker: float | None) -> tuple[int, int, float]:
+    """``(min actors, max actors, GPUs per actor)``: by default one GPU per actor and up to as many actors
+    as the cluster has GPUs now; on a cluster without GPUs, one CPU actor."""
+    import ray
+
+    cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+    gpus = gpus_per_worker if gpus_per_worker is not None else (1.0 if cluster_gpus > 0 else 0.0)
+    if workers is None:
+        workers = (1, max(1, int(cluster_gpus // gpus)) if gpus > 0 else 1)
+    return workers[0], workers[1], gpus
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def image_columns(image: DecodedImage) -> dict:
+    """A decoded image as plain columns (see the module docstring)."""
+    height, width, channels = image.pixels.shape
+    return {"pixels": image.pixels.tobytes(), "height": height, "width": width, "channels": channels,
+            "dtype": image.pixels.dtype.name, "format": image.format, "icc": image.icc_profile or b""}
+
+
+def image_from_columns(row: dict) -> DecodedImage:
+    """Inverse of :func:`image_columns`."""
+    shape = (row["height"], row["width"], row["channels"])
+    pixels = np.frombuffer(row["pixels"], np.dtype(row["dtype"])).reshape(shape)
+    return DecodedImage(pixels=pixels, format=row["format"], icc_profile=row["icc"] or None)
+
+
+_EMPTY_IMAGE = {"pixels": b"", "height": 0, "width": 0, "channels": 0, "dtype": "uint8", "format": "", "icc": b""}
+
+
+def _failed_row(row: dict, stage: str, err: BaseException) -> dict:
+    return {**row, **_EMPTY_IMAGE, "stage": stage, "error": failure_reason(err)}
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+def read_stage(row: dict) -> dict:
+    """CPU task: ``{"uri", "outs"}`` -> the decoded input's columns, or ``error``."""
+    try:
+        image = read_image(row["uri"])
+    except Exception as err:  # listed in _failed.jsonl by the driver
+        return _failed_row(row, "read", err)
+    return {**row, **image_columns(image), "stage": "", "error": ""}
+
+
+class UpscaleStage:
+    """Actor: holds the models on its device (a GPU when it has one) and upscales one input per
+    call into one row per output file (``out`` and its pixels)."""
+
+    def __init__(self, make_upscaler: Callable[[torch.device], Callable]):
+        has_gpu = bool(os.environ.get("CUDA_VISIBLE_DEVICES")) and torch.cuda.is_available()
+        self.upscale = make_upscaler(torch.device("cuda" if has_gpu else "cpu"))
+
+    def __call__(self, row: dict) -> list[dict]:
+        outs = list(row.pop("outs"))
+        megapixels = row["height"] * row["width"] / 1e6
+        if row["error"]:
+            return [{**row, "out": "", "count": 1, "megapixels": 0.0}]
+        try:
+            results = self.upscale(image_from_columns(row))
+        except Exception as err:
+            if isinstance(err, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            return [{**_failed_row(row, "upscale", err), "out": "", "count": 1, "megapixels": 0.0}]
+        return [{**row, **image_columns(result), "out": out, "count": len(outs), "megapixels": megapixels}
+                for out, result in zip(outs, results)]
+
+
+def write_stage(row: dict) -> dict:
+    """CPU task: encode and write one output file atomically; the row without its pixels."""
+    if not row["error"]:
+        try:
+            write_image(row["out"], image_from_columns(row))
+        except Exception as err:
+            row = _failed_row(row, "write", err)
+    return {k: row[k] for k in ("uri", "out", "count", "megapixels", "stage", "error")}
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def upscale_on_ray(jobs: Sequence, make_upscaler: Callable, log, *, address: str, workers: tuple[int, int] | None,
+                   gpus_per_worker: float | None, precision: str, verbose: bool = False) -> None:
+    """Run ``jobs`` (:class:`raysr.upscale.Job`: ``uri``, ``outs``) through the pipeline on the Ray cluster at
+    ``address`` (see :func:`start_ray`), reporting each input to ``log`` (:class:`raysr.upscale.JobLog`)
+    once its last output is written or it fails.
+
+    ``make_upscaler(device)``: the run's models on ``device``, as a callable image -> output images.
+    """
+    start_ray(address, verbose)
+    import ray.data
+
+    low, high, gpus = actor_resources(workers, gpus_per_worker)
+    if precision == "fp16" and gpus == 0:
+        raise InputError("--precision fp16 needs GPU actors (CPU autocast has no fp16); pass --gpus-per-worker 1 "
+                         "on a cluster with GPUs, or use --precision bf16 or fp32")
+    if not jobs:
+        return
+    items = [{"uri": job.uri, "outs": list(job.outs)} for job in jobs]
+    dataset = (ray.data.from_items(items)
+               .map(read_stage, max_retries=TASK_RETRIES)
+               # a CPU actor asks for what a task does; the distinct max_retries keeps Ray Data from fusing
+               # decoding into the actors (then they would decode as well as upscale)
+               .flat_map(UpscaleStage, fn_constructor_args=(make_upscaler,),
+                         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+                         num_gpus=gpus, num_cpus=1)
+               .map(write_stage, max_retries=TASK_RETRIES))
+    written: dict[str, int] = {}
+    failed: set[str] = set()
+    for row in dataset.iter_rows():
+        uri = row["uri"]
+        if uri in failed:
+            continue
+        if row["error"]:
+            failed.add(uri)
+            log.failed(uri, row["stage"], row["error"])
+            continue
+        written[uri] = written.get(uri, 0) + 1
+        if written[uri] == row["count"]:
+            log.done(uri, row["megapixels"])
