@@ -34,8 +34,13 @@ from raysr.cli import InputError, failure_reason
 from raysr.images import DecodedImage, read_image, write_image
 from raysr.ray_setup import init_ray
 
-# Stage tasks may be retried (a lost node); outputs are atomic, so a retry is harmless.
-TASK_RETRIES = 3
+# Heap reserved per read/decode and encode/write task: a large decoded image and its codec buffers.
+# Declaring it also keeps Ray Data from fusing the decode tasks into CPU model actors (same CPU
+# request, otherwise): the actors would then decode as well as upscale.
+CODEC_TASK_MEMORY = 512 << 20
+# One input per block up to this many inputs, so the actor pool is balanced image by image;
+# beyond it the blocks hold several inputs (Ray Data splits the decoded output blocks by size).
+MAX_BLOCKS = 10_000
 
 
 def start_ray(address: str, verbose: bool) -> None:
@@ -156,14 +161,13 @@ def upscale_on_ray(jobs: Sequence, make_upscaler: Callable, log, *, address: str
     if not jobs:
         return
     items = [{"uri": job.uri, "outs": list(job.outs)} for job in jobs]
-    dataset = (ray.data.from_items(items)
-               .map(read_stage, max_retries=TASK_RETRIES)
-               # a CPU actor asks for what a task does; the distinct max_retries keeps Ray Data from fusing
-               # decoding into the actors (then they would decode as well as upscale)
+    dataset = (ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
+               .map(read_stage, memory=CODEC_TASK_MEMORY)
                .flat_map(UpscaleStage, fn_constructor_args=(make_upscaler,),
                          compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
                          num_gpus=gpus, num_cpus=1)
-               .map(write_stage, max_retries=TASK_RETRIES))
+               .map(write_stage, memory=CODEC_TASK_MEMORY))
+    log.start()  # images/s and MP/s from here: starting Ray is not upscaling
     written: dict[str, int] = {}
     failed: set[str] = set()
     for row in dataset.iter_rows():

@@ -233,6 +233,10 @@ class JobLog:
         self.megapixels = 0.0
         self.progress = Progress(total, tool, unit="images", interval=interval)
 
+    def start(self) -> None:
+        """Count rates from now (after Ray has started)."""
+        self.progress.start = time.monotonic()
+
     def done(self, uri: str, megapixels: float) -> None:
         self.megapixels += megapixels
         self._step(uri)
@@ -323,7 +327,8 @@ def check_ray_args(args: argparse.Namespace) -> None:
         given = [flag for flag, value in (("--workers", args.workers), ("--gpus-per-worker", args.gpus_per_worker))
                  if value is not None]
         if given:
-            raise InputError(f"{' and '.join(given)} only apply with --ray; add --ray (local) or --ray auto")
+            raise InputError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only with --ray; "
+                             "add --ray (local) or --ray auto")
         return
     if args.device != "auto":
         raise InputError("--device picks the single-process device; with --ray each model actor runs on the GPU(s) "
