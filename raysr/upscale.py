@@ -41,8 +41,8 @@ from raysr.images import (DecodedImage, from_float_rgb, is_under, list_images, r
                            relative_path, to_float_rgb, write_image)
 from raysr.inference import DEFAULT_TILE_PAD, PRECISIONS, upscale_tensor
 from raysr.ops.resize import imresize, weight_matrix
-from raysr.cli import (DEVICES, InputError, check_model_scale, cli, failure_reason, load_model, mix_generators,
-                       resolve_device)
+from raysr.cli import (DEVICES, InputError, add_ray_args, check_model_scale, check_ray_args, cli, failure_reason,
+                       load_model, mix_generators, parse_workers, resolve_device)
 from raysr.util import Progress
 
 
@@ -303,52 +303,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="scale of checkpoints that do not record it (SRCNN/VDSR in BasicSR format)")
     add_ray_args(parser)
     return parser
-
-
-def add_ray_args(parser: argparse.ArgumentParser) -> None:
-    """``--ray [ADDRESS]``, ``--workers``, ``--gpus-per-worker``, ``--verbose`` (upscale and evaluate)."""
-    group = parser.add_argument_group("on a Ray cluster (Ray Data: CPU read/decode -> model on an actor pool "
-                                      "-> CPU encode/write)")
-    group.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                       help="run on Ray: alone = the cluster in RAY_ADDRESS (ray job submit) or a local Ray on "
-                            "127.0.0.1; 'auto' or host:port = that cluster")
-    group.add_argument("--workers", default=None, metavar="MIN,MAX",
-                       help="model actors, autoscaled between MIN and MAX (default 1,<GPUs / --gpus-per-worker>, "
-                            "1,1 without GPUs)")
-    group.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
-                       help="GPUs per model actor, fractions share a GPU (default 1 where the cluster has GPUs, "
-                            "else 0: CPU actors)")
-    group.add_argument("--verbose", action="store_true", help="show Ray Data's own progress bars and logs")
-
-
-def check_ray_args(args: argparse.Namespace) -> None:
-    """InputError for Ray options without --ray, or malformed ones."""
-    if args.ray is None:
-        given = [flag for flag, value in (("--workers", args.workers), ("--gpus-per-worker", args.gpus_per_worker))
-                 if value is not None]
-        if given:
-            raise InputError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only with --ray; "
-                             "add --ray (local) or --ray auto")
-        return
-    if args.device != "auto":
-        raise InputError("--device picks the single-process device; with --ray each model actor runs on the GPU(s) "
-                         "of --gpus-per-worker (0 = CPU), so leave --device out")
-    if args.workers is not None:
-        parse_workers(args.workers)
-    if args.gpus_per_worker is not None and not (math.isfinite(args.gpus_per_worker) and args.gpus_per_worker >= 0):
-        raise InputError(f"--gpus-per-worker must be a number >= 0 (0 = CPU actors), got {args.gpus_per_worker}")
-
-
-def parse_workers(text: str) -> tuple[int, int]:
-    """``"2"`` -> (2, 2); ``"1,4"`` -> (1, 4); InputError otherwise."""
-    parts = text.split(",")
-    try:
-        low, high = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, -1)
-    except ValueError:
-        low, high = 0, -1
-    if not 1 <= low <= high:
-        raise InputError(f"--workers takes MIN,MAX (or N) with 1 <= MIN <= MAX, e.g. 1,4; got {text!r}")
-    return low, high
 
 
 def _check_options(args: argparse.Namespace) -> None:

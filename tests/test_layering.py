@@ -36,10 +36,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine: the training step", ("raysr.engine",)),
     ("validator", ("raysr.validation.validator",)),
     ("tools without Ray: inference, evaluation, interpolation, demo data", (
-        "raysr.evaluate", "raysr.interpolate", "raysr.demo", "raysr.preview")),
+        "raysr.interpolate", "raysr.demo", "raysr.preview")),
     ("ray: start-up, the TorchTrainer, rank 0's duties and validations, Ray Data batch inference", (
         "raysr.ray_setup", "raysr.validation.queue", "raysr.rank_zero", "raysr.batch_inference")),
-    ("tools that run on Ray Data with --ray (Ray is imported only then)", ("raysr.upscale",)),
+    ("tools that run on Ray Data with --ray (Ray is imported only then)", ("raysr.upscale", "raysr.evaluate")),
     ("driver", ("raysr.train",)),
     ("on the driver: tuning and benchmarks", (
         "raysr.tune", "raysr.tune.__main__", "raysr.tune.cli", "raysr.tune.report", "raysr.tune.space",

@@ -1,14 +1,15 @@
-"""raysr.upscale --ray: the Ray Data pipeline writes the single-process path's bytes, lists bad
-inputs, and a rerun skips what is done.
+"""raysr.upscale --ray and raysr.evaluate --ray (raysr.batch_inference): the Ray Data pipelines
+write the single-process path's bytes and scores, list bad inputs, and a rerun skips what is done.
 
-One Ray run (the module fixture, on the session's local Ray) over a folder of good, corrupt,
-16-bit and alpha images, then a rerun; the tests below assert on those two runs. The stages
+One module fixture on the session's local Ray: an upscale over a folder of good, corrupt, 16-bit
+and alpha images, its rerun, and one evaluate; the tests below assert on those runs. The stages
 themselves are also run without Ray, row by row, which is fast.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 from pathlib import Path
@@ -19,13 +20,12 @@ import pytest
 from PIL import Image, ImageCms
 
 from raysr.batch_inference import UpscaleStage, image_columns, image_from_columns, read_stage, write_stage
+from raysr.cli import InputError, parse_workers
+from raysr.evaluate import main as evaluate_main
 from raysr.generator_file import save_generator
 from raysr.images import DecodedImage
-from raysr.upscale import UpscaleOptions, Upscaler, main, parse_workers
-from raysr.cli import InputError
+from raysr.upscale import UpscaleOptions, Upscaler, main
 from test_upscale import assert_close_uint, expected_sr, png16, tiny_generator
-
-import functools
 
 
 def run_captured(argv) -> tuple[int, str]:
@@ -76,8 +76,18 @@ def runs(ray_local, tmp_path_factory):
     first = run_captured(base + ["--output", root / "ray", "--ray", "--workers", "1,1"])
     mtimes = {name: (root / "ray" / name).stat().st_mtime_ns for name in GOOD}
     again = run_captured(base + ["--output", root / "ray", "--ray"])
+    (root / "hr").mkdir()
+    for i, (h, w) in enumerate([(24, 20), (17, 30)]):  # x2 GTmod 24x20 and 16x30
+        Image.fromarray(synthetic_image(h, w, seed=10 + i)).save(root / "hr" / f"im{i}.png")
+    scores = {}
+    for mode in ("single", "ray"):
+        argv = ["--hr", root / "hr", "--scale", 2, "--model", root / "g.pth", "--json", root / f"{mode}.json",
+                "--save-sr", root / f"sr_{mode}"] + (["--ray"] if mode == "ray" else [])
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert evaluate_main([str(a) for a in argv]) == 0
+        scores[mode] = json.loads((root / f"{mode}.json").read_text())
     return SimpleNamespace(root=root, model=model, pixels=pixels, single=single, first=first, again=again,
-                           mtimes=mtimes)
+                           mtimes=mtimes, scores=scores)
 
 
 def test_ray_writes_the_single_process_bytes(runs):
@@ -115,6 +125,20 @@ def test_ray_rerun_skips_what_is_done(runs):
     assert "skipping 4 input(s) whose output is already in" in err
     assert "0 done, 4 skipped (output already there), 2 failed" in err
     assert {name: (runs.root / "ray" / name).stat().st_mtime_ns for name in GOOD} == runs.mtimes
+
+
+def test_evaluate_on_ray_scores_as_the_single_process_run(runs):
+    single, ray = runs.scores["single"], runs.scores["ray"]
+    assert [r["name"] for r in ray["images"]] == ["im0.png", "im1.png"]
+    assert ray["images"] == single["images"] and ray["mean"] == single["mean"] and ray["bicubic"] == single["bicubic"]
+    assert ray["images"][1]["size"] == [16, 30]
+    # an independent check of one number: PSNR-Y of the saved SR against GTmod, by hand (BT.601, border 2)
+    sr = np.asarray(Image.open(runs.root / "sr_ray" / "im0.png")).astype(np.float64)
+    hr = np.asarray(Image.open(runs.root / "hr" / "im0.png")).astype(np.float64)
+    y = [(16 + im @ np.array([65.481, 128.553, 24.966]) / 255)[2:-2, 2:-2] for im in (sr, hr)]
+    assert abs(10 * np.log10(255 ** 2 / np.mean((y[0] - y[1]) ** 2)) - ray["images"][0]["psnr_y"]) < 1e-3
+    for name in ("im0.png", "im1.png"):
+        assert (runs.root / "sr_ray" / name).read_bytes() == (runs.root / "sr_single" / name).read_bytes()
 
 
 # --------------------------------------------------------------------------- without Ray
