@@ -18,12 +18,13 @@ from torch import nn
 from raysr import storage
 from raysr.generator_file import interpolate, load_generator
 from raysr.images import ImageError
+from raysr.onnx_file import OnnxError, load_onnx_generator
 from raysr.weights import check_compatible
 
 EXIT_BAD_INPUT = 2
 DEVICES = ("auto", "cpu", "cuda")
 # what a directory listing suggests when --model names a folder (a training run's generator.pth first)
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".onnx")
 
 
 def say(line: str) -> None:
@@ -159,6 +160,14 @@ def load_model(source: str, option: str = "--model", rgb_only: bool = True, scal
                              f"e.g. {path / example} ({listing})")
         if not path.is_file():
             raise InputError(f"{option} {source}: no such checkpoint file")
+    if str(source).lower().endswith(".onnx"):
+        try:
+            return load_onnx_generator(source)
+        except (OnnxError, storage.StorageError) as err:
+            raise InputError(f"{option} {source}: {err}") from err
+        except Exception as err:  # onnx's parser and onnxruntime raise their own classes for a bad file
+            raise InputError(f"{option} {source}: not an ONNX file onnxruntime can run "
+                             f"({type(err).__name__}: {err})") from err
     overrides = {"scale": scale} if scale is not None else {}
     try:
         model = load_generator(source, **overrides)

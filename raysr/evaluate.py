@@ -323,7 +323,8 @@ def _run(args: argparse.Namespace) -> int:
     if model is not None:
         model = model.to(device)
     lpips_fn, lpips_note = load_lpips(args.lpips_net, args.lpips_backbone, device)
-    report = {"model": args.model, "arch": generator_name(model) if model is not None else BICUBIC,
+    arch = BICUBIC if model is None else getattr(model, "arch", None) or generator_name(model)
+    report = {"model": args.model, "arch": arch,
               "scale": args.scale, "crop_border": args.scale, "hr": args.hr, "lr": args.lr,
               "lr_source": "files" if args.lr else BICUBIC,
               "lpips": lpips_note if lpips_fn else None, "lpips_unavailable": None if lpips_fn else lpips_note}

@@ -40,6 +40,7 @@ from raysr import storage
 from raysr.images import (DecodedImage, from_float_rgb, is_under, list_images, read_image,
                            relative_path, to_float_rgb, write_image)
 from raysr.inference import DEFAULT_TILE_PAD, PRECISIONS, upscale_tensor
+from raysr.onnx_file import OnnxGenerator
 from raysr.ops.resize import imresize, weight_matrix
 from raysr.cli import (DEVICES, InputError, add_ray_args, check_model_scale, check_ray_args, cli, failure_reason,
                        load_model, mix_generators, parse_workers, resolve_device)
@@ -325,6 +326,13 @@ def _check_options(args: argparse.Namespace) -> None:
 def load_models(args: argparse.Namespace) -> list[nn.Module]:
     """The model per output (--model, or one mix per --alpha), on the CPU."""
     model = load_model(args.model, "--model", scale=args.model_scale)
+    if isinstance(model, OnnxGenerator):
+        if args.model_b is not None:
+            raise InputError("--model-b mixes the weights of two PyTorch checkpoints; an ONNX --model has none "
+                             "to mix: pass the .pth files, or export the mix (python -m raysr.interpolate) to ONNX")
+        if args.precision != "fp32":
+            raise InputError(f"--precision {args.precision} is PyTorch autocast; an ONNX --model runs in the "
+                             "precision it was exported in, so leave --precision out")
     if args.model_b is None:
         return [model]
     model_b = load_model(args.model_b, "--model-b", scale=args.model_scale)

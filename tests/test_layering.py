@@ -32,11 +32,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("scoring: the SR metrics protocol, LPIPS", ("raysr.scoring", "raysr.lpips")),
     ("losses", ("raysr.losses",)),
     ("files: the run checkpoint, generator files, shared command-line helpers", (
-        "raysr.run_checkpoint", "raysr.generator_file", "raysr.cli", "raysr.trackers")),
+        "raysr.run_checkpoint", "raysr.generator_file", "raysr.onnx_file", "raysr.cli", "raysr.trackers")),
     ("engine: the training step", ("raysr.engine",)),
     ("validator", ("raysr.validation.validator",)),
     ("tools without Ray: inference, evaluation, interpolation, demo data", (
-        "raysr.interpolate", "raysr.demo", "raysr.preview")),
+        "raysr.interpolate", "raysr.export", "raysr.demo", "raysr.preview")),
     ("ray: start-up, the TorchTrainer, rank 0's duties and validations, Ray Data batch inference", (
         "raysr.ray_setup", "raysr.validation.queue", "raysr.rank_zero", "raysr.batch_inference")),
     ("tools that run on Ray Data with --ray (Ray is imported only then)", ("raysr.upscale", "raysr.evaluate")),
