@@ -11,9 +11,12 @@ inference to well under one 8-bit level (see :func:`upscale_tensor`). Grayscale
 inputs come out grayscale, alpha channels are upscaled separately with MATLAB
 bicubic, 16-bit PNGs stay 16-bit, and each output keeps its input's format and name.
 
-Everything that can be checked before the first write is checked first (options,
-every input's header, the checkpoints), each output is written atomically, and a
-bad input stops the run with exit code 2 and a message naming it.
+Options and checkpoints are checked before the first write (a bad one: exit code 2, nothing
+written). Then every input goes read -> upscale -> write, in this process or, with ``--ray``,
+as a Ray Data pipeline (:mod:`raysr.batch_inference`) that runs the same three stages. Each
+output is written atomically; a rerun skips inputs whose outputs are all there; an input that
+fails is listed in ``<output>/_failed.jsonl`` and the job goes on (exit code 3 at the end).
+``--model g.onnx`` runs a file from ``python -m raysr.export`` through onnxruntime.
 
 :func:`upscale_tensor` (whole or tiled inference, padded to what the network takes) is
 also what ``raysr.evaluate`` and training's validation run the generator through.
