@@ -193,9 +193,9 @@ def upscale_on_ray(jobs: Sequence, make_upscaler: Callable, log, *, address: str
 
     ``make_upscaler(device)``: the run's models on ``device``, as a callable image -> output images.
     """
-    actors = prepare(address, workers, gpus_per_worker, precision, verbose)
-    if not jobs:
+    if not jobs:  # all skipped: no need to start Ray
         return
+    actors = prepare(address, workers, gpus_per_worker, precision, verbose)
     items = [{"uri": job.uri, "outs": list(job.outs)} for job in jobs]
     log.start()  # images/s and MP/s from here: starting Ray is not upscaling
     written: dict[str, int] = {}

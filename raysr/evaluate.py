@@ -216,7 +216,8 @@ def evaluate_with_ray(args: argparse.Namespace, samples: Sequence[Sample], model
                                     lpips_net=args.lpips_net if lpips_on else None, lpips_backbone=args.lpips_backbone)
     with Progress(len(samples), "evaluate", unit="images", interval=5.0) as progress:
         results = evaluate_on_ray(samples, functools.partial(load_pair, scale=args.scale), make_scorer, saves,
-                                  progress, address=args.ray, verbose=args.verbose, gpus_per_worker=args.gpus_per_worker,
+                                  progress, address=args.ray, verbose=args.verbose,
+                                  gpus_per_worker=args.gpus_per_worker,
                                   workers=parse_workers(args.workers) if args.workers else None)
     errors = [error for error, _ in results if error]
     if errors:

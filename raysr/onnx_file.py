@@ -73,7 +73,8 @@ def export_onnx(model: nn.Module, size: tuple[int, int] | None = None, opset: in
         torch.onnx.export(model.eval(), (example,), buf, input_names=["lr"], output_names=["sr"],
                           dynamic_axes=dynamic, opset_version=opset, dynamo=False)
     proto = onnx.load_from_string(buf.getvalue())
-    for key, value in (("raysr_scale", model.scale), ("raysr_multiple", multiple), ("raysr_arch", generator_name(model))):
+    meta = {"raysr_scale": model.scale, "raysr_multiple": multiple, "raysr_arch": generator_name(model)}
+    for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, str(value)
     return proto.SerializeToString()

@@ -251,7 +251,7 @@ class JobLog:
 
     def _step(self, uri: str) -> None:
         elapsed = time.monotonic() - self.progress.start
-        self.progress.info = f"{self.megapixels / elapsed if elapsed > 0 else 0.0:.2f} MP/s" + \
+        self.progress.info = f"{self.megapixels / elapsed if elapsed > 0 else 0.0:.3g} MP/s" + \
             (f" | {len(self.failures)} failed" if self.failures else "")
         self.progress.step(os.path.basename(uri))
 
@@ -266,7 +266,8 @@ class JobLog:
         elapsed = max(time.monotonic() - self.progress.start, 1e-9)
         done = self.progress.done - len(self.failures)
         line = (f"{self.tool}: {done} done, {self.skipped} skipped (output already there), {len(self.failures)} failed "
-                f"in {elapsed:.1f}s: {done / elapsed:.2f} images/s, {self.megapixels / elapsed:.2f} MP/s (input pixels)")
+                f"in {elapsed:.1f}s: {done / elapsed:.3g} images/s, "
+                f"{self.megapixels / elapsed:.3g} MP/s (input pixels)")
         if self.failures:
             line += f"; the failed inputs and why: {log}"
         print(line, file=sys.stderr)
