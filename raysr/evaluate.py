@@ -155,9 +155,11 @@ class Scorer:
         return sr, {**scores, "bicubic": bicubic}
 
 
-def scorer_on(device: torch.device, model: nn.Module | None, scale: int, lpips_net: str | None,
+def scorer_on(device: torch.device, source: str, scale: int, lpips_net: str | None,
               lpips_backbone: str | None) -> Scorer:
-    """A :class:`Scorer` with the model and LPIPS (``lpips_net`` None: none) on ``device`` (a Ray actor's)."""
+    """A :class:`Scorer` on ``device`` (a Ray actor's) with the model of ``--model source`` loaded here and
+    LPIPS (``lpips_net`` None: none)."""
+    model = _model_for(source, scale, quiet=True)
     lpips_fn = load_lpips(lpips_net, lpips_backbone, device)[0] if lpips_net else None
     return Scorer(model.to(device) if model is not None else None, scale, lpips_fn)
 
@@ -204,15 +206,15 @@ def _report_rows(rows: list[dict]) -> dict:
             "bicubic": {"mean": mean_scores([r["bicubic"] for r in rows])}}
 
 
-def evaluate_with_ray(args: argparse.Namespace, samples: Sequence[Sample], model: nn.Module | None,
-                      lpips_on: bool) -> dict:
+def evaluate_with_ray(args: argparse.Namespace, samples: Sequence[Sample], lpips_on: bool) -> dict:
     """:func:`evaluate` as a Ray Data pipeline (``--ray``): pairs loaded in CPU tasks, scored on the
     actor pool through the same :class:`Scorer`, SR images saved in CPU tasks; the same report."""
     from raysr.batch_inference import evaluate_on_ray
 
     saves = [_sr_target(args.save_sr, s) for s in samples]
     existed = {t for t in saves if t is not None and storage.exists(t)}
-    make_scorer = functools.partial(scorer_on, model=model, scale=args.scale,
+    # each actor loads the checkpoint itself (see raysr.upscale: no models in actor constructor arguments)
+    make_scorer = functools.partial(scorer_on, source=args.model, scale=args.scale,
                                     lpips_net=args.lpips_net if lpips_on else None, lpips_backbone=args.lpips_backbone)
     with Progress(len(samples), "evaluate", unit="images", interval=5.0) as progress:
         results = evaluate_on_ray(samples, functools.partial(load_pair, scale=args.scale), make_scorer, saves,
@@ -276,15 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_for(source: str, scale: int) -> nn.Module | None:
+def _model_for(source: str, scale: int, quiet: bool = False) -> nn.Module | None:
     if source == BICUBIC:
         return None
     try:
         model = load_model(source, scale_option="--scale")
     except ScaleUnknownError:
         model = load_model(source, scale=scale)
-        print(f"raysr.evaluate: {source} does not record its upscaling factor ({type(model).__name__} weights); "
-              f"taking it from --scale {scale}", file=sys.stderr)
+        if not quiet:  # the driver says it once; Ray actors load the model again
+            print(f"raysr.evaluate: {source} does not record its upscaling factor ({type(model).__name__} "
+                  f"weights); taking it from --scale {scale}", file=sys.stderr)
     if model.scale != scale:
         raise InputError(f"--model {source} is a x{model.scale} generator but --scale is {scale}; "
                          f"pass --scale {model.scale} or a x{scale} checkpoint")
@@ -332,7 +335,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.ray is None:
         report.update(evaluate(samples, args.scale, model, lpips_fn, args.save_sr))
     else:
-        report.update(evaluate_with_ray(args, samples, model, lpips_fn is not None))
+        report.update(evaluate_with_ray(args, samples, lpips_fn is not None))
     print(format_table(report))
     if args.json:
         try:

@@ -343,6 +343,15 @@ def load_models(args: argparse.Namespace) -> list[nn.Module]:
     return [mix_generators(model, model_b, alpha) for alpha in args.alpha]
 
 
+# the options load_models reads
+MODEL_ARGS = ("model", "model_b", "alpha", "model_scale", "precision")
+
+
+def upscaler_on(device: torch.device, model_args: argparse.Namespace, options: UpscaleOptions) -> Upscaler:
+    """The :class:`Upscaler` of a run on ``device``, its checkpoints loaded here (in a Ray actor)."""
+    return Upscaler(load_models(model_args), options, device)
+
+
 def _run(args: argparse.Namespace) -> int:
     _check_options(args)
     options = UpscaleOptions(args.scale_out, args.tile, args.tile_pad, args.precision, args.side_by_side)
@@ -357,7 +366,11 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.ray is not None:
             from raysr.batch_inference import upscale_on_ray
-            upscale_on_ray(jobs, functools.partial(Upscaler, models, options), log, address=args.ray,
+            # each actor loads the checkpoints itself: models in the actors' constructor arguments would
+            # travel through the object store, from where an actor restarted on another node cannot rely on them
+            model_args = argparse.Namespace(**{k: getattr(args, k) for k in MODEL_ARGS})
+            upscale_on_ray(jobs, functools.partial(upscaler_on, model_args=model_args, options=options), log,
+                           address=args.ray,
                            workers=parse_workers(args.workers) if args.workers else None,
                            gpus_per_worker=args.gpus_per_worker, precision=args.precision, verbose=args.verbose)
         else:
