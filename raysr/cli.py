@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 the work itself failed, 2 a bad input or option (nothin
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,12 +17,14 @@ from torch import nn
 
 from raysr import storage
 from raysr.generator_file import interpolate, load_generator
+from raysr.images import ImageError
+from raysr.onnx_file import OnnxError, load_onnx_generator
 from raysr.weights import check_compatible
 
 EXIT_BAD_INPUT = 2
 DEVICES = ("auto", "cpu", "cuda")
 # what a directory listing suggests when --model names a folder (a training run's generator.pth first)
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".onnx")
 
 
 def say(line: str) -> None:
@@ -62,6 +65,63 @@ def cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int
         return EXIT_BAD_INPUT
 
 
+def add_ray_args(parser: argparse.ArgumentParser) -> None:
+    """``--ray [ADDRESS]``, ``--workers``, ``--gpus-per-worker``, ``--verbose`` of the dataset tools (upscale,
+    evaluate), which hand their stages to :mod:`raysr.batch_inference` with ``--ray``."""
+    group = parser.add_argument_group("on a Ray cluster (Ray Data: CPU read/decode -> model on an actor pool "
+                                      "-> CPU encode/write)")
+    group.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="run on Ray: alone = the cluster in RAY_ADDRESS (ray job submit) or a local Ray on "
+                            "127.0.0.1; 'auto' or host:port = that cluster")
+    group.add_argument("--workers", default=None, metavar="MIN,MAX",
+                       help="model actors, autoscaled between MIN and MAX (default 1,<GPUs / --gpus-per-worker>, "
+                            "1,1 without GPUs)")
+    group.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                       help="GPUs per model actor, fractions share a GPU (default 1 where the cluster has GPUs, "
+                            "else 0: CPU actors)")
+    group.add_argument("--verbose", action="store_true", help="show Ray Data's own progress bars and logs")
+
+
+def check_ray_args(args: argparse.Namespace) -> None:
+    """InputError for Ray options without --ray, or malformed ones."""
+    if args.ray is None:
+        given = [flag for flag, value in (("--workers", args.workers), ("--gpus-per-worker", args.gpus_per_worker))
+                 if value is not None]
+        if given:
+            raise InputError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only with --ray; "
+                             "add --ray (local) or --ray auto")
+        return
+    if args.device != "auto":
+        raise InputError("--device picks the single-process device; with --ray each model actor runs on the GPU(s) "
+                         "of --gpus-per-worker (0 = CPU), so leave --device out")
+    if args.workers is not None:
+        parse_workers(args.workers)
+    if args.gpus_per_worker is not None and not (math.isfinite(args.gpus_per_worker) and args.gpus_per_worker >= 0):
+        raise InputError(f"--gpus-per-worker must be a number >= 0 (0 = CPU actors), got {args.gpus_per_worker}")
+
+
+def parse_workers(text: str) -> tuple[int, int]:
+    """``"2"`` -> (2, 2); ``"1,4"`` -> (1, 4); InputError otherwise."""
+    parts = text.split(",")
+    try:
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, -1)
+    except ValueError:
+        low, high = 0, -1
+    if not 1 <= low <= high:
+        raise InputError(f"--workers takes MIN,MAX (or N) with 1 <= MIN <= MAX, e.g. 1,4; got {text!r}")
+    return low, high
+
+
+def failure_reason(err: BaseException) -> str:
+    """Why one input of a dataset job failed, for ``_failed.jsonl``: the message of raysr's own errors
+    (which name the file), a hint for a GPU out of memory, else the exception's type and message."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return "does not fit in GPU memory at once; pass --tile 512 (or smaller) to run it in tiles"
+    if isinstance(err, (ImageError, storage.StorageError)):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an InputError."""
     if name not in DEVICES:
@@ -100,6 +160,14 @@ def load_model(source: str, option: str = "--model", rgb_only: bool = True, scal
                              f"e.g. {path / example} ({listing})")
         if not path.is_file():
             raise InputError(f"{option} {source}: no such checkpoint file")
+    if str(source).lower().endswith(".onnx"):
+        try:
+            return load_onnx_generator(source)
+        except (OnnxError, storage.StorageError) as err:
+            raise InputError(f"{option} {source}: {err}") from err
+        except Exception as err:  # onnx's parser and onnxruntime raise their own classes for a bad file
+            raise InputError(f"{option} {source}: not an ONNX file onnxruntime can run "
+                             f"({type(err).__name__}: {err})") from err
     overrides = {"scale": scale} if scale is not None else {}
     try:
         model = load_generator(source, **overrides)

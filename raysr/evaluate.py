@@ -39,6 +39,7 @@ ignored at each edge; all images are checked before any work starts.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -47,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from raysr import storage
@@ -56,7 +58,8 @@ from raysr.lpips import BACKBONE_FILES, LpipsFn, load_lpips
 from raysr.metrics import SSIM_WINDOW
 from raysr.models import generator_name
 from raysr.scoring import bicubic_lr, bicubic_sr, mean_scores, score, super_resolve
-from raysr.cli import DEVICES, InputError, ScaleUnknownError, cli, load_model, resolve_device
+from raysr.cli import (DEVICES, InputError, ScaleUnknownError, add_ray_args, check_ray_args, cli, load_model,
+                       parse_workers, resolve_device)
 from raysr.util import Progress
 
 BICUBIC = "bicubic"
@@ -125,15 +128,44 @@ def min_side(scale: int) -> int:
     return SSIM_WINDOW + 2 * scale
 
 
-def _load_pair(sample: Sample, scale: int) -> tuple[np.ndarray, np.ndarray]:
-    """(GTmod, LR) as uint8 (H, W, 3) arrays."""
-    hr = mod_crop(to_uint8_rgb(read_image(sample.hr)), scale)
-    if sample.lr is None:
+def load_pair(hr_uri: str, lr_uri: str | None, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """(GTmod, LR) as uint8 (H, W, 3) arrays; LR = bicubic of GTmod when ``lr_uri`` is None."""
+    hr = mod_crop(to_uint8_rgb(read_image(hr_uri)), scale)
+    if lr_uri is None:
         return hr, bicubic_lr(hr, scale)
-    lr = to_uint8_rgb(read_image(sample.lr))
-    if (error := pair_size_error(sample.lr, lr.shape[:2], sample.hr, hr.shape[:2], scale)) is not None:
+    lr = to_uint8_rgb(read_image(lr_uri))
+    if (error := pair_size_error(lr_uri, lr.shape[:2], hr_uri, hr.shape[:2], scale)) is not None:
         raise ImageError(f"{error} (after EXIF orientation); is --scale right?")
     return hr, lr
+
+
+class Scorer:
+    """The model (None = bicubic) and LPIPS on one device: ``scorer(hr, lr)`` -> ``(sr, scores)``, the
+    uint8 SR image and its metrics with the bicubic baseline's under ``"bicubic"``. Both the
+    single-process loop and the Ray actors (``--ray``) score through it."""
+
+    def __init__(self, model: nn.Module | None, scale: int, lpips_fn: LpipsFn | None):
+        self.model, self.scale, self.lpips_fn = model, scale, lpips_fn
+
+    def __call__(self, hr: np.ndarray, lr: np.ndarray) -> tuple[np.ndarray, dict]:
+        baseline = bicubic_sr(lr, self.scale)
+        sr = baseline if self.model is None else super_resolve(self.model, lr)[0]
+        scores = score(sr, hr, self.scale, self.lpips_fn)
+        bicubic = dict(scores) if self.model is None else score(baseline, hr, self.scale, self.lpips_fn)
+        return sr, {**scores, "bicubic": bicubic}
+
+
+def scorer_on(device: torch.device, source: str, scale: int, lpips_net: str | None,
+              lpips_backbone: str | None) -> Scorer:
+    """A :class:`Scorer` on ``device`` (a Ray actor's) with the model of ``--model source`` loaded here and
+    LPIPS (``lpips_net`` None: none)."""
+    model = _model_for(source, scale, quiet=True)
+    lpips_fn = load_lpips(lpips_net, lpips_backbone, device)[0] if lpips_net else None
+    return Scorer(model.to(device) if model is not None else None, scale, lpips_fn)
+
+
+def _sr_target(save_sr: str | None, sample: Sample) -> str | None:
+    return storage.join(save_sr, Path(sample.name).stem + ".png") if save_sr is not None else None
 
 
 def evaluate(samples: Sequence[Sample], scale: int, model: nn.Module | None, lpips_fn: LpipsFn | None = None,
@@ -142,35 +174,63 @@ def evaluate(samples: Sequence[Sample], scale: int, model: nn.Module | None, lpi
     module docstring (without the descriptive top-level fields); ``model`` runs on the device
     it is on. ``save_sr``: folder
     for the uint8 SR outputs as ``<stem>.png``."""
+    scorer = Scorer(model, scale, lpips_fn)
     rows = []
     created: list[str] = []  # SR files this call added; removed again if it stops part-way
     try:
         with Progress(len(samples), "evaluate", unit="images") as progress:
             for sample in samples:
                 try:
-                    hr, lr = _load_pair(sample, scale)
+                    hr, lr = load_pair(sample.hr, sample.lr, scale)
                 except (ImageError, storage.StorageError) as err:
                     raise InputError(f"{err}; stopped after {progress.done} of {len(samples)} images, "
                                      "nothing saved") from err
-                baseline = bicubic_sr(lr, scale)
-                sr = baseline if model is None else super_resolve(model, lr)[0]
-                if save_sr is not None:
-                    target = storage.join(save_sr, Path(sample.name).stem + ".png")
+                sr, scores = scorer(hr, lr)
+                target = _sr_target(save_sr, sample)
+                if target is not None:
                     is_new = not storage.exists(target)
                     write_image(target, DecodedImage(sr, "PNG"))
                     if is_new:
                         created.append(target)
-                scores = score(sr, hr, scale, lpips_fn)
-                row = {"name": sample.name, "size": list(hr.shape[:2]), **scores}
-                row["bicubic"] = scores if model is None else score(baseline, hr, scale, lpips_fn)
-                rows.append(row)
+                rows.append({"name": sample.name, "size": list(hr.shape[:2]), **scores})
                 progress.step(sample.name)
     except BaseException:
         for target in created:
             storage.remove(target)
         raise
+    return _report_rows(rows)
+
+
+def _report_rows(rows: list[dict]) -> dict:
     return {"images": rows, "mean": mean_scores(rows),
             "bicubic": {"mean": mean_scores([r["bicubic"] for r in rows])}}
+
+
+def evaluate_with_ray(args: argparse.Namespace, samples: Sequence[Sample], lpips_on: bool) -> dict:
+    """:func:`evaluate` as a Ray Data pipeline (``--ray``): pairs loaded in CPU tasks, scored on the
+    actor pool through the same :class:`Scorer`, SR images saved in CPU tasks; the same report."""
+    from raysr.batch_inference import evaluate_on_ray
+
+    saves = [_sr_target(args.save_sr, s) for s in samples]
+    existed = {t for t in saves if t is not None and storage.exists(t)}
+    # each actor loads the checkpoint itself (see raysr.upscale: no models in actor constructor arguments)
+    make_scorer = functools.partial(scorer_on, source=args.model, scale=args.scale,
+                                    lpips_net=args.lpips_net if lpips_on else None, lpips_backbone=args.lpips_backbone)
+    with Progress(len(samples), "evaluate", unit="images", interval=5.0) as progress:
+        results = evaluate_on_ray(samples, functools.partial(load_pair, scale=args.scale), make_scorer, saves,
+                                  progress, address=args.ray, verbose=args.verbose,
+                                  gpus_per_worker=args.gpus_per_worker,
+                                  workers=parse_workers(args.workers) if args.workers else None)
+    errors = [error for error, _ in results if error]
+    if errors:
+        for target in saves:
+            if target is not None and target not in existed:
+                storage.remove(target)
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise InputError(f"{len(errors)} benchmark image(s) could not be scored, nothing saved:\n  "
+                         + "\n  ".join(errors[:5]) + more)
+    rows = [{"name": s.name, "size": list(s.size), **scores} for s, (_, scores) in zip(samples, results)]
+    return _report_rows(rows)
 
 
 def _cells(scores: dict) -> str:
@@ -214,18 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LPIPS backbone (default alex)")
     parser.add_argument("--lpips-backbone", default=None, metavar="FILE",
                         help="torchvision ImageNet weights of the LPIPS backbone (default: torch hub cache)")
+    add_ray_args(parser)
     return parser
 
 
-def _model_for(source: str, scale: int) -> nn.Module | None:
+def _model_for(source: str, scale: int, quiet: bool = False) -> nn.Module | None:
     if source == BICUBIC:
         return None
     try:
         model = load_model(source, scale_option="--scale")
     except ScaleUnknownError:
         model = load_model(source, scale=scale)
-        print(f"raysr.evaluate: {source} does not record its upscaling factor ({type(model).__name__} weights); "
-              f"taking it from --scale {scale}", file=sys.stderr)
+        if not quiet:  # the driver says it once; Ray actors load the model again
+            print(f"raysr.evaluate: {source} does not record its upscaling factor ({type(model).__name__} "
+                  f"weights); taking it from --scale {scale}", file=sys.stderr)
     if model.scale != scale:
         raise InputError(f"--model {source} is a x{model.scale} generator but --scale is {scale}; "
                          f"pass --scale {model.scale} or a x{scale} checkpoint")
@@ -257,18 +319,23 @@ def _check_outputs(args: argparse.Namespace, samples: Sequence[Sample]) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.scale < 1:
         raise InputError(f"--scale must be an integer >= 1, got {args.scale}")
-    device = resolve_device(args.device)
+    check_ray_args(args)
+    device = resolve_device(args.device) if args.ray is None else torch.device("cpu")
     samples = collect_samples(args.hr, args.lr, args.scale)
     _check_outputs(args, samples)
     model = _model_for(args.model, args.scale)
     if model is not None:
         model = model.to(device)
     lpips_fn, lpips_note = load_lpips(args.lpips_net, args.lpips_backbone, device)
-    report = {"model": args.model, "arch": generator_name(model) if model is not None else BICUBIC,
+    arch = BICUBIC if model is None else getattr(model, "arch", None) or generator_name(model)
+    report = {"model": args.model, "arch": arch,
               "scale": args.scale, "crop_border": args.scale, "hr": args.hr, "lr": args.lr,
               "lr_source": "files" if args.lr else BICUBIC,
               "lpips": lpips_note if lpips_fn else None, "lpips_unavailable": None if lpips_fn else lpips_note}
-    report.update(evaluate(samples, args.scale, model, lpips_fn, args.save_sr))
+    if args.ray is None:
+        report.update(evaluate(samples, args.scale, model, lpips_fn, args.save_sr))
+    else:
+        report.update(evaluate_with_ray(args, samples, lpips_fn is not None))
     print(format_table(report))
     if args.json:
         try:

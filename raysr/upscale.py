@@ -11,9 +11,12 @@ inference to well under one 8-bit level (see :func:`upscale_tensor`). Grayscale
 inputs come out grayscale, alpha channels are upscaled separately with MATLAB
 bicubic, 16-bit PNGs stay 16-bit, and each output keeps its input's format and name.
 
-Everything that can be checked before the first write is checked first (options,
-every input's header, the checkpoints), each output is written atomically, and a
-bad input stops the run with exit code 2 and a message naming it.
+Options and checkpoints are checked before the first write (a bad one: exit code 2, nothing
+written). Then every input goes read -> upscale -> write, in this process or, with ``--ray``,
+as a Ray Data pipeline (:mod:`raysr.batch_inference`) that runs the same three stages. Each
+output is written atomically; a rerun skips inputs whose outputs are all there; an input that
+fails is listed in ``<output>/_failed.jsonl`` and the job goes on (exit code 3 at the end).
+``--model g.onnx`` runs a file from ``python -m raysr.export`` through onnxruntime.
 
 :func:`upscale_tensor` (whole or tiled inference, padded to what the network takes) is
 also what ``raysr.evaluate`` and training's validation run the generator through.
@@ -22,10 +25,14 @@ also what ``raysr.evaluate`` and training's validation run the generator through
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +40,13 @@ import torch
 from torch import nn
 
 from raysr import storage
-from raysr.images import (DecodedImage, ImageError, from_float_rgb, is_under, list_images, probe_image,
-                           read_image, relative_path, to_float_rgb, write_image)
+from raysr.images import (DecodedImage, from_float_rgb, is_under, list_images, read_image,
+                           relative_path, to_float_rgb, write_image)
 from raysr.inference import DEFAULT_TILE_PAD, PRECISIONS, upscale_tensor
+from raysr.onnx_file import OnnxGenerator
 from raysr.ops.resize import imresize, weight_matrix
-from raysr.cli import DEVICES, InputError, check_model_scale, cli, load_model, mix_generators, resolve_device
+from raysr.cli import (DEVICES, InputError, add_ray_args, check_model_scale, check_ray_args, cli, failure_reason,
+                       load_model, mix_generators, parse_workers, resolve_device)
 from raysr.util import Progress
 
 
@@ -99,7 +108,15 @@ def side_by_side(images: Sequence[DecodedImage]) -> DecodedImage:
     return DecodedImage(pixels=pixels, format=images[0].format, icc_profile=images[0].icc_profile)
 
 
-# --------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------- the work list
+
+
+@dataclass
+class Job:
+    """One input image and the output files it makes (one, or one per --alpha)."""
+
+    uri: str
+    outs: list[str]
 
 
 def _alpha_tag(alpha: float) -> str:
@@ -137,17 +154,12 @@ def _collect_inputs(source: str, output: str) -> list[tuple[str, str]]:
     return [(uri, relative_path(uri, source)) for uri in images]
 
 
-def _probe_all(inputs: Sequence[tuple[str, str]]) -> None:
-    bad = []
-    for uri, _ in inputs:
-        try:
-            probe_image(uri)
-        except (ImageError, storage.StorageError) as err:
-            bad.append(str(err))
-    if bad:
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise InputError(f"{len(bad)} input(s) cannot be processed, nothing was written:\n  "
-                         + "\n  ".join(bad[:5]) + more)
+def _existing_outputs(output: str) -> set[str]:
+    """Paths relative to ``output`` of the files already there (one listing, not one request per file).
+    Outputs are written atomically, so a file under its final name is complete."""
+    if not storage.is_s3(output) and not Path(output).is_dir():
+        return set()
+    return {relative_path(uri, output) for uri in storage.list_files(output)}
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -156,12 +168,123 @@ def _same_file(a: str, b: str) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
+def plan_jobs(args: argparse.Namespace) -> tuple[list[Job], int]:
+    """``(jobs, skipped)``: the inputs still to upscale, and how many are skipped because every
+    output they make is already in --output (an earlier run of the same command wrote them)."""
+    inputs = _collect_inputs(args.input, args.output)
+    existing = _existing_outputs(args.output)
+    jobs, skipped = [], 0
+    for uri, rel in inputs:
+        names = _output_names(rel, args.alpha, args.side_by_side)
+        outs = [storage.join(args.output, name) for name in names]
+        clash = next((o for o in outs if _same_file(o, uri)), None)
+        if clash:
+            raise InputError(f"output {clash} would overwrite its input; choose another --output folder")
+        if all(name in existing for name in names):
+            skipped += 1
+        else:
+            jobs.append(Job(uri, outs))
+    return jobs, skipped
+
+
+# --------------------------------------------------------------------------- the three stages
+# read -> upscale -> write: the single-process loop runs them one after the other per input, the
+# Ray Data pipeline (raysr.batch_inference) runs read and write as CPU tasks and upscale on an actor pool.
+
+
+@dataclass
+class UpscaleOptions:
+    """What every upscale of a run shares (from the command line)."""
+
+    scale_out: float | None = None
+    tile: int = 0
+    tile_pad: int = DEFAULT_TILE_PAD
+    precision: str = "fp32"
+    side_by_side: bool = False
+
+
+class Upscaler:
+    """The models of a run on one device: ``upscaler(image)`` -> the output images of one input."""
+
+    def __init__(self, models: Sequence[nn.Module], options: UpscaleOptions, device: torch.device):
+        self.models = [m.to(device) for m in models]
+        self.options = options
+
+    def __call__(self, image: DecodedImage) -> list[DecodedImage]:
+        o = self.options
+        results = upscale_image(self.models, image, o.scale_out, o.tile, o.tile_pad, o.precision)
+        return [side_by_side(results)] if o.side_by_side else results
+
+
+def megapixels(image: DecodedImage) -> float:
+    return image.size[0] * image.size[1] / 1e6
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+FAILED_LOG = "_failed.jsonl"
+EXIT_SOME_FAILED = 3
+
+
+class JobLog:
+    """Counts a dataset job's inputs as they finish, draws the progress line every few seconds and
+    ends with one summary line; ``<output>/_failed.jsonl`` lists the inputs that failed, one JSON
+    object per line: ``{"input": uri, "stage": "read" | "upscale" | "write", "error": reason}``."""
+
+    def __init__(self, tool: str, total: int, skipped: int, output: str, interval: float = 5.0):
+        self.tool, self.skipped, self.output = tool, skipped, output
+        self.failures: list[dict] = []
+        self.megapixels = 0.0
+        self.progress = Progress(total, tool, unit="images", interval=interval)
+
+    def start(self) -> None:
+        """Count rates from now (after Ray has started)."""
+        self.progress.start = time.monotonic()
+
+    def done(self, uri: str, megapixels: float) -> None:
+        self.megapixels += megapixels
+        self._step(uri)
+
+    def failed(self, uri: str, stage: str, reason: str) -> None:
+        self.failures.append({"input": uri, "stage": stage, "error": reason})
+        self._step(uri)
+
+    def _step(self, uri: str) -> None:
+        elapsed = time.monotonic() - self.progress.start
+        self.progress.info = f"{self.megapixels / elapsed if elapsed > 0 else 0.0:.3g} MP/s" + \
+            (f" | {len(self.failures)} failed" if self.failures else "")
+        self.progress.step(os.path.basename(uri))
+
+    def finish(self) -> int:
+        """Write (or clear) ``_failed.jsonl``, print the summary line; the exit code: 0, or 3 if any input failed."""
+        self.progress.finish()
+        log = storage.join(self.output, FAILED_LOG)
+        if self.failures:
+            storage.write_bytes(log, "".join(json.dumps(f) + "\n" for f in self.failures).encode())
+        elif storage.exists(log):
+            storage.remove(log)  # an earlier run's failures are done or skipped now
+        elapsed = max(time.monotonic() - self.progress.start, 1e-9)
+        done = self.progress.done - len(self.failures)
+        line = (f"{self.tool}: {done} done, {self.skipped} skipped (output already there), {len(self.failures)} failed "
+                f"in {elapsed:.1f}s: {done / elapsed:.3g} images/s, "
+                f"{self.megapixels / elapsed:.3g} MP/s (input pixels)")
+        if self.failures:
+            line += f"; the failed inputs and why: {log}"
+        print(line, file=sys.stderr)
+        return EXIT_SOME_FAILED if self.failures else 0
+
+
+# --------------------------------------------------------------------------- CLI
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m raysr.upscale", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Upscale an image or a folder of images with a trained SR generator.",
         epilog="Outputs keep each input's name, relative folder and format; with --alpha they get an "
-               "_alpha<A> suffix. Exit code 2 means a bad input or option; nothing partial is written.")
+               "_alpha<A> suffix. A rerun skips inputs whose outputs exist. An input that cannot be read or "
+               f"upscaled is listed in <output>/{FAILED_LOG} and the others go on. Exit codes: 0 all done, "
+               f"{EXIT_SOME_FAILED} some inputs failed, 2 a bad option (nothing written).")
     parser.add_argument("--model", required=True, help="generator checkpoint (path or s3:// URI)")
     parser.add_argument("--input", required=True, help="image file or folder (searched recursively)")
     parser.add_argument("--output", required=True, help="output folder (created if missing)")
@@ -183,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with several --alpha values, write one image with the results left to right")
     parser.add_argument("--model-scale", type=int, default=None, metavar="N",
                         help="scale of checkpoints that do not record it (SRCNN/VDSR in BasicSR format)")
+    add_ray_args(parser)
     return parser
 
 
@@ -200,55 +324,79 @@ def _check_options(args: argparse.Namespace) -> None:
             raise InputError(f"--alpha values must be in [0, 1] (0 = --model, 1 = --model-b), got {alpha}")
     if args.side_by_side and not args.alpha:
         raise InputError("--side-by-side joins the outputs of several --alpha values; pass --alpha A1 A2 ...")
+    check_ray_args(args)
+
+
+def load_models(args: argparse.Namespace) -> list[nn.Module]:
+    """The model per output (--model, or one mix per --alpha), on the CPU."""
+    model = load_model(args.model, "--model", scale=args.model_scale)
+    if isinstance(model, OnnxGenerator):
+        if args.model_b is not None:
+            raise InputError("--model-b mixes the weights of two PyTorch checkpoints; an ONNX --model has none "
+                             "to mix: pass the .pth files, or export the mix (python -m raysr.interpolate) to ONNX")
+        if args.precision != "fp32":
+            raise InputError(f"--precision {args.precision} is PyTorch autocast; an ONNX --model runs in the "
+                             "precision it was exported in, so leave --precision out")
+    if args.model_b is None:
+        return [model]
+    model_b = load_model(args.model_b, "--model-b", scale=args.model_scale)
+    return [mix_generators(model, model_b, alpha) for alpha in args.alpha]
+
+
+# the options load_models reads
+MODEL_ARGS = ("model", "model_b", "alpha", "model_scale", "precision")
+
+
+def upscaler_on(device: torch.device, model_args: argparse.Namespace, options: UpscaleOptions) -> Upscaler:
+    """The :class:`Upscaler` of a run on ``device``, its checkpoints loaded here (in a Ray actor)."""
+    return Upscaler(load_models(model_args), options, device)
 
 
 def _run(args: argparse.Namespace) -> int:
     _check_options(args)
-    device = resolve_device(args.device)
-    check_precision(args.precision, device)
-    inputs = _collect_inputs(args.input, args.output)
-    _probe_all(inputs)
-    jobs = []  # (input uri, [output uris])
-    for uri, rel in inputs:
-        outs = [storage.join(args.output, name) for name in _output_names(rel, args.alpha, args.side_by_side)]
-        clash = next((o for o in outs if _same_file(o, uri)), None)
-        if clash:
-            raise InputError(f"output {clash} would overwrite its input; choose another --output folder")
-        jobs.append((uri, outs))
-
-    model = load_model(args.model, "--model", scale=args.model_scale)
-    if args.model_b is None:
-        models = [model]
-    else:
-        model_b = load_model(args.model_b, "--model-b", scale=args.model_scale)
-        models = [mix_generators(model, model_b, alpha) for alpha in args.alpha]
-    models = [m.to(device) for m in models]
-
-    with Progress(len(jobs), "upscale", unit="files") as progress:
-        for uri, outs in jobs:
-            _upscale_job(args, models, uri, outs, progress)
-    print(f"wrote {sum(len(o) for _, o in jobs)} image(s) to {args.output}", file=sys.stderr)
-    return 0
-
-
-def _upscale_job(args: argparse.Namespace, models: Sequence[nn.Module], uri: str, outs: Sequence[str],
-                 progress: Progress) -> None:
-    stopped = f"stopped after {progress.done} of {progress.total} inputs"
+    options = UpscaleOptions(args.scale_out, args.tile, args.tile_pad, args.precision, args.side_by_side)
+    if args.ray is None:
+        device = resolve_device(args.device)
+        check_precision(args.precision, device)
+    jobs, skipped = plan_jobs(args)
+    models = load_models(args)
+    log = JobLog("raysr.upscale", len(jobs), skipped, args.output)
+    if skipped:
+        print(f"raysr.upscale: skipping {skipped} input(s) whose output is already in {args.output}", file=sys.stderr)
     try:
-        results = upscale_image(models, read_image(uri), args.scale_out, args.tile, args.tile_pad, args.precision)
-    except (ImageError, storage.StorageError) as err:
-        raise InputError(f"{err}; {stopped} (their outputs are complete, nothing partial was written)") from err
-    except torch.cuda.OutOfMemoryError as err:
-        raise InputError(f"{uri} does not fit in GPU memory at once; pass --tile 512 (or smaller) "
-                         f"to run it in tiles; {stopped}") from err
-    if args.side_by_side:
-        results = [side_by_side(results)]
-    for out, result in zip(outs, results):
-        try:
+        if args.ray is not None:
+            from raysr.batch_inference import upscale_on_ray
+            # each actor loads the checkpoints itself: models in the actors' constructor arguments would
+            # travel through the object store, from where an actor restarted on another node cannot rely on them
+            model_args = argparse.Namespace(**{k: getattr(args, k) for k in MODEL_ARGS})
+            upscale_on_ray(jobs, functools.partial(upscaler_on, model_args=model_args, options=options), log,
+                           address=args.ray,
+                           workers=parse_workers(args.workers) if args.workers else None,
+                           gpus_per_worker=args.gpus_per_worker, precision=args.precision, verbose=args.verbose)
+        else:
+            upscaler = Upscaler(models, options, device)
+            for job in jobs:
+                _upscale_job(upscaler, job, log)
+    finally:
+        code = log.finish()
+    return code
+
+
+def _upscale_job(upscaler: Upscaler, job: Job, log: JobLog) -> None:
+    stage = "read"
+    try:
+        image = read_image(job.uri)
+        stage = "upscale"
+        results = upscaler(image)
+        stage = "write"
+        for out, result in zip(job.outs, results):
             write_image(out, result)
-        except (ImageError, OSError) as err:
-            raise InputError(f"cannot write {out}: {err}; {stopped}") from err
-    progress.step(os.path.basename(uri))
+    except Exception as err:  # any input may be bad in its own way; it is listed, and the job goes on
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        log.failed(job.uri, stage, failure_reason(err))
+        return
+    log.done(job.uri, megapixels(image))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,13 +32,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("scoring: the SR metrics protocol, LPIPS", ("raysr.scoring", "raysr.lpips")),
     ("losses", ("raysr.losses",)),
     ("files: the run checkpoint, generator files, shared command-line helpers", (
-        "raysr.run_checkpoint", "raysr.generator_file", "raysr.cli", "raysr.trackers")),
+        "raysr.run_checkpoint", "raysr.generator_file", "raysr.onnx_file", "raysr.cli", "raysr.trackers")),
     ("engine: the training step", ("raysr.engine",)),
     ("validator", ("raysr.validation.validator",)),
     ("tools without Ray: inference, evaluation, interpolation, demo data", (
-        "raysr.upscale", "raysr.evaluate", "raysr.interpolate", "raysr.demo", "raysr.preview")),
-    ("ray: start-up, the TorchTrainer, rank 0's duties and validations, Ctrl-C", (
-        "raysr.ray_setup", "raysr.validation.queue", "raysr.rank_zero", "raysr.stop_request")),
+        "raysr.interpolate", "raysr.export", "raysr.demo", "raysr.preview")),
+    ("ray: start-up, the TorchTrainer, rank 0's duties and validations, Ctrl-C, Ray Data batch inference", (
+        "raysr.ray_setup", "raysr.validation.queue", "raysr.rank_zero", "raysr.stop_request", "raysr.batch_inference")),
+    ("tools that run on Ray Data with --ray (Ray is imported only then)", ("raysr.upscale", "raysr.evaluate")),
     ("driver", ("raysr.train",)),
     ("on the driver: tuning and benchmarks", (
         "raysr.tune", "raysr.tune.__main__", "raysr.tune.cli", "raysr.tune.report", "raysr.tune.space",

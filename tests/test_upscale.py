@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import subprocess
@@ -475,7 +476,6 @@ def files_under(path: Path) -> list[str]:
 def test_bad_inputs_exit_2_and_write_nothing(tmp_path, make_image, x2_model, capsys):
     _, ckpt = x2_model
     save_png(tmp_path / "in" / "a.png", make_image(8, 8))
-    (tmp_path / "in" / "b.png").write_text("this is not an image")
     (tmp_path / "bad.pth").write_bytes(b"\x00garbage" * 10)
     save_generator(tiny_generator("rrdbnet", 2), tmp_path / "x2_rrdb.pth", fmt="raysr")
     (tmp_path / "run").mkdir()
@@ -484,7 +484,6 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, make_image, x2_model, cap
     out = tmp_path / "out"
     cases = [
         (["--model", ckpt, "--input", tmp_path / "missing.png"], "no such file"),
-        (["--model", ckpt, "--input", tmp_path / "in"], "b.png"),
         (["--model", tmp_path / "bad.pth", "--input", tmp_path / "in" / "a.png"], "bad.pth"),
         (["--model", tmp_path / "nothere.pth", "--input", tmp_path / "in" / "a.png"], "nothere.pth"),
         (["--model", ckpt, "--input", tmp_path / "in" / "a.png", "--precision", "fp16", "--device", "cpu"], "fp16"),
@@ -503,21 +502,47 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, make_image, x2_model, cap
         assert needle in capsys.readouterr().err, argv
         assert files_under(out) == []
     # the output folder is the input folder: a.png would overwrite itself
-    (tmp_path / "in" / "b.png").unlink()
     assert run(["--model", ckpt, "--input", tmp_path / "in", "--output", tmp_path / "in"]) == 2
     assert "overwrite" in capsys.readouterr().err
 
 
-def test_truncated_image_stops_cleanly(tmp_path, make_image, x2_model, capsys):
-    _, ckpt = x2_model
-    save_png(tmp_path / "in" / "a.png", make_image(8, 8))
-    good = io.BytesIO()
-    Image.fromarray(make_image(40, 40, seed=1)).save(good, format="PNG")
-    (tmp_path / "in" / "b.png").write_bytes(good.getvalue()[:300])  # header fine, pixel data cut
-    assert run(["--model", ckpt, "--input", tmp_path / "in", "--output", tmp_path / "o"]) == 2
-    assert "b.png" in capsys.readouterr().err
-    assert files_under(tmp_path / "o") == ["a.png"]  # the finished output, no temp file, no half b.png
-    assert Image.open(tmp_path / "o" / "a.png").size == (16, 16)
+def test_bad_inputs_are_listed_the_rest_is_done_and_a_rerun_skips_what_is_there(tmp_path, make_image, x2_model,
+                                                                                 capsys):
+    model, ckpt = x2_model
+    good = {"a.png": make_image(8, 8), "sub/d.png": make_image(7, 9, seed=4)}
+    for name, pixels in good.items():
+        save_png(tmp_path / "in" / name, pixels)
+    whole = io.BytesIO()
+    Image.fromarray(make_image(40, 40, seed=1)).save(whole, format="PNG")
+    (tmp_path / "in" / "b.png").write_bytes(whole.getvalue()[:300])  # header fine, pixel data cut
+    (tmp_path / "in" / "c.png").write_text("this is not an image")
+    save_png(tmp_path / "in" / "e.png", make_image(6, 6, seed=5))
+    (tmp_path / "o" / "e.png").mkdir(parents=True)  # its output cannot be written
+    argv = ["--model", ckpt, "--input", tmp_path / "in", "--output", tmp_path / "o"]
+    assert run(argv) == 3
+    err = capsys.readouterr().err
+    assert "2 done, 0 skipped (output already there), 3 failed" in err and "_failed.jsonl" in err
+    assert "images/s" in err and "MP/s" in err
+    failed = [json.loads(line) for line in (tmp_path / "o" / "_failed.jsonl").read_text().splitlines()]
+    assert sorted((Path(f["input"]).name, f["stage"]) for f in failed) == \
+        [("b.png", "read"), ("c.png", "read"), ("e.png", "write")]
+    assert all(Path(f["input"]).name in f["error"] or f["stage"] == "write" for f in failed)
+    # finished outputs only: no temp file, no half-written b.png
+    assert files_under(tmp_path / "o") == ["_failed.jsonl", "a.png", "e.png", "sub", "sub/d.png"]
+    for name, pixels in good.items():
+        assert_close_uint(np.asarray(Image.open(tmp_path / "o" / name)), expected_sr(model, pixels))
+    before = (tmp_path / "o" / "a.png").stat().st_mtime_ns
+
+    # the bad inputs mended: a rerun upscales only them, and the failure list goes
+    save_png(tmp_path / "in" / "b.png", make_image(5, 5, seed=6))
+    save_png(tmp_path / "in" / "c.png", make_image(5, 6, seed=7))
+    (tmp_path / "o" / "e.png").rmdir()
+    assert run(argv) == 0
+    err = capsys.readouterr().err
+    assert "skipping 2 input(s) whose output is already in" in err
+    assert "3 done, 2 skipped (output already there), 0 failed" in err
+    assert (tmp_path / "o" / "a.png").stat().st_mtime_ns == before
+    assert files_under(tmp_path / "o") == ["a.png", "b.png", "c.png", "e.png", "sub", "sub/d.png"]
 
 
 def test_module_entry_point(tmp_path, make_image, x2_model):

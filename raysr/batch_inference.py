@@ -1,0 +1,275 @@
+"""Whole datasets through Ray Data: ``python -m raysr.upscale ... --ray [ADDRESS]`` and
+``python -m raysr.evaluate ... --ray``.
+
+The upscale pipeline, in the order the data flows (evaluate's has the same shape: load the
+(GTmod, LR) pair -> SR and score on the actor -> save the SR image)::
+
+    work list (driver) -> read + decode (CPU tasks) -> upscale (actor pool, GPUs or CPUs)
+                       -> encode + write (CPU tasks) -> outcomes (driver: progress, _failed.jsonl, summary)
+
+Decoding and encoding run on whatever CPUs the cluster has while the model actors only upscale;
+the actor pool grows from ``--workers MIN`` to ``MAX`` with the backlog (``ActorPoolStrategy``).
+Every stage catches what goes wrong with one input and passes it on as that row's ``error``, so a
+bad input never stops the job: the driver lists it in ``_failed.jsonl``. Each output is written
+atomically (:func:`raysr.storage.write_bytes`), so a stage Ray retries, or a job run again after it
+was killed, never leaves a half-written file.
+
+The stages call the very functions the single-process path calls (:func:`raysr.images.read_image`,
+the :class:`raysr.upscale.Upscaler` handed in, :func:`raysr.images.write_image`), so both paths
+write the same bytes for the same model, tile and precision.
+
+Decoded images travel between stages as raw bytes plus shape and dtype columns: Ray Data's own
+tensor columns cast a batch of uint8 and uint16 images to one dtype and turn a missing ICC
+profile into NaN. The pixels of one row live in one Arrow binary value (below 2 GiB per image).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from raysr.cli import InputError, failure_reason
+from raysr.images import DecodedImage, read_image, write_image
+from raysr.ray_setup import init_ray, quiet_output
+
+# Heap reserved per read/decode and encode/write task: a large decoded image and its codec buffers.
+# Declaring it also keeps Ray Data from fusing the decode tasks into CPU model actors (same CPU
+# request, otherwise): the actors would then decode as well as upscale.
+CODEC_TASK_MEMORY = 512 << 20
+# One input per block up to this many inputs, so the actor pool is balanced image by image;
+# beyond it the blocks hold several inputs (Ray Data splits the decoded output blocks by size).
+MAX_BLOCKS = 10_000
+
+
+def start_ray(address: str, verbose: bool) -> None:
+    """Join the cluster at ``address`` ('auto', host:port), or, with '', the one in RAY_ADDRESS or
+    a new local Ray on 127.0.0.1 (:func:`raysr.ray_setup.init_ray`); Ray Data's progress bars and
+    execution logs only with ``verbose``."""
+    if address:
+        os.environ["RAY_ADDRESS"] = address
+    quiet_output(verbose)
+    init_ray()
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = verbose
+    context.print_on_execution_start = verbose
+    if not verbose:  # "Progress bars disabled", "execution finished in ..." are raysr's own lines here
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def actor_resources(workers: tuple[int, int] | None, gpus_per_worker: float | None) -> tuple[int, int, float]:
+    """``(min actors, max actors, GPUs per actor)``: by default one GPU per actor and up to as many actors
+    as the cluster has GPUs now; on a cluster without GPUs, one CPU actor."""
+    import ray
+
+    cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+    gpus = gpus_per_worker if gpus_per_worker is not None else (1.0 if cluster_gpus > 0 else 0.0)
+    if workers is None:
+        workers = (1, max(1, int(cluster_gpus // gpus)) if gpus > 0 else 1)
+    return workers[0], workers[1], gpus
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def array_columns(array: np.ndarray, prefix: str = "") -> dict:
+    """An (H, W, C) array as plain columns ``<prefix>pixels``, ``height``, ``width``, ``channels``, ``dtype``."""
+    height, width, channels = array.shape
+    return {f"{prefix}pixels": array.tobytes(), f"{prefix}height": height, f"{prefix}width": width,
+            f"{prefix}channels": channels, f"{prefix}dtype": array.dtype.name}
+
+
+def array_from_columns(row: dict, prefix: str = "") -> np.ndarray:
+    """Inverse of :func:`array_columns` (read-only: a view of the row's bytes)."""
+    shape = (row[f"{prefix}height"], row[f"{prefix}width"], row[f"{prefix}channels"])
+    return np.frombuffer(row[f"{prefix}pixels"], np.dtype(row[f"{prefix}dtype"])).reshape(shape)
+
+
+def image_columns(image: DecodedImage) -> dict:
+    """A decoded image as plain columns (see the module docstring)."""
+    return {**array_columns(image.pixels), "format": image.format, "icc": image.icc_profile or b""}
+
+
+def image_from_columns(row: dict) -> DecodedImage:
+    """Inverse of :func:`image_columns`."""
+    return DecodedImage(pixels=array_from_columns(row), format=row["format"], icc_profile=row["icc"] or None)
+
+
+_EMPTY_IMAGE = {"pixels": b"", "height": 0, "width": 0, "channels": 0, "dtype": "uint8", "format": "", "icc": b""}
+
+
+def _failed_row(row: dict, stage: str, err: BaseException) -> dict:
+    return {**row, **_EMPTY_IMAGE, "stage": stage, "error": failure_reason(err)}
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+def read_stage(row: dict) -> dict:
+    """CPU task: ``{"uri", "outs"}`` -> the decoded input's columns, or ``error``."""
+    try:
+        image = read_image(row["uri"])
+    except Exception as err:  # listed in _failed.jsonl by the driver
+        return _failed_row(row, "read", err)
+    return {**row, **image_columns(image), "stage": "", "error": ""}
+
+
+class UpscaleStage:
+    """Actor: holds the models on its device (a GPU when it has one) and upscales one input per
+    call into one row per output file (``out`` and its pixels)."""
+
+    def __init__(self, make_upscaler: Callable[[torch.device], Callable]):
+        has_gpu = bool(os.environ.get("CUDA_VISIBLE_DEVICES")) and torch.cuda.is_available()
+        self.upscale = make_upscaler(torch.device("cuda" if has_gpu else "cpu"))
+
+    def __call__(self, row: dict) -> list[dict]:
+        outs = list(row.pop("outs"))
+        megapixels = row["height"] * row["width"] / 1e6
+        if row["error"]:
+            return [{**row, "out": "", "count": 1, "megapixels": 0.0}]
+        try:
+            results = self.upscale(image_from_columns(row))
+        except Exception as err:
+            if isinstance(err, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            return [{**_failed_row(row, "upscale", err), "out": "", "count": 1, "megapixels": 0.0}]
+        return [{**row, **image_columns(result), "out": out, "count": len(outs), "megapixels": megapixels}
+                for out, result in zip(outs, results)]
+
+
+def write_stage(row: dict) -> dict:
+    """CPU task: encode and write one output file atomically; the row without its pixels."""
+    if not row["error"]:
+        try:
+            write_image(row["out"], image_from_columns(row))
+        except Exception as err:
+            row = _failed_row(row, "write", err)
+    return {k: row[k] for k in ("uri", "out", "count", "megapixels", "stage", "error")}
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def prepare(address: str, workers: tuple[int, int] | None, gpus_per_worker: float | None, precision: str,
+            verbose: bool) -> tuple[int, int, float]:
+    """Start or join Ray (:func:`start_ray`); ``(min actors, max actors, GPUs per actor)``
+    (:func:`actor_resources`), checked against ``precision``."""
+    start_ray(address, verbose)
+    low, high, gpus = actor_resources(workers, gpus_per_worker)
+    if precision == "fp16" and gpus == 0:
+        raise InputError("--precision fp16 needs GPU actors (CPU autocast has no fp16); pass --gpus-per-worker 1 "
+                         "on a cluster with GPUs, or use --precision bf16 or fp32")
+    return low, high, gpus
+
+
+def run_pipeline(items: list[dict], read: Callable, stage: type, stage_args: tuple, write: Callable,
+                 actors: tuple[int, int, float], read_kwargs: dict | None = None):
+    """Rows of ``items`` through ``read`` (CPU tasks) -> ``stage(*stage_args)`` (actor pool of
+    ``actors`` = (min, max, GPUs each); one row in, a list of rows out) -> ``write`` (CPU tasks);
+    yields the written rows on the driver as they come."""
+    import ray.data
+
+    low, high, gpus = actors
+    dataset = (ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
+               .map(read, fn_kwargs=read_kwargs, memory=CODEC_TASK_MEMORY)
+               .flat_map(stage, fn_constructor_args=stage_args,
+                         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high), num_gpus=gpus, num_cpus=1)
+               .map(write, memory=CODEC_TASK_MEMORY))
+    yield from dataset.iter_rows()
+
+
+def upscale_on_ray(jobs: Sequence, make_upscaler: Callable, log, *, address: str, workers: tuple[int, int] | None,
+                   gpus_per_worker: float | None, precision: str, verbose: bool = False) -> None:
+    """Run ``jobs`` (:class:`raysr.upscale.Job`: ``uri``, ``outs``) through the pipeline on the Ray cluster at
+    ``address`` (see :func:`start_ray`), reporting each input to ``log`` (:class:`raysr.upscale.JobLog`)
+    once its last output is written or it fails.
+
+    ``make_upscaler(device)``: the run's models on ``device``, as a callable image -> output images.
+    """
+    if not jobs:  # all skipped: no need to start Ray
+        return
+    actors = prepare(address, workers, gpus_per_worker, precision, verbose)
+    items = [{"uri": job.uri, "outs": list(job.outs)} for job in jobs]
+    log.start()  # images/s and MP/s from here: starting Ray is not upscaling
+    written: dict[str, int] = {}
+    failed: set[str] = set()
+    for row in run_pipeline(items, read_stage, UpscaleStage, (make_upscaler,), write_stage, actors):
+        uri = row["uri"]
+        if uri in failed:
+            continue
+        if row["error"]:
+            failed.add(uri)
+            log.failed(uri, row["stage"], row["error"])
+            continue
+        written[uri] = written.get(uri, 0) + 1
+        if written[uri] == row["count"]:
+            log.done(uri, row["megapixels"])
+
+
+# --------------------------------------------------------------------------- raysr.evaluate --ray
+
+
+def score_read_stage(row: dict, load_pair: Callable) -> dict:
+    """CPU task: ``{"index", "name", "hr", "lr", "save"}`` -> the (GTmod, LR) uint8 pair ``load_pair(hr, lr)``
+    as columns, or ``error``."""
+    try:
+        hr, lr = load_pair(row["hr"], row["lr"] or None)
+    except Exception as err:
+        return {**row, **array_columns(np.zeros((0, 0, 3), np.uint8), "hr_"),
+                **array_columns(np.zeros((0, 0, 3), np.uint8), "lr_"), "error": failure_reason(err)}
+    return {**row, **array_columns(hr, "hr_"), **array_columns(lr, "lr_"), "error": ""}
+
+
+class ScoreStage:
+    """Actor: the model (and LPIPS) on its device; one pair in, its SR image and scores (JSON) out."""
+
+    def __init__(self, make_scorer: Callable[[torch.device], Callable]):
+        has_gpu = bool(os.environ.get("CUDA_VISIBLE_DEVICES")) and torch.cuda.is_available()
+        self.score = make_scorer(torch.device("cuda" if has_gpu else "cpu"))
+
+    def __call__(self, row: dict) -> list[dict]:
+        sr, scores = np.zeros((0, 0, 3), np.uint8), {}
+        if not row["error"]:
+            try:
+                sr, scores = self.score(array_from_columns(row, "hr_"), array_from_columns(row, "lr_"))
+            except Exception as err:
+                row = {**row, "error": failure_reason(err)}
+        keep = {k: v for k, v in row.items() if not k.startswith(("hr_", "lr_"))}
+        # JSON keeps None (no LPIPS) and inf (PSNR of identical images), which Arrow columns would not
+        return [{**keep, **array_columns(sr, "sr_"), "scores": json.dumps(scores)}]
+
+
+def score_write_stage(row: dict) -> dict:
+    """CPU task: save the SR image as PNG where asked (``save``); the row without pixels."""
+    if row["save"] and not row["error"]:
+        try:
+            write_image(row["save"], DecodedImage(array_from_columns(row, "sr_"), "PNG"))
+        except Exception as err:
+            row = {**row, "error": failure_reason(err)}
+    return {k: row[k] for k in ("index", "name", "save", "scores", "error")}
+
+
+def evaluate_on_ray(samples: Sequence, load_pair: Callable, make_scorer: Callable, saves: Sequence[str | None],
+                    progress, *, address: str, workers: tuple[int, int] | None, gpus_per_worker: float | None,
+                    verbose: bool = False) -> list[tuple[str, dict]]:
+    """Score ``samples`` (:class:`raysr.evaluate.Sample`) on the Ray cluster at ``address``: ``load_pair(hr, lr)``
+    in CPU tasks, ``make_scorer(device)(hr, lr) -> (sr, scores)`` on the actor pool, the SR image saved to
+    ``saves[i]`` (None: not saved) in CPU tasks. Returns ``[(error, scores)]`` in sample order ('' = no error);
+    ``progress`` (:class:`raysr.util.Progress`) steps once per sample."""
+    actors = prepare(address, workers, gpus_per_worker, "fp32", verbose)
+    items = [{"index": i, "name": s.name, "hr": s.hr, "lr": s.lr or "", "save": save or ""}
+             for i, (s, save) in enumerate(zip(samples, saves))]
+    progress.start = time.monotonic()
+    results: list[tuple[str, dict]] = [("", {})] * len(items)
+    for row in run_pipeline(items, score_read_stage, ScoreStage, (make_scorer,), score_write_stage, actors,
+                            read_kwargs={"load_pair": load_pair}):
+        results[row["index"]] = (row["error"], json.loads(row["scores"]))
+        progress.step(row["name"])
+    return results

@@ -1,0 +1,189 @@
+"""raysr.upscale --ray and raysr.evaluate --ray (raysr.batch_inference): the Ray Data pipelines
+write the single-process path's bytes and scores, list bad inputs, and a rerun skips what is done.
+
+One module fixture on the session's local Ray: an upscale over a folder of good, corrupt, 16-bit
+and alpha images, its rerun, and one evaluate; the tests below assert on those runs. The stages
+themselves are also run without Ray, row by row, which is fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms
+
+from raysr.batch_inference import UpscaleStage, image_columns, image_from_columns, read_stage, write_stage
+from raysr.cli import InputError, parse_workers
+from raysr.evaluate import main as evaluate_main
+from raysr.generator_file import save_generator
+from raysr.images import DecodedImage
+from raysr.upscale import UpscaleOptions, Upscaler, main
+from test_upscale import assert_close_uint, expected_sr, png16, tiny_generator
+
+
+def run_captured(argv) -> tuple[int, str]:
+    """main(argv) -> (exit code, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, err.getvalue()
+
+
+def make_inputs(root: Path, make_image) -> dict[str, np.ndarray]:
+    """A folder of real image files: RGB with an ICC profile, RGBA, 16-bit RGB, JPEG, a corrupt and a
+    truncated PNG. Returns the 8-bit RGB pixels of the plain RGB ones, for references."""
+    (root / "sub").mkdir(parents=True)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    rgb = make_image(12, 10, seed=1)
+    Image.fromarray(rgb).save(root / "a.png", icc_profile=srgb)
+    rgba = np.dstack([make_image(9, 11, seed=2), make_image(9, 11, seed=3)[..., :1]])
+    Image.fromarray(rgba).save(root / "sub" / "rgba.png")
+    (root / "deep16.png").write_bytes(png16(make_image(8, 7, seed=4).astype(np.uint16) * 257 + 3))
+    Image.fromarray(make_image(10, 9, seed=5)).save(root / "sub" / "photo.jpg", quality=90)
+    (root / "bad.png").write_text("this is not an image")
+    whole = io.BytesIO()
+    Image.fromarray(make_image(40, 40, seed=6)).save(whole, format="PNG")
+    (root / "sub" / "cut.png").write_bytes(whole.getvalue()[:300])
+    return {"a.png": rgb}
+
+
+GOOD = ["a.png", "deep16.png", "sub/photo.jpg", "sub/rgba.png"]
+BAD = ["bad.png", "sub/cut.png"]
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, tmp_path_factory):
+    """The single-process run, the Ray run and the Ray rerun of one folder."""
+    from conftest import synthetic_image
+
+    root = tmp_path_factory.mktemp("upscale_ray")
+    model = tiny_generator("srresnet", 2)
+    save_generator(model, root / "g.pth", fmt="raysr")
+    pixels = make_inputs(root / "in", synthetic_image)
+    base = ["--model", root / "g.pth", "--input", root / "in"]
+    single = run_captured(base + ["--output", root / "single"])
+    first = run_captured(base + ["--output", root / "ray", "--ray", "--workers", "1,1"])
+    mtimes = {name: (root / "ray" / name).stat().st_mtime_ns for name in GOOD}
+    again = run_captured(base + ["--output", root / "ray", "--ray"])
+    (root / "hr").mkdir()
+    for i, (h, w) in enumerate([(24, 20), (17, 30)]):  # x2 GTmod 24x20 and 16x30
+        Image.fromarray(synthetic_image(h, w, seed=10 + i)).save(root / "hr" / f"im{i}.png")
+    scores = {}
+    for mode in ("single", "ray"):
+        argv = ["--hr", root / "hr", "--scale", 2, "--model", root / "g.pth", "--json", root / f"{mode}.json",
+                "--save-sr", root / f"sr_{mode}"] + (["--ray"] if mode == "ray" else [])
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert evaluate_main([str(a) for a in argv]) == 0
+        scores[mode] = json.loads((root / f"{mode}.json").read_text())
+    return SimpleNamespace(root=root, model=model, pixels=pixels, single=single, first=first, again=again,
+                           mtimes=mtimes, scores=scores)
+
+
+def test_ray_writes_the_single_process_bytes(runs):
+    assert runs.single[0] == 3 and runs.first[0] == 3, (runs.single[1], runs.first[1])
+    assert files_under(runs.root / "ray") == files_under(runs.root / "single") == sorted(GOOD + ["_failed.jsonl"])
+    for name in GOOD:
+        assert (runs.root / "ray" / name).read_bytes() == (runs.root / "single" / name).read_bytes(), name
+
+
+def test_ray_keeps_formats_bit_depth_alpha_and_icc(runs):
+    out = runs.root / "ray"
+    a = Image.open(out / "a.png")
+    assert a.info["icc_profile"] == Image.open(runs.root / "in" / "a.png").info["icc_profile"]
+    assert_close_uint(np.asarray(a), expected_sr(runs.model, runs.pixels["a.png"]))
+    assert Image.open(out / "sub" / "rgba.png").mode == "RGBA"
+    assert Image.open(out / "sub" / "photo.jpg").format == "JPEG"
+    header = (out / "deep16.png").read_bytes()[:29]
+    assert header[24] == 16 and header[25] == 2  # IHDR: 16 bits per sample, RGB
+    assert Image.open(out / "deep16.png").size == (14, 16)
+
+
+def test_ray_lists_bad_inputs_and_says_so(runs):
+    code, err = runs.first
+    assert "4 done, 0 skipped (output already there), 2 failed" in err and "MP/s" in err
+    lines = (runs.root / "ray" / "_failed.jsonl").read_text().splitlines()
+    failed = sorted((Path(f["input"]).relative_to(runs.root / "in").as_posix(), f["stage"], f["error"])
+                    for f in map(json.loads, lines))
+    assert [(name, stage) for name, stage, _ in failed] == [(name, "read") for name in BAD]
+    assert "not an image" in failed[0][2] and "truncated" in failed[1][2]
+
+
+def test_ray_rerun_skips_what_is_done(runs):
+    code, err = runs.again
+    assert code == 3  # the two bad inputs fail again, and are listed again
+    assert "skipping 4 input(s) whose output is already in" in err
+    assert "0 done, 4 skipped (output already there), 2 failed" in err
+    assert {name: (runs.root / "ray" / name).stat().st_mtime_ns for name in GOOD} == runs.mtimes
+
+
+def test_evaluate_on_ray_scores_as_the_single_process_run(runs):
+    single, ray = runs.scores["single"], runs.scores["ray"]
+    assert [r["name"] for r in ray["images"]] == ["im0.png", "im1.png"]
+    assert ray["images"] == single["images"] and ray["mean"] == single["mean"] and ray["bicubic"] == single["bicubic"]
+    assert ray["images"][1]["size"] == [16, 30]
+    # an independent check of one number: PSNR-Y of the saved SR against GTmod, by hand (BT.601, border 2)
+    sr = np.asarray(Image.open(runs.root / "sr_ray" / "im0.png")).astype(np.float64)
+    hr = np.asarray(Image.open(runs.root / "hr" / "im0.png")).astype(np.float64)
+    y = [(16 + im @ np.array([65.481, 128.553, 24.966]) / 255)[2:-2, 2:-2] for im in (sr, hr)]
+    assert abs(10 * np.log10(255 ** 2 / np.mean((y[0] - y[1]) ** 2)) - ray["images"][0]["psnr_y"]) < 1e-3
+    for name in ("im0.png", "im1.png"):
+        assert (runs.root / "sr_ray" / name).read_bytes() == (runs.root / "sr_single" / name).read_bytes()
+
+
+# --------------------------------------------------------------------------- without Ray
+
+
+def test_the_stages_row_by_row_write_the_single_process_bytes(tmp_path, make_image):
+    """read -> upscale -> write on plain dict rows, as Ray Data hands them over, without Ray."""
+    model = tiny_generator("srresnet", 2)
+    save_generator(model, tmp_path / "g.pth", fmt="raysr")
+    make_inputs(tmp_path / "in", make_image)
+    assert main([str(a) for a in ["--model", tmp_path / "g.pth", "--input", tmp_path / "in",
+                                  "--output", tmp_path / "single"]]) == 3
+    stage = UpscaleStage(functools.partial(Upscaler, [model], UpscaleOptions()))
+    rows = []
+    for name in GOOD + BAD:
+        row = read_stage({"uri": str(tmp_path / "in" / name), "outs": [str(tmp_path / "rows" / name)]})
+        rows += [write_stage(r) for r in stage(row)]
+    assert sorted(Path(r["uri"]).name for r in rows if r["error"]) == ["bad.png", "cut.png"]
+    assert all(r["count"] == 1 for r in rows)
+    for name in GOOD:
+        assert (tmp_path / "rows" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("dtype,channels,icc", [(np.uint8, 3, None), (np.uint16, 4, b"profile"),
+                                                (np.uint8, 1, b"")])
+def test_image_columns_round_trip(dtype, channels, icc):
+    pixels = (np.arange(5 * 7 * channels) * 997 % np.iinfo(dtype).max).astype(dtype).reshape(5, 7, channels)
+    back = image_from_columns(image_columns(DecodedImage(pixels, "PNG", icc)))
+    assert back.pixels.dtype == dtype and (back.pixels == pixels).all()
+    assert back.format == "PNG" and back.icc_profile == (icc or None)
+
+
+def test_workers_option():
+    assert parse_workers("2") == (2, 2) and parse_workers("1,4") == (1, 4)
+    for bad in ("0", "3,1", "a,b", "1,2,3", ""):
+        with pytest.raises(InputError, match="--workers takes MIN,MAX"):
+            parse_workers(bad)
+
+
+def test_ray_options_without_ray_are_refused(tmp_path, capsys):
+    for argv, needle in ((["--workers", "1,2"], "--workers applies only with --ray"),
+                         (["--gpus-per-worker", "1"], "--gpus-per-worker applies only with --ray"),
+                         (["--ray", "--device", "cpu"], "leave --device out"),
+                         (["--ray", "--workers", "0"], "--workers takes MIN,MAX"),
+                         (["--ray", "--gpus-per-worker", "-1"], "--gpus-per-worker must be")):
+        assert main(["--model", "m.pth", "--input", str(tmp_path), "--output", str(tmp_path / "o")] + argv) == 2
+        assert needle in capsys.readouterr().err, argv
+    assert not (tmp_path / "o").exists()
