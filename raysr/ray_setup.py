@@ -181,10 +181,11 @@ def upload_checkpoint(storage, checkpoint, dir_name: str):
     """Ray's ``checkpoint_upload_fn``: copy the local checkpoint folder into the run's storage
     (``storage``: Ray's StorageContext), one file at a time; return it as a ray.train.Checkpoint.
 
-    Ray's default upload, ``pyarrow.fs.copy_files``, only logs an S3 part upload that failed
-    (after its retries; "Error ignored when destroying file") and returns as if all went well, so
-    Ray would register a checkpoint without that file. pyarrow's output stream raises the error
-    on close instead: the report fails, and Ray restarts the workers from the last checkpoint it
+    Ray's default upload, ``pyarrow.fs.copy_files``, leaves closing each output stream to its
+    destructor, which only logs an upload that failed after its retries and returns as if all went
+    well (checked with pyarrow 26, on pyarrow's S3FileSystem and on raysr.storage.S3Handler), so
+    Ray would register a checkpoint without that file. Closing the stream here raises the error
+    instead: the report fails, and Ray restarts the workers from the last checkpoint it
     registered (run.max_failures), each of which therefore has all its files.
     """
     import ray.train

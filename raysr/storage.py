@@ -1,41 +1,32 @@
 """Read and write local paths and ``s3://bucket/key`` URIs, and give Ray Train its run storage.
 
-One S3 policy for all of raysr's traffic, set here: every request is tried up to
-``S3_MAX_ATTEMPTS`` times in the AWS SDKs' "standard" retry mode (throttling, 5xx and
-broken connections, with exponential backoff), against ``AWS_ENDPOINT_URL`` when set (MinIO,
-Ceph, moto), with the SDKs' usual credentials (environment, shared config, instance role).
-A missing object or a denied request raises :class:`StorageError` naming the URI and what to
-check. Two maintained clients carry it, each where only it does the job:
+One S3 stack for all of raysr's traffic: boto3. Shards, manifests, weights, images and generator
+files go through :func:`s3_client`; what Ray Train and Tune store themselves (checkpoint uploads,
+run state) goes through the same client, behind the ``pyarrow.fs.FileSystem`` that Ray takes
+(:func:`storage_args`: a ``pyarrow.fs.PyFileSystem`` over :class:`S3Handler`). One retry policy:
+every request is tried up to ``S3_MAX_ATTEMPTS`` times in botocore's "standard" retry mode
+(throttling, 5xx and broken connections, with exponential backoff), against ``AWS_ENDPOINT_URL``
+when set (MinIO, Ceph, moto), with boto3's usual credentials (environment, shared config, instance
+role). A missing object or a denied request raises :class:`StorageError` naming the URI and what
+to check.
 
-* boto3 (:func:`s3_client`) for everything raysr reads and writes itself: shards, manifests,
-  weights, images, generator files, run-checkpoint files read back.
-* ``pyarrow.fs.S3FileSystem`` (:func:`storage_args`) for what Ray Train and Tune store
-  themselves (checkpoint uploads, run state): Ray takes only a ``pyarrow.fs.FileSystem``.
+Why boto3 and not pyarrow's S3FileSystem for everything (checked with pyarrow 26.0.1, boto3 1.43,
+Ray 2.60): pyarrow's S3 client neither writes nor reads user metadata (make_shards keeps each
+shard's sha256 there, so that a re-run checks shards without downloading them), sends one ranged
+GET per ``read()`` (a 256 MB shard in 1 MiB reads is 256 requests, each paying S3's first-byte
+latency), answers a missing bucket and a missing key with the same error, and drops its retry
+strategy when pickled (Ray pickles the storage filesystem into every process). fsspec's s3fs would
+bring aiobotocore, a second botocore pinned to a few releases, with its own retry loop.
 
-Why not one client (checked with pyarrow 26.0.1, boto3 1.43, Ray 2.60):
-
-* pyarrow's S3FileSystem neither writes nor reads user metadata (``x-amz-meta-*`` keys given
-  to ``open_output_stream`` are dropped; ``metadata()`` of an input stream lists only
-  Content-Length/Type, ETag and Last-Modified), and make_shards keeps each shard's sha256
-  there so that a re-run checks shards without downloading them. Its input stream sends a
-  HEAD, then one ranged GET per ``read()`` (a 256 MB shard read in 1 MiB pieces costs 256
-  requests, each with S3's first-byte latency), and it answers a missing bucket and a missing
-  key with the same FileNotFoundError. Forked processes are not the obstacle: a forked child
-  reads through it, on a filesystem object from the parent or a new one.
-* boto3 cannot be Ray's storage without an adapter: the maintained one, fsspec's
-  ``FSSpecHandler`` over s3fs, brings aiobotocore, a second (async) botocore pinned to a few
-  botocore releases (aiobotocore 3.10: botocore 1.43.115-1.43.117) with its own retry loop
-  over botocore's; a pyarrow handler over boto3 of our own is the code this module avoids.
-
-raysr adds only what neither client does: resuming a body read that breaks midway
-(:class:`_ResumableS3Reader`, behind :func:`open_stream`), and keeping the retry policy when
-Ray pickles the filesystem into its processes (:class:`RetryingS3FileSystem`).
-:func:`write_stream` uploads large files in parts.
+What no library does, and raysr keeps: resuming a body read that breaks midway
+(:class:`_ResumableS3Reader`, behind :func:`open_stream`: botocore retries requests, not a body cut
+short), and the small handler that lets Ray's filesystem interface reach boto3 (:class:`S3Handler`:
+pyarrow ships one only for fsspec). :func:`write_stream` uploads large files in parts (boto3's
+managed transfer).
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import shutil
@@ -48,16 +39,15 @@ from typing import BinaryIO
 import pyarrow.fs
 
 S3_PREFIX = "s3://"
-# The retry policy of all S3 traffic: tries per request in the SDKs' "standard" mode (botocore's
-# and, under pyarrow, the AWS C++ SDK's), and tries without progress of a broken body read;
-# 8 ride out a few seconds of endpoint trouble.
+# The retry policy of all S3 traffic: tries per request in botocore's "standard" mode, and tries
+# without progress of a broken body read; 8 ride out a few seconds of endpoint trouble.
 S3_MAX_ATTEMPTS = 8
-# Backoff between tries to resume a broken body read: 0.2 s, 0.4 s, ... capped (the SDKs back
-# off their requests themselves).
+# Backoff between tries to resume a broken body read: 0.2 s, 0.4 s, ... capped (botocore backs
+# off its requests itself).
 STREAM_RETRY_BASE_S = 0.2
 STREAM_RETRY_MAX_S = 5.0
 
-_clients: dict[tuple[int, int], object] = {}
+_clients: dict[tuple[int, int, int], object] = {}
 _clients_lock = threading.Lock()
 
 
@@ -94,16 +84,19 @@ def _endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def s3_client():
-    """A boto3 S3 client for this process and thread (boto3 clients are not fork-safe)."""
-    key = (os.getpid(), threading.get_ident())
+def s3_client(max_attempts: int | None = None):
+    """A boto3 S3 client for this process and thread (boto3 clients are not fork-safe), trying each
+    request up to ``max_attempts`` times (default: ``S3_MAX_ATTEMPTS``)."""
+    max_attempts = max_attempts or S3_MAX_ATTEMPTS
+    key = (os.getpid(), threading.get_ident(), max_attempts)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
             import boto3
             from botocore.config import Config
 
-            config = Config(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
+            # total_max_attempts counts the first try; botocore's max_attempts counts only retries
+            config = Config(retries={"total_max_attempts": max_attempts, "mode": "standard"})
             # boto3 reads AWS_ENDPOINT_URL itself; passing it explicitly also
             # covers older botocore releases that predate that variable.
             client = boto3.client("s3", endpoint_url=_endpoint(), config=config)
@@ -145,10 +138,17 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
         raise StorageError(f"{uri} does not exist") from err
 
 
-def _upload(uri: str, fileobj: BinaryIO, **kwargs) -> None:
+def _upload(uri: str, fileobj: BinaryIO, metadata: dict[str, str] | None = None,
+            max_attempts: int | None = None) -> None:
+    """Upload ``fileobj`` (from its position) whole: in ``MULTIPART_CHUNK_BYTES`` parts above that
+    size (boto3 sends the parts concurrently); ``metadata`` becomes user metadata (``x-amz-meta-*``)."""
+    from boto3.s3.transfer import TransferConfig
+
     bucket, key = split_s3(uri)
+    config = TransferConfig(multipart_threshold=MULTIPART_CHUNK_BYTES, multipart_chunksize=MULTIPART_CHUNK_BYTES)
     try:
-        s3_client().upload_fileobj(fileobj, bucket, key, **kwargs)
+        s3_client(max_attempts).upload_fileobj(fileobj, bucket, key, ExtraArgs={"Metadata": dict(metadata or {})},
+                                               Config=config)
     except Exception as err:
         raise _explain(uri, err) from err
 
@@ -251,12 +251,13 @@ class _ResumableS3Reader(io.RawIOBase):
     body is being read (a reset halfway through a 256 MB shard). This reader keeps
     its offset and, on such an error, re-requests the rest with ``Range`` and
     ``If-Match`` (so a replaced object is never spliced onto the old one), with
-    exponential backoff, up to ``S3_MAX_ATTEMPTS`` tries without progress.
+    exponential backoff, up to ``max_attempts`` (``S3_MAX_ATTEMPTS``) tries without progress.
     """
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, max_attempts: int | None = None):
         super().__init__()
         self.uri = uri
+        self._max_attempts = max_attempts or S3_MAX_ATTEMPTS
         self._bucket, self._key = split_s3(uri)
         self._pos = 0
         self._size: int | None = None
@@ -270,7 +271,7 @@ class _ResumableS3Reader(io.RawIOBase):
         if self._etag is not None:
             kwargs.update(Range=f"bytes={self._pos}-", IfMatch=self._etag)
         try:
-            response = s3_client().get_object(**kwargs)
+            response = s3_client(self._max_attempts).get_object(**kwargs)
         except Exception as err:
             if error_code(err) in ("412", "PreconditionFailed"):
                 raise StorageError(f"{self.uri} was replaced while being read; read it again") from err
@@ -295,7 +296,7 @@ class _ResumableS3Reader(io.RawIOBase):
                 break
             except self._transient as err:
                 failures += 1
-                if failures >= S3_MAX_ATTEMPTS:
+                if failures >= self._max_attempts:
                     raise StorageError(f"reading {self.uri} failed {failures} times at byte {self._pos} "
                                        f"(last error: {err}); check the endpoint and network") from err
                 self._close_body()
@@ -343,10 +344,7 @@ def write_stream(uri: str | os.PathLike, fileobj: BinaryIO, metadata: dict[str, 
     is not stored.
     """
     if is_s3(uri):
-        from boto3.s3.transfer import TransferConfig
-
-        config = TransferConfig(multipart_threshold=MULTIPART_CHUNK_BYTES, multipart_chunksize=MULTIPART_CHUNK_BYTES)
-        _upload(uri, fileobj, ExtraArgs={"Metadata": dict(metadata or {})}, Config=config)
+        _upload(uri, fileobj, metadata)
     else:
         _replace_local(uri, lambda f: shutil.copyfileobj(fileobj, f, STREAM_BUFFER_BYTES))
 
@@ -378,37 +376,182 @@ def object_info(uri: str | os.PathLike) -> tuple[int, dict[str, str]] | None:
 def storage_args(storage: str) -> dict:
     """``RunConfig`` storage arguments for a local directory or s3://bucket/prefix.
 
-    S3 gets a pyarrow S3FileSystem and a ``bucket/prefix`` path, on the endpoint and with the
-    retry policy of :func:`s3_client` (Ray itself does not retry a checkpoint upload).
+    S3 gets a ``bucket/prefix`` path on a ``pyarrow.fs.PyFileSystem`` over :class:`S3Handler`:
+    raysr's boto3 client and retry policy (Ray itself does not retry a checkpoint upload).
     """
     if not is_s3(storage):
         return {"storage_path": os.path.abspath(os.path.expanduser(storage))}
-    endpoint = _endpoint()
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-    kwargs = {}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-        region = region or "us-east-1"
-    elif not region:  # on AWS proper, the bucket's own region (as Ray's from_uri finds it)
-        region = pyarrow.fs.resolve_s3_region(split_s3(storage)[0])
-    fs = RetryingS3FileSystem(S3_MAX_ATTEMPTS, region=region, **kwargs)
-    return {"storage_path": storage[len("s3://"):].rstrip("/"), "storage_filesystem": fs}
+    split_s3(storage)  # a bucket name, or a StorageError saying what is wrong
+    return {"storage_path": storage[len(S3_PREFIX):].rstrip("/"),
+            "storage_filesystem": pyarrow.fs.PyFileSystem(S3Handler(S3_MAX_ATTEMPTS))}
 
 
-class RetryingS3FileSystem(pyarrow.fs.S3FileSystem):
-    """pyarrow's S3FileSystem with ``max_attempts`` tries per request (AWS standard retry mode:
-    throttling, 5xx and broken connections, with backoff), kept when pickled.
+_NOT_FOUND = ("404", "NoSuchKey", "NotFound")
 
-    Ray pickles the storage filesystem into its controller and every worker, and pyarrow's
-    ``S3FileSystem.__reduce__`` leaves the retry strategy out (pyarrow 26): unpickled, it falls
-    back to pyarrow's default of 3 attempts, which three 503 SlowDown in a row exhaust.
+
+class S3Handler(pyarrow.fs.FileSystemHandler):
+    """The ``pyarrow.fs`` filesystem interface (which Ray Train and Tune take for their storage) on
+    raysr's boto3 client, for paths ``bucket/key``; wrap it in ``pyarrow.fs.PyFileSystem``.
+
+    Ray pickles the filesystem into its controller and every worker; the handler carries
+    ``max_attempts`` (``S3_MAX_ATTEMPTS`` of the process that made it) with it. S3 has no folders:
+    a "directory" is a prefix that objects lie under, ``create_dir`` does nothing, and
+    ``delete_dir`` deletes every object under the prefix. Reads go through the resumable reader;
+    a written file is uploaded when its stream closes, and an upload that fails after every retry
+    raises there (so Ray never registers a checkpoint with a file missing).
     """
 
-    def __init__(self, max_attempts: int, **kwargs):
-        super().__init__(retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=max_attempts), **kwargs)
-        self.max_attempts, self.kwargs = max_attempts, kwargs
+    def __init__(self, max_attempts: int = S3_MAX_ATTEMPTS):
+        self.max_attempts = max_attempts
 
-    def __reduce__(self):
-        # a partial: __reduce__ cannot pass keyword arguments to the constructor itself
-        return functools.partial(RetryingS3FileSystem, self.max_attempts, **self.kwargs), ()
+    def _client(self):
+        return s3_client(self.max_attempts)
+
+    def get_type_name(self) -> str:
+        return "raysr-s3"
+
+    def normalize_path(self, path: str) -> str:
+        return path
+
+    def __eq__(self, other) -> bool:  # what PyFileSystem.equals compares
+        return isinstance(other, S3Handler) and other.max_attempts == self.max_attempts
+
+    def __hash__(self) -> int:
+        return hash(self.max_attempts)
+
+    def get_file_info(self, paths: list[str]) -> list[pyarrow.fs.FileInfo]:
+        return [self._info(path) for path in paths]
+
+    def _info(self, path: str) -> pyarrow.fs.FileInfo:
+        bucket, key = _bucket_key(path)
+        if not key:
+            return pyarrow.fs.FileInfo(path, pyarrow.fs.FileType.Directory)
+        try:
+            head = self._client().head_object(Bucket=bucket, Key=key)
+            return pyarrow.fs.FileInfo(path, pyarrow.fs.FileType.File, size=head["ContentLength"],
+                                       mtime=head["LastModified"])
+        except Exception as err:
+            if error_code(err) not in _NOT_FOUND:
+                raise _explain(S3_PREFIX + path, err) from err
+        try:
+            listing = self._client().list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1)
+        except Exception as err:
+            raise _explain(S3_PREFIX + path, err) from err
+        found = pyarrow.fs.FileType.Directory if listing.get("KeyCount") else pyarrow.fs.FileType.NotFound
+        return pyarrow.fs.FileInfo(path, found)
+
+    def get_file_info_selector(self, selector: pyarrow.fs.FileSelector) -> list[pyarrow.fs.FileInfo]:
+        bucket, key = _bucket_key(selector.base_dir)
+        prefix = key.rstrip("/") + "/" if key else ""
+        files, dirs = [], set()
+        try:
+            pages = self._client().get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix, **({} if selector.recursive else {"Delimiter": "/"}))
+            for page in pages:
+                dirs.update(p["Prefix"].rstrip("/") for p in page.get("CommonPrefixes", []))
+                for obj in page.get("Contents", []):
+                    parts = obj["Key"][len(prefix):].split("/")
+                    # the folders between the base and the object (only a recursive listing has them)
+                    dirs.update(prefix + "/".join(parts[:i]) for i in range(1, len(parts)))
+                    if parts[-1]:  # not a folder marker ("a/b/")
+                        files.append(pyarrow.fs.FileInfo(f"{bucket}/{obj['Key']}", pyarrow.fs.FileType.File,
+                                                         size=obj["Size"], mtime=obj["LastModified"]))
+        except Exception as err:
+            raise _explain(S3_PREFIX + selector.base_dir, err) from err
+        if not files and not dirs and not selector.allow_not_found and key:
+            raise FileNotFoundError(f"{S3_PREFIX}{selector.base_dir} does not exist")
+        return [pyarrow.fs.FileInfo(f"{bucket}/{d}", pyarrow.fs.FileType.Directory) for d in sorted(dirs)] + files
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        pass  # S3 has no folders: one exists once an object lies under it
+
+    def delete_dir(self, path: str) -> None:
+        self.delete_dir_contents(path, missing_dir_ok=True)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        bucket, key = _bucket_key(path)
+        if not key:
+            raise StorageError(f"refusing to empty the whole bucket {bucket}")
+        prefix = key.rstrip("/") + "/"
+        try:
+            for page in self._client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+                if keys:  # a page holds at most 1000 keys, as many as one delete_objects takes
+                    self._client().delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+        except Exception as err:
+            raise _explain(S3_PREFIX + path, err) from err
+
+    def delete_root_dir_contents(self) -> None:
+        raise StorageError("refusing to delete every bucket")
+
+    def delete_file(self, path: str) -> None:
+        bucket, key = _bucket_key(path)
+        try:
+            self._client().delete_object(Bucket=bucket, Key=key)
+        except Exception as err:
+            raise _explain(S3_PREFIX + path, err) from err
+
+    def copy_file(self, src: str, dest: str) -> None:
+        (src_bucket, src_key), (bucket, key) = _bucket_key(src), _bucket_key(dest)
+        try:  # boto3's managed copy: in parts above 5 GB, server-side
+            self._client().copy({"Bucket": src_bucket, "Key": src_key}, bucket, key)
+        except Exception as err:
+            raise _explain(S3_PREFIX + src, err) from err
+
+    def move(self, src: str, dest: str) -> None:  # one file (Ray moves nothing in its storage)
+        self.copy_file(src, dest)
+        self.delete_file(src)
+
+    def open_input_stream(self, path: str) -> pyarrow.NativeFile:
+        reader = io.BufferedReader(_ResumableS3Reader(S3_PREFIX + path, self.max_attempts), STREAM_BUFFER_BYTES)
+        return pyarrow.PythonFile(reader, mode="r")
+
+    def open_input_file(self, path: str) -> pyarrow.NativeFile:
+        # Random access (Parquet footers): the whole object, read once through the resumable reader.
+        with _ResumableS3Reader(S3_PREFIX + path, self.max_attempts) as reader:
+            return pyarrow.BufferReader(reader.readall())
+
+    def open_output_stream(self, path: str, metadata=None) -> pyarrow.NativeFile:
+        return pyarrow.PythonFile(_S3Upload(S3_PREFIX + path, self.max_attempts, metadata), mode="w")
+
+    def open_append_stream(self, path: str, metadata=None):
+        raise StorageError(f"{S3_PREFIX}{path}: S3 objects cannot be appended to")
+
+
+def _bucket_key(path: str) -> tuple[str, str]:
+    """A pyarrow filesystem path ``bucket/a/b`` -> ``("bucket", "a/b")``."""
+    return split_s3(S3_PREFIX + path.lstrip("/"))
+
+
+class _S3Upload(io.RawIOBase):
+    """A write-only file whose bytes become the S3 object ``uri`` when it closes (spooled to a
+    temporary file above ``MULTIPART_CHUNK_BYTES``, uploaded in parts above that size)."""
+
+    def __init__(self, uri: str, max_attempts: int, metadata=None):
+        super().__init__()
+        self.uri, self._max_attempts = uri, max_attempts
+        self._metadata = {_text(k): _text(v) for k, v in dict(metadata or {}).items()}
+        self._file = tempfile.SpooledTemporaryFile(max_size=MULTIPART_CHUNK_BYTES)
+
+    def writable(self) -> bool:
+        return True
+
+    def __del__(self):  # dropped without close(): never upload what may be half-written
+        self._file.close()
+
+    def write(self, data) -> int:
+        return self._file.write(data)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._file.seek(0)
+            _upload(self.uri, self._file, self._metadata, self._max_attempts)
+        finally:
+            self._file.close()
+            super().close()
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

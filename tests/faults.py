@@ -1,7 +1,7 @@
 """A fault-injecting HTTP proxy for S3 traffic on loopback: real sockets, real faults.
 
-:class:`FaultProxy` sits between S3 clients (boto3 in raysr.storage, pyarrow's S3FileSystem in Ray's
-checkpoint upload) and an S3 endpoint (moto's server). It reads each request's head and body
+:class:`FaultProxy` sits between S3 clients (raysr.storage's boto3, for raysr's own reads and writes
+and for Ray's run storage) and an S3 endpoint (moto's server). It reads each request's head and body
 framing itself (so it knows where one request ends and the next begins on a keep-alive
 connection) and pumps the replies back as raw bytes. Armed :class:`Fault` s hit the requests
 they match:

@@ -1,9 +1,9 @@
 """Storage faults during real training runs: S3 that throttles, drops connections, cuts bodies short
 and stalls, and a worker killed while its checkpoint is uploading.
 
-Every S3 client of the test session — raysr.storage's boto3 in the Ray Train workers (shard reads),
-pyarrow's S3FileSystem in Ray's checkpoint upload and its controller's run state — reaches the moto
-server through the loopback proxy of tests/faults.py; each test arms faults on it (``s3_faults``)
+Every S3 request of the test session — raysr.storage's boto3 client, in the Ray Train workers' shard
+reads and, behind Ray's storage filesystem (raysr.storage.S3Handler), in the checkpoint uploads and
+the controller's run state — reaches the moto server through the loopback proxy of tests/faults.py; each test arms faults on it (``s3_faults``)
 and checks what a user cares about: the run finished at its exact step, no shard sample was
 skipped, every checkpoint Ray registered is complete and loads, and a resume starts from the last
 complete checkpoint. Networks and step counts are test_train's tiny GAN (about 30 s a run).
@@ -105,16 +105,17 @@ def upload_run(ray_local, s3_data, tmp_path_factory) -> SimpleNamespace:
 
 
 def test_checkpoint_uploads_are_retried_and_never_registered_half_written(upload_run, s3_faults):
-    """Ray's asynchronous upload (pyarrow) of checkpoints 1-3 and of Ray's run state: three 503s in a
-    row on one file (one more than pyarrow's default 3 attempts allow), two uploads cut after 4 kB,
-    503s on starting a multipart upload and on writing the run state. raysr's storage filesystem
-    retries each request up to 8 times, so no upload fails, no worker restarts (each step is reported
-    once), and every registered checkpoint is complete and loads."""
+    """Ray's asynchronous upload of checkpoints 1-3 and of Ray's run state: three 503s in a row on one
+    file (one more than pyarrow's S3 default of 3 attempts would allow), two uploads cut after 4 kB,
+    503s on another file and on writing the run state, two connections reset. raysr's storage
+    filesystem retries each request up to 8 times, so no upload fails, no worker restarts (each step
+    is reported once), and every registered checkpoint is complete and loads. (These files are small,
+    so each goes up in one PUT; tests/test_storage.py retries the start of a multipart upload.)"""
     ckpt = f"{upload_run.name}/checkpoint_{{:08d}}/"
     faults = s3_faults.arm(
         Fault("slowdown", times=3, method="PUT", path=ckpt.format(1) + "state.pt"),
         Fault("cut_upload", times=2, method="PUT", path=ckpt.format(2) + "state.pt", after_bytes=4096),
-        Fault("slowdown", times=2, method="POST", path=ckpt.format(2) + "generator.pth?uploads"),
+        Fault("slowdown", times=2, method="PUT", path=ckpt.format(2) + "generator.pth"),
         Fault("reset", times=2, method="PUT", path=ckpt.format(3) + "generator.pth"),
         Fault("slowdown", times=2, method="PUT", path=f"{upload_run.name}/{SNAPSHOT}"))
     t0 = time.monotonic()
