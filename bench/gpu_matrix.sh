@@ -72,6 +72,9 @@ for model in rrdbnet msrresnet; do
             --compile default --baseline --json "${sizes[@]}"
     done
 done
+# run.deterministic's cost: the eager GAN step of rrdbnet with deterministic kernels only (docs/fault-tolerance.md)
+row "rrdbnet-gan-deterministic" "$step_timeout" $python -m raysr.bench step --model rrdbnet --phase gan \
+    --compile off --json --set run.deterministic=true "${sizes[@]}"
 
 # The loader: formats side by side on one core, then the PSNR preset's processes on npy and png shards of
 # the same photos (scikit-image's), batches finished on the device as a training rank does.

@@ -237,6 +237,9 @@ class RunConfig:
     compile: Literal["off", "default", "max-autotune-no-cudagraphs"] = "off"
     tf32: bool = True  # CUDA: fp32 matmuls and convolutions (the fp32 parts under bf16 too) in TF32
     cudnn_benchmark: bool = True  # CUDA: cuDNN times its algorithms per input shape, keeps the fastest
+    # two fresh runs of one config give the same weights on GPU too: deterministic kernels only (slower; turns
+    # cudnn_benchmark off). CPU runs already are (docs/fault-tolerance.md, Reproducibility)
+    deterministic: bool = False
     # where the run's metrics, config and comparison images go (rank 0 logs; a rerun of run.name
     # continues the same tracker runs): tensorboard (<run>/tensorboard), mlflow, wandb (docs/training.md)
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=lambda: ["tensorboard"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 import warnings
 from contextlib import nullcontext
@@ -98,6 +99,17 @@ def configure_cuda(tf32: bool, cudnn_benchmark: bool) -> None:
     torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
+def configure_determinism(deterministic: bool) -> None:
+    """``run.deterministic``: only kernels that give the same result on every run (torch errors on an op
+    that has none), cuDNN's deterministic convolutions without its benchmark, and cuBLAS with a fixed
+    workspace (the variable is read when cuBLAS starts, so this runs before the first CUDA matmul)."""
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 def compiled(module: nn.Module, mode: str) -> nn.Module:
     """``module`` under torch.compile for ``run.compile`` (as is for ``off``). The result shares
     ``module``'s parameters; state dicts are taken from ``module`` (no ``_orig_mod.`` prefixes)."""
@@ -139,6 +151,8 @@ class TrainState:
     # at which it first reached train.max_nonfinite (-1: never); read once per log interval
     nonfinite_run: Optional[torch.Tensor] = None
     diverged_at: Optional[torch.Tensor] = None
+    # each rank's RNGs and data position for the next checkpoint (run_checkpoint.gather_rank_states, rank 0)
+    ranks: Optional[list] = None
 
     @property
     def g_eval(self) -> nn.Module:
@@ -151,11 +165,12 @@ def build_state(cfg: Config, device: torch.device, wrap=lambda m, has_bn: m) -> 
 
     ``wrap(module, has_batchnorm)`` turns a (compiled) network into what the updates run
     through (raysr.train passes DDP; tests pass the identity). On CUDA this also applies
-    ``run.tf32`` and ``run.cudnn_benchmark`` to the process.
+    ``run.tf32`` and ``run.cudnn_benchmark`` to the process, then ``run.deterministic`` on every device.
     """
     run = cfg.run
     if device.type == "cuda":
         configure_cuda(run.tf32, run.cudnn_benchmark)
+    configure_determinism(run.deterministic)
     layout = torch.channels_last if uses_bf16(device, run.precision) else torch.contiguous_format
     g_module = generator_from_config(cfg.model.generator).to(device)
     if cfg.train.init_from:

@@ -1,6 +1,7 @@
 """A training run's checkpoint: the folder ``<run>/checkpoint_NNNNNNNN/`` and what ``state.pt`` holds.
 
-    state.pt        {"step", "config", "g", "opt_g", "sched_g", "rng"[, "g_ema"][, "d", "opt_d", "sched_d"]}
+    state.pt        {"step", "config", "g", "opt_g", "sched_g", "ranks"[, "g_ema"][, "d", "opt_d", "sched_d"]}
+                    ranks: one :func:`rank_state` per training rank (its RNGs and data position)
     generator.pth   raysr's generator file (BasicSR's params / params_ema + the architecture)
     metrics.json    the metrics reported at that step, with the newest validation finished by then
                     (psnr, ssim, ... of the weights at step ``val_step``; the last checkpoint's is its own)
@@ -43,10 +44,11 @@ DIVERGED_FILE = "diverged.json"
 
 def state_dict(state) -> dict:
     """What ``state.pt`` holds for a training state: step, the run's config, G (+ EMA) and its
-    optimizer/schedule, D and its optimizer/schedule in the GAN phase, and every RNG."""
+    optimizer/schedule, D and its optimizer/schedule in the GAN phase, and each rank's
+    :func:`rank_state` (``state.ranks``, gathered by the training; without them this process's RNGs)."""
     out = {"step": state.step, "config": state.cfg.to_dict(),
            "g": state.g_module.state_dict(), "opt_g": state.opt_g.state_dict(),
-           "sched_g": state.sched_g.state_dict(), "rng": rng_state()}
+           "sched_g": state.sched_g.state_dict(), "ranks": state.ranks or [{"rng": rng_state()}]}
     if state.ema is not None:
         out["g_ema"] = state.ema.module.state_dict()
     if state.d_module is not None:
@@ -54,8 +56,11 @@ def state_dict(state) -> dict:
     return out
 
 
-def restore(state, saved: Mapping) -> None:
-    """Load a ``state.pt`` dict into a freshly built training state (same config), RNGs included.
+def restore(state, saved: Mapping, rank: int = 0, world_size: int = 1) -> dict | None:
+    """Load a ``state.pt`` dict into a freshly built training state (same config). When the checkpoint
+    was written by ``world_size`` ranks, rank ``rank``'s RNGs are restored too and its :func:`rank_state`
+    is returned (its data position: the caller continues from it); else (an elastic resize, a
+    checkpoint older than per-rank states) None: the caller reseeds and restarts its data stream.
 
     Raises ValueError when a GAN-phase state is given a PSNR-phase checkpoint.
     """
@@ -72,7 +77,38 @@ def restore(state, saved: Mapping) -> None:
         state.d_module.load_state_dict(saved["d"])
         state.opt_d.load_state_dict(saved["opt_d"])
         state.sched_d.load_state_dict(saved["sched_d"])
-    set_rng_state(saved["rng"])
+    ranks = saved.get("ranks")
+    if ranks is None or len(ranks) != world_size:
+        return None
+    set_rng_state(ranks[rank]["rng"])
+    return ranks[rank]
+
+
+def rank_state(data: dict | None = None, degradation=None) -> dict:
+    """One training rank's part of a checkpoint: its RNGs (:func:`rng_state`), its data stream's
+    position ``data`` (``raysr.data.TrainLoader.position()``: seed and batches consumed) and its
+    ``degradation``'s state (:class:`raysr.degradation.TrainingPairs`: the chain's generators and the
+    pair pool), when given."""
+    out = {"rng": rng_state()}
+    if data is not None:
+        out["data"] = dict(data)
+    if degradation is not None:
+        out["degradation"] = degradation.state_dict()
+    return out
+
+
+def gather_rank_states(device: torch.device, data: dict | None = None, degradation=None) -> list[dict] | None:
+    """Every rank's :func:`rank_state` (of ``data``, ``degradation``) on rank 0, in rank order (None on the
+    others); a collective: every rank of the process group calls it. Without a process group, ``[mine]``."""
+    mine = rank_state(data, degradation)
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    if torch.device(device).type == "cuda":  # NCCL sends the pickled objects from the current device
+        torch.cuda.set_device(device)
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, out, dst=0)
+    return out
 
 
 def rng_state() -> dict:

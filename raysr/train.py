@@ -254,8 +254,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch  # and ray.train
     import torch
 
-    from raysr.data.device_batches import DeviceBatches
-    from raysr.data.loader import resolve_lr_on
+    from raysr.data import DeviceBatches, resolve_lr_on
     from raysr.degradation import training_pairs
     from raysr.engine import build_state, ddp, train_step, weight_fingerprint
     from raysr.rank_zero import OtherRank, RankZero
@@ -276,26 +275,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = build_state(cfg, device, lambda module, has_bn: ddp(module, has_bn, world, device,
                                                                 static_graph=world == cfg.run.max_workers))
 
-    # ---- resume: from the latest checkpoint Ray registered (a restart, a resize, a rerun of run.name);
-    # torch is then reseeded and the data stream reshuffled from its step (not yet a bit-exact continuation)
-    checkpoint = ray.train.get_checkpoint()
+    # ---- resume: from the latest checkpoint Ray registered (a restart, a resize, a rerun of run.name). Same world
+    # size: each rank continues exactly (`mine`: its RNGs, data position, degradation state); else reseeded at step.
+    checkpoint, mine = ray.train.get_checkpoint(), {}
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            run_checkpoint.restore(state, run_checkpoint.read_state(d, map_location=device))
-    torch.manual_seed(cfg.run.seed + 1000 * rank + state.step)
+            mine = run_checkpoint.restore(state, run_checkpoint.read_state(d, map_location=device), rank, world) or {}
+    if not mine:
+        torch.manual_seed(cfg.run.seed + 1000 * rank + state.step)
     lr_on = resolve_lr_on(cfg.data.lr_on, device)
     loader = make_train_loader(
         cfg.data.train, gt_size=cfg.data.gt_size, scale=cfg.scale, batch_size=micro_batches * cfg.data.batch_size,
-        rank=rank, world_size=world, num_workers=cfg.data.num_workers, seed=cfg.run.seed + state.step,
-        crops_per_image=cfg.data.crops_per_image, lr_on=lr_on, degradation=cfg.realesrgan)
-    batches = DeviceBatches(loader, device, cfg.scale, lr_on, training_pairs(cfg, device, rank, state.step))
+        rank=rank, world_size=world, num_workers=cfg.data.num_workers, crops_per_image=cfg.data.crops_per_image,
+        lr_on=lr_on, degradation=cfg.realesrgan, **mine.get("data", {"seed": cfg.run.seed + state.step}))
+    batches = DeviceBatches(loader, device, cfg.scale, lr_on,
+                            training_pairs(cfg, device, rank, state.step, mine.get("degradation")))
     lead = RankZero(cfg, run_dir(cfg), device, state.perceptual) if rank == 0 else OtherRank()
     if checkpoint is not None:
         lead.say(f"raysr: resumed {cfg.run.name} at step {state.step} on {world} worker(s)"
                  + (f" (global batch {global_batch}: up to {micro_batches} micro-batches of {cfg.data.batch_size} "
                     "per worker)" if cfg.run.elastic else ""))
     meter, checkpoint_block_s, stop, stopping = Meter(), 0.0, StopCheck(rank, world), False
-    # S3: raysr's upload, which fails loudly; local folders: Ray's own copy
     upload = functools.partial(upload_checkpoint, ctx.get_storage()) if is_s3(cfg.run.storage) else None
 
     while state.step < cfg.train.total_steps and not stopping:
@@ -330,10 +330,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         # ---- checkpoint
         if do_ckpt:
-            # Written locally (rank 0), then uploaded in the background (and the local copy deleted):
-            # the ranks wait only for the local write. Ray registers a checkpoint once its upload is
-            # complete, and a failed upload fails the report, so a resume never picks a half-uploaded one.
+            # Every rank's RNGs and data position gathered, written locally by rank 0 (the ranks wait for that only),
+            # uploaded in the background (S3: by raysr, failing loudly), deleted; Ray registers it once uploaded.
             t_ckpt = time.perf_counter()
+            state.ranks = run_checkpoint.gather_rank_states(device, loader.position(), batches.degrade)
             ray.train.report(metrics, checkpoint=lead.checkpoint(state, metrics),
                              checkpoint_dir_name=f"checkpoint_{step:08d}",
                              checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,

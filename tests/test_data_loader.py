@@ -117,3 +117,44 @@ def test_bad_settings_are_explained(uneven, kwargs, message):
     args = {**dict(gt_size=32, scale=4, batch_size=4, num_workers=0), **kwargs}
     with pytest.raises(ValueError, match=message):
         make_train_loader(str(shards), **args)
+
+
+def _realesrgan_opts():
+    from raysr.config import load_config
+    return load_config(overrides=["data.degradation=realesrgan", "data.gt_size=32", "degradation.crop_pad_size=64",
+                                  "degradation.resize_range=[0.2, 1.5]"]).realesrgan
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("kind", ["bicubic", "realesrgan"])
+def test_a_loader_made_at_a_saved_position_continues_the_uninterrupted_stream(uneven, num_workers, kind):
+    """What a resume does: a loader that handed out 5 batches is stopped and a new one made at its position;
+    the next batches equal those of the same loader run on (shard order, crops, flips, shuffle buffer,
+    kernels), whichever DataLoader worker made them."""
+    shards, _ = uneven
+    args = dict(gt_size=32, scale=2, batch_size=3, rank=1, world_size=2, num_workers=num_workers, seed=7,
+                shuffle_buffer=5, batches_per_epoch=1000, degradation=_realesrgan_opts() if kind == "realesrgan" else None)
+
+    def take(loader, n):
+        batches = loader.host_batches()
+        return [next(batches) for _ in range(n)]
+
+    uninterrupted = make_train_loader(str(shards), **args)
+    interrupted = make_train_loader(str(shards), **args)
+    try:
+        expected = take(uninterrupted, 9)
+        before = take(interrupted, 5)
+        position = interrupted.position()
+        interrupted.close()  # the killed worker
+        assert position == {"seed": 7, "consumed": 5}
+        resumed = make_train_loader(str(shards), **{**args, **position})
+        after = take(resumed, 4)
+        assert resumed.position()["consumed"] == 9
+    finally:
+        for loader in (uninterrupted, interrupted):
+            loader.close()
+    for got, want in zip(before + after, expected):
+        assert torch.equal(got.hr, want.hr)
+        assert (got.lr is None and want.lr is None) or torch.equal(got.lr, want.lr)
+        assert (got.symmetries is None and want.symmetries is None) or torch.equal(got.symmetries, want.symmetries)
+    assert not torch.equal(expected[5].hr, expected[0].hr)  # the stream moved on

@@ -290,6 +290,29 @@ def test_training_pairs_give_usm_of_the_pooled_gt():
         torch.testing.assert_close(gt_usm, usm_sharp(gt))
 
 
+def test_training_pairs_saved_and_loaded_continue_as_the_uninterrupted_ones():
+    """A resumed rank's degradation: the chain's generators and the pool (stored as uint8 levels) from a
+    checkpoint, read back with weights_only, give the next pairs of the uninterrupted run bit for bit."""
+    import io
+
+    opts = DegradationConfig(pool_size=4)
+    batches = [_batch(3, 64, seed=i) for i in range(5)]
+    pairs = TrainingPairs(opts, 4, 32, "cpu", seed=0, jpeg=identity_jpeg)
+    for kernels, hr in batches[:2]:  # the pool is full (3 + 1 of 4) and has exchanged
+        pairs(kernels, hr)
+    buffer = io.BytesIO()
+    torch.save(pairs.state_dict(), buffer)
+    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    assert saved["pool"]["slots"][0].dtype == torch.uint8
+    expected = [pairs(kernels, hr) for kernels, hr in batches[2:]]
+
+    resumed = TrainingPairs(opts, 4, 32, "cpu", seed=99, jpeg=identity_jpeg)
+    resumed.load_state_dict(saved)
+    for (kernels, hr), want in zip(batches[2:], expected):
+        for got, wanted in zip(resumed(kernels, hr), want):
+            assert torch.equal(got, wanted)
+
+
 # --------------------------------------------------------------------------- training and the preview
 
 

@@ -3,6 +3,7 @@ and what keeps a GPU busy (no host reads in a step, compile, fused Adam, TF32, w
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -316,6 +317,27 @@ def test_configure_cuda_sets_tf32_and_cudnn_benchmark(cuda_settings_restored):
     configure_cuda(tf32=False, cudnn_benchmark=False)
     assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
             torch.backends.cudnn.benchmark) == ("ieee", "ieee", False)
+
+
+def test_run_deterministic_asks_torch_for_deterministic_kernels(cuda_settings_restored, monkeypatch):
+    """run.deterministic: torch's deterministic kernels (an error for an op without one), cuDNN's deterministic
+    convolutions without its benchmark, cuBLAS's fixed workspace; and two fresh runs give the same weights."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cfg = load_config("esrgan_psnr_x4", overrides=[*TINY_PSNR, "model.generator.num_grow_ch=4", "run.deterministic=true"])
+    runs = []
+    try:
+        for _ in range(2):
+            torch.manual_seed(0)
+            state = build_state(cfg, torch.device("cpu"))
+            assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+            assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+            for i in range(2):
+                train_step(state, *batch(i))
+            runs.append(params(state.g_module))
+        assert torch.equal(*runs)
+    finally:
+        build_state(load_config("esrgan_psnr_x4", overrides=TINY_PSNR), torch.device("cpu"))
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
 
 
 def test_lr_on_auto_makes_lr_in_the_loader_on_cpu_and_on_the_gpu_there():

@@ -278,7 +278,7 @@ def training_state(tmp_path, arch: str, ema_decay: float) -> tuple[str, dict]:
 @pytest.mark.parametrize("arch", sorted(TRAINING_GENERATORS))
 def test_training_state_loads_the_ema_generator(arch, tmp_path):
     path, sd = training_state(tmp_path, arch, ema_decay=0.9)
-    assert {"step", "config", "g", "g_ema", "opt_g", "sched_g", "rng"} <= set(sd)
+    assert {"step", "config", "g", "g_ema", "opt_g", "sched_g", "ranks"} <= set(sd)
     build = TRAINING_GENERATORS[arch][1]
     same_network(load_generator(path), randomized(build(), seed=2), size=(6, 7))
     same_network(load_generator(sd), randomized(build(), seed=2), size=(6, 7))  # an already-loaded dict

@@ -231,7 +231,7 @@ def test_comparison_png_is_bicubic_sr_hr_of_the_first_validation_photo(gan_run, 
 def test_state_pt_holds_the_whole_training_state(gan_run):
     state = gan_run.ckpt[4]["state"]
     assert state["step"] == 4
-    assert {"g", "g_ema", "d", "opt_g", "opt_d", "sched_g", "sched_d", "rng", "config"} <= state.keys()
+    assert {"g", "g_ema", "d", "opt_g", "opt_d", "sched_g", "sched_d", "ranks", "config"} <= state.keys()
     assert state["config"]["train"]["total_steps"] == 4
     assert adam_steps(state["opt_g"]) == {4} and adam_steps(state["opt_d"]) == {4}
     assert any(not torch.equal(state["g"][k], state["g_ema"][k]) for k in state["g"]), "EMA == G"
@@ -683,7 +683,9 @@ def test_local_ray_listens_on_loopback_only(ray_local):
 def test_a_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint(
         ray_local, demo_data, tmp_path):
     """Node loss, as Ray sees it: one training worker process dies (SIGKILL) right after checkpoint 2.
-    FailureConfig restarts the worker group from that checkpoint and the run still ends at step 4."""
+    FailureConfig restarts the worker group from that checkpoint and the run still ends at step 4, with
+    the weights of the same run uninterrupted, bit for bit (GAN phase, 2 workers: each rank's RNGs and
+    data position come back with the checkpoint)."""
     import ray.train
 
     record, killed = tmp_path / "reports.jsonl", tmp_path / "killed_pid"
@@ -713,3 +715,10 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoi
     state = torch.load(tmp_path / "runs" / "killed" / "checkpoint_00000004" / "state.pt", weights_only=True)
     assert state["step"] == 4
     assert state["opt_g"]["state"][0]["step"].item() == 4  # Adam saw 4 steps: none lost, none doubled
+    assert [r["data"]["consumed"] for r in state["ranks"]] == [4, 4]
+
+    overrides[overrides.index("run.name=killed")] = "run.name=uninterrupted"
+    assert fit(load_config(preset="esrgan_x4", overrides=overrides)) is not None
+    reference = torch.load(tmp_path / "runs" / "uninterrupted" / "checkpoint_00000004" / "state.pt", weights_only=True)
+    for part in ("g", "g_ema", "d"):
+        assert all(torch.equal(state[part][k], v) for k, v in reference[part].items()), part

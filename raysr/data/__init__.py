@@ -11,15 +11,17 @@
   members make a sample (:mod:`raysr.data.samples`).
 * :func:`make_train_loader` — a rank's endless batches; epochs, where their length
   is known, the same on every rank (:mod:`raysr.data.loader`);
-  :func:`make_lr` — LR from HR on any device.
+  :func:`make_lr` — LR from HR on any device; :class:`DeviceBatches` — those batches finished
+  on the training device (:mod:`raysr.data.device_batches`).
 """
 
-from raysr.data.loader import TrainLoader, epoch_batches, make_train_loader
+from raysr.data.device_batches import DeviceBatches
+from raysr.data.loader import TrainLoader, epoch_batches, make_train_loader, resolve_lr_on
 from raysr.data.manifest import Manifest, read_manifest
 from raysr.data.samples import check_train_shards
 from raysr.data.sources import ShardList, resolve_shards
 from raysr.data.stream import DataStats, iter_batches, iter_images, iter_pairs, make_lr
 
-__all__ = ["DataStats", "Manifest", "ShardList", "TrainLoader", "check_train_shards",
+__all__ = ["DataStats", "DeviceBatches", "Manifest", "ShardList", "TrainLoader", "check_train_shards",
            "epoch_batches", "iter_batches", "iter_images", "iter_pairs", "make_lr",
-           "make_train_loader", "read_manifest", "resolve_shards"]
+           "make_train_loader", "read_manifest", "resolve_lr_on", "resolve_shards"]

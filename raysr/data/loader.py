@@ -54,13 +54,15 @@ class _BatchStream(IterableDataset):
     """``(lr or empty, hr, symmetries or empty, counters)`` batches of one rank (a HostBatch's
     tensors, so the DataLoader pins and ships them); split further per DataLoader worker.
     With ``degradation`` (a ``raysr.config.DegradationConfig``): ``(kernels, GT regions, empty,
-    counters)`` from :func:`raysr.degradation.regions.iter_region_batches` instead."""
+    counters)`` from :func:`raysr.degradation.regions.iter_region_batches` instead. ``consumed``: batches
+    of this rank handed out before (a resumed run's), skipped: the stream continues after them."""
 
     def __init__(self, shard_list: ShardList, gt_size: int, scale: int, batch_size: int, seed: int, rank: int,
                  world_size: int, crops_per_image: int, shuffle_buffer: int, lr_here: bool, quantize: bool,
-                 degradation=None):
+                 degradation=None, consumed: int = 0):
         super().__init__()
         self.shard_list = shard_list
+        self.consumed = consumed
         self.degradation = degradation
         self.batch_args = dict(gt_size=gt_size, scale=scale, batch_size=batch_size, seed=seed, lr_here=lr_here,
                                quantize=quantize, crops_per_image=crops_per_image, shuffle_buffer=shuffle_buffer,
@@ -68,16 +70,22 @@ class _BatchStream(IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker = torch.tensor([info.id if info is not None else 0])
+        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = torch.tensor([worker_id])
+        # The DataLoader hands out its workers' batches round-robin (TrainLoader keeps that order across a
+        # restart), so of the rank's first ``consumed`` batches this worker made every num_workers-th: that
+        # many it draws again, unbuilt (a resume's fast-forward).
+        skip = len(range(worker_id, self.consumed, num_workers))
         stats = DataStats()
         empty = torch.empty(0)
         if self.degradation is not None:  # data.degradation=realesrgan: degraded on the training device
             from raysr.degradation.regions import iter_region_batches
             args = {k: v for k, v in self.batch_args.items() if k not in ("gt_size", "scale", "lr_here", "quantize")}
-            for kernels, regions, _ in iter_region_batches(self.shard_list, opts=self.degradation, stats=stats, **args):
+            for kernels, regions, _ in iter_region_batches(self.shard_list, opts=self.degradation, stats=stats,
+                                                           skip=skip, **args):
                 yield kernels, regions, empty, torch.cat([worker, stats.as_tensor()])
             return
-        for batch in iter_batches(self.shard_list, stats=stats, **self.batch_args):
+        for batch in iter_batches(self.shard_list, stats=stats, skip=skip, **self.batch_args):
             yield (batch.lr if batch.lr is not None else empty, batch.hr,
                    batch.symmetries if batch.symmetries is not None else empty,
                    torch.cat([worker, stats.as_tensor()]))
@@ -103,9 +111,14 @@ class TrainLoader:
         self.num_samples = num_samples
         self.lr_on = "loader" if dataset.batch_args["lr_here"] else "device"
         self.num_workers = num_workers
+        # Its own generator: starting the workers draws their base seed from it, not from torch's global
+        # RNG, which then stays the training's alone (a resumed run restarts the workers at another step).
         self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                  prefetch_factor=prefetch_factor if num_workers else None)
+                                  prefetch_factor=prefetch_factor if num_workers else None,
+                                  generator=torch.Generator().manual_seed(0))
         self._batches = None
+        self.consumed = dataset.consumed  # batches of this rank's stream handed out, a resume's included
+        self._early: dict[int, tuple] = {}  # DataLoader worker -> a batch that came before its turn
         self._worker_stats: dict[int, DataStats] = {}
 
     def __len__(self) -> int:
@@ -121,17 +134,34 @@ class TrainLoader:
     def host_batches(self) -> Iterator[HostBatch]:
         """The batches as the workers ship them (one epoch, as ``iter()``): finished with
         ``lr_on="loader"``, raw uint8 crops with their symmetries with ``lr_on="device"``."""
-        if self._batches is None:
+        if self._batches is None:  # new workers: they continue the stream after the batches handed out
+            self._loader.dataset.consumed = self.consumed
             self._batches = iter(self._loader)
         produced = 0
         while self.batches_per_epoch is None or produced < self.batches_per_epoch:
-            try:
-                lr, hr, symmetries, counters = next(self._batches)
-            except StopIteration:  # the stream is endless; ending means a worker died quietly
-                raise RuntimeError("the training data stream ended; see the worker logs above") from None
+            lr, hr, symmetries, counters = self._next_in_order()
             self._worker_stats[int(counters[0])] = DataStats.from_tensor(counters[1:])
             produced += 1
+            self.consumed += 1
             yield HostBatch(hr=hr, lr=lr if lr.numel() else None, symmetries=symmetries if symmetries.numel() else None)
+
+    def _next_in_order(self) -> tuple[torch.Tensor, ...]:
+        """The stream's next batch: the one DataLoader worker ``consumed % num_workers`` makes. The
+        DataLoader hands out batches from workers 0, 1, ... from its start, a resumed one's too, so
+        a batch that comes before its turn waits here (at most one per worker)."""
+        turn = self.consumed % max(self.num_workers, 1)
+        while turn not in self._early:
+            try:
+                batch = next(self._batches)
+            except StopIteration:  # the stream is endless; ending means a worker died quietly
+                raise RuntimeError("the training data stream ended; see the worker logs above") from None
+            self._early[int(batch[3][0])] = batch
+        return self._early.pop(turn)
+
+    def position(self) -> dict[str, int]:
+        """Where this rank's stream is: ``{"seed", "consumed"}`` (batches handed out so far);
+        ``make_train_loader(<the same arguments>, **position)`` continues from there."""
+        return {"seed": self._loader.dataset.batch_args["seed"], "consumed": self.consumed}
 
     def stats(self) -> dict[str, int]:
         """Counters of this rank so far, summed over its workers: ``samples`` (images
@@ -140,8 +170,9 @@ class TrainLoader:
         return sum(self._worker_stats.values(), DataStats()).as_dict()
 
     def close(self) -> None:
-        """Stop the DataLoader workers; iterating again starts new ones."""
-        batches, self._batches = self._batches, None
+        """Stop the DataLoader workers; iterating again starts new ones, which continue the stream
+        (re-drawing, unbuilt, what was handed out: a cost that grows with it)."""
+        batches, self._batches, self._early = self._batches, None, {}
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
@@ -163,7 +194,8 @@ def make_train_loader(shards, gt_size: int, scale: int, batch_size: int, rank: i
                       num_workers: int = 4, seed: int = 0, crops_per_image: int = 1,
                       batches_per_epoch: int | None = None, lr_on: str = "loader", *,
                       shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, quantize: bool = True,
-                      pin_memory: bool | None = None, prefetch_factor: int = 2, degradation=None) -> TrainLoader:
+                      pin_memory: bool | None = None, prefetch_factor: int = 2, degradation=None,
+                      consumed: int = 0) -> TrainLoader:
     """The (LR, HR) batches of rank ``rank`` of ``world_size`` (see :class:`TrainLoader`).
 
     shards: URL(s), brace pattern, directory or manifest (:func:`raysr.data.resolve_shards`).
@@ -177,7 +209,9 @@ def make_train_loader(shards, gt_size: int, scale: int, batch_size: int, rank: i
     pin_memory: default True when CUDA is available. degradation: a ``raysr.config.DegradationConfig``
     for ``data.degradation=realesrgan``: batches are then ``(kernels (B,3,21,21), GT regions
     (B,3,S,S))`` (in a HostBatch's ``lr`` and ``hr``) for :class:`raysr.degradation.TrainingPairs`.
-    Raises ValueError for
+    consumed: batches a loader with the same arguments handed out before (``TrainLoader.consumed``, saved
+    with a checkpoint): this one continues after them — a resume's fast-forward, which re-reads and
+    re-draws what they were made from but does not build them. Raises ValueError for
     invalid settings, StorageError for shards that cannot be found.
     """
     check_crop_args(gt_size, scale, crops_per_image, shuffle_buffer)
@@ -191,6 +225,7 @@ def make_train_loader(shards, gt_size: int, scale: int, batch_size: int, rank: i
     shard_list = as_shard_list(shards)
     batches = epoch_batches(shard_list.num_samples, crops_per_image, world_size, batch_size, batches_per_epoch)
     dataset = _BatchStream(shard_list, gt_size, scale, batch_size, seed, rank, world_size, crops_per_image,
-                           shuffle_buffer, lr_here=lr_on == "loader", quantize=quantize, degradation=degradation)
+                           shuffle_buffer, lr_here=lr_on == "loader", quantize=quantize, degradation=degradation,
+                           consumed=check_int("consumed", consumed, minimum=0))
     pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
     return TrainLoader(dataset, num_workers, batches, shard_list.num_samples, pin, prefetch_factor)

@@ -383,15 +383,29 @@ def host_batch(items: list[tuple[np.ndarray, int]], scale: int, lr_here: bool, q
 
 
 def iter_batches(shards, gt_size: int, scale: int, batch_size: int, seed: int = 0, *, lr_here: bool = True,
-                 quantize: bool = True, **crop_args) -> Iterator[HostBatch]:
+                 quantize: bool = True, skip: int = 0, **crop_args) -> Iterator[HostBatch]:
     """Batches (:class:`HostBatch`) of ``batch_size`` crops: finished, LR made here (``lr_here``), or raw
     for the device to finish (``batch.finish(device, scale)``). Other arguments as
-    :func:`iter_pairs`; a final partial batch of a finite stream is dropped."""
+    :func:`iter_pairs`; a final partial batch of a finite stream is dropped. ``skip``: the first
+    ``skip`` batches are drawn (decoded, cropped, shuffled: every RNG draw made) but not built or
+    yielded, so a resumed stream continues where one that yielded them would (:func:`skip_batches`)."""
     check_crop_args(gt_size, scale)
     batch_size = check_int("batch_size", batch_size)
+    for batch in skip_batches(iter_crops(shards, gt_size, seed, **crop_args), batch_size, skip):
+        yield host_batch(batch, scale, lr_here, quantize)
+
+
+def skip_batches(items: Iterator, batch_size: int, skip: int) -> Iterator[list]:
+    """Lists of ``batch_size`` consecutive ``items``, the first ``skip`` of them drawn and dropped
+    unbuilt (a resume's fast-forward: the drawing sets the stream's RNG and shuffle buffer, the
+    building — LR, float conversion — is the cost it saves); a final partial list is dropped."""
+    skip = check_int("skip", skip, minimum=0)
     batch = []
-    for item in iter_crops(shards, gt_size, seed, **crop_args):
+    for item in items:
         batch.append(item)
         if len(batch) == batch_size:
-            yield host_batch(batch, scale, lr_here, quantize)
+            if skip:
+                skip -= 1
+            else:
+                yield batch
             batch = []

@@ -322,10 +322,25 @@ class TrainingPairs:
         finally:
             torch.backends.cudnn.benchmark = benchmark
 
+    def state_dict(self) -> dict:
+        """The draws' positions (host and device generators) and the pool: what a resumed run restores
+        (:meth:`load_state_dict`) to degrade and mix the next batches as the uninterrupted run would."""
+        return {"rng": self.degrader.rng.bit_generator.state, "generator": self.degrader.generator.get_state(),
+                "pool": self.pool.state_dict()}
 
-def training_pairs(cfg, device: torch.device, rank: int, step: int) -> TrainingPairs | None:
+    def load_state_dict(self, saved: dict) -> None:
+        self.degrader.rng.bit_generator.state = saved["rng"]
+        self.degrader.generator.set_state(saved["generator"])
+        self.pool.load_state_dict(saved["pool"], self.degrader.device)
+
+
+def training_pairs(cfg, device: torch.device, rank: int, step: int, saved: dict | None = None) -> TrainingPairs | None:
     """The device side for a ``raysr.config.Config`` on one rank (None unless ``data.degradation`` is
-    realesrgan), seeded by ``run.seed``, the rank and the step a (resumed) run starts from."""
+    realesrgan): continuing from ``saved`` (its :meth:`TrainingPairs.state_dict` in a checkpoint), else
+    seeded by ``run.seed``, the rank and the step a (fresh or resized) run starts from."""
     if cfg.realesrgan is None:
         return None
-    return TrainingPairs(cfg.realesrgan, cfg.scale, cfg.data.gt_size, device, seed=cfg.run.seed + 1000 * rank + step)
+    pairs = TrainingPairs(cfg.realesrgan, cfg.scale, cfg.data.gt_size, device, seed=cfg.run.seed + 1000 * rank + step)
+    if saved is not None:
+        pairs.load_state_dict(saved)
+    return pairs

@@ -8,7 +8,8 @@ pool size: while it fills, each batch passes through unchanged and its pairs are
 full, ``min(batch, pool)`` randomly chosen positions of the batch trade places with as many
 randomly chosen slots (Real-ESRGAN's exchange of a shuffled queue's first ``b`` entries, where
 ``b <= pool``). Everything of one pair (LR, HR, any other per-sample tensor) moves as a unit.
-The pool lives on the device, is not checkpointed, and refills after a restart, as in Real-ESRGAN.
+The pool lives on the device; a run checkpoint holds it (:meth:`PairPool.state_dict`), so a resumed run
+mixes the pairs the uninterrupted one would (Real-ESRGAN's queue refills after a restart).
 """
 
 from __future__ import annotations
@@ -61,3 +62,22 @@ class PairPool:
             slot[chosen] = t[positions]
             out.append(mixed)
         return tuple(out)
+
+    def state_dict(self) -> dict:
+        """The pool on the CPU, as ``torch.load(weights_only=True)`` reads it: its generator's state, the
+        fill count and the slots, as uint8 where they hold 8-bit levels exactly (LR and GT pairs do: a
+        quarter of the bytes in the checkpoint), else as they are."""
+        slots = None if self.slots is None else [_as_levels(s) for s in self.slots]
+        return {"rng": self.rng.bit_generator.state, "filled": self.filled, "slots": slots}
+
+    def load_state_dict(self, saved: dict, device: torch.device) -> None:
+        self.rng.bit_generator.state = saved["rng"]
+        self.filled = int(saved["filled"])
+        self.slots = None if saved["slots"] is None else [
+            (s.to(device).float() / 255.0 if s.dtype == torch.uint8 else s.to(device)) for s in saved["slots"]]
+
+
+def _as_levels(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU as uint8 ``round(t·255)`` when that gives ``t`` back bit for bit, else as it is."""
+    levels = t.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    return levels.cpu() if t.dtype == torch.float32 and torch.equal(levels.float() / 255.0, t) else t.cpu()

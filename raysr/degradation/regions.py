@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from raysr.data.stream import DataStats, check_split_args, consumer_id, iter_images, shuffled
+from raysr.data.stream import DataStats, check_split_args, consumer_id, iter_images, shuffled, skip_batches
 from raysr.degradation.kernels import draw_kernels
 from raysr.ops.convert import to_tensor
 from raysr.util import check_int
@@ -61,15 +61,12 @@ def iter_regions(shards, opts, seed: int = 0, *, crops_per_image: int = 1, shuff
     yield from shuffled(samples(), shuffle_buffer, rng)
 
 
-def iter_region_batches(shards, batch_size: int, opts, seed: int = 0,
+def iter_region_batches(shards, batch_size: int, opts, seed: int = 0, skip: int = 0,
                         **region_args) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[dict]]]:
     """``(kernels (B,3,21,21) float32, hr (B,3,S,S) float32 in [0,1], params)`` batches of
-    :func:`iter_regions`; a final partial batch of a finite stream is dropped."""
+    :func:`iter_regions`; a final partial batch of a finite stream is dropped; the first ``skip``
+    drawn but not built (:func:`raysr.data.stream.skip_batches`)."""
     batch_size = check_int("batch_size", batch_size)
-    batch = []
-    for sample in iter_regions(shards, opts, seed, **region_args):
-        batch.append(sample)
-        if len(batch) == batch_size:
-            regions, kernels, params = zip(*batch)
-            batch = []
-            yield torch.from_numpy(np.stack(kernels)), to_tensor(list(regions)), list(params)
+    for batch in skip_batches(iter_regions(shards, opts, seed, **region_args), batch_size, skip):
+        regions, kernels, params = zip(*batch)
+        yield torch.from_numpy(np.stack(kernels)), to_tensor(list(regions)), list(params)
