@@ -5,7 +5,8 @@
 Run by tests/test_elastic.py in a subprocess of its own, so that its cluster (a head without
 CPUs, two 1-CPU nodes, all on 127.0.0.1, temp files in a private folder) never meets the test
 session's local Ray. The scenarios named run one after the other on the same cluster (each ends
-with two 1-CPU nodes again). Each writes ``OUT_DIR/MODE/reports.jsonl`` (every report: all ranks'
+with two 1-CPU nodes again); once one fails, the later ones are not run (their outcome says so) and
+the process exits at once, leaving its cluster to the caller to kill. Each writes ``OUT_DIR/MODE/reports.jsonl`` (every report: all ranks'
 metrics, the checkpoint, the time), ``OUT_DIR/MODE/events.json`` (when the node was removed and
 added, when the run started and ended), ``OUT_DIR/MODE/outcome.json`` ({"ok": whether the run
 succeeded[, "error": the scenario's traceback]}) and its run under ``OUT_DIR/MODE/runs``.
@@ -33,6 +34,7 @@ from pathlib import Path
 
 TOTAL_STEPS = 12
 CHECKPOINT_EVERY = 2
+RUN_TIMEOUT_S = 150  # how long a scenario waits for its run to end once the scenario has changed the nodes
 
 
 def overrides(mode: str, train: str, val: str, out: Path) -> list[str]:
@@ -112,14 +114,27 @@ def scenario(mode: str, cluster, out: Path, events: dict) -> None:
     cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     events["added"] = time.time()
     if mode == "elastic":
-        # Held until Ray's resource view has the new node's free CPU, which the controller reads
-        # when it next decides on a resize. Then every report of the group of 1 is slowed down
-        # (the controller can only resize between reports), so that on a busy machine the group
-        # cannot finish the run before the controller has grown it: the step count, not the
-        # time, is what the test checks.
+        # Held until Ray's resource view has the new node's free CPU and Ray's AutoscalingCoordinator,
+        # whose count of possible workers the controller reads when it next decides on a resize,
+        # has the node too. Then every report of the group of 1 is slowed down (the controller can
+        # only resize between reports), so that on a busy machine the group cannot finish the run
+        # before the controller has grown it: the step count, not the time, is what the test checks.
         wait_for_free_cpus(1)
+        refresh_reservations()
         (out / "hold.json").write_text(json.dumps({"world_size": 1, "pause_s": 2.0}))
         (out / "held").unlink()
+
+
+def refresh_reservations() -> None:
+    """Make the cluster's AutoscalingCoordinator (Ray's actor that tells an elastic Train controller how
+    many workers the cluster can hold) read the nodes now, with the added one. On its own it reads them
+    every 20 s, and a group of 1 slowed to 2 s a report would sometimes end its run before that: the
+    test would then see no growth for a reason that has nothing to do with raysr. Private API of Ray
+    2.60 (ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator)."""
+    import ray
+
+    coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    ray.get(coordinator.get_reserved_resources.remote("tests/chaos_run.py", recompute=True), timeout=60)
 
 
 def wait_for_free_cpus(cpus: float, timeout: float = 60) -> None:
@@ -166,7 +181,16 @@ def main(modes: str, train_dir: str, val: str, out_dir: str) -> int:
     # ray.init here first, for the same reason
     init_ray()
     try:
-        return max(run_scenario(mode, cluster, train_dir, val, Path(out_dir) / mode) for mode in modes.split(","))
+        for i, mode in enumerate(modes.split(",")):
+            if run_scenario(mode, cluster, train_dir, val, Path(out_dir) / mode) != 0:
+                # its run may still hold the cluster: the next scenario cannot run beside it
+                for later in modes.split(",")[i + 1:]:
+                    (Path(out_dir) / later).mkdir(parents=True, exist_ok=True)
+                    (Path(out_dir) / later / "outcome.json").write_text(json.dumps(
+                        {"error": f"not run: the {mode} scenario before it failed"}))
+                sys.stdout.flush()
+                os._exit(1)  # the caller kills the cluster (its processes name the private RAY_TMPDIR)
+        return 0
     finally:
         import ray
         ray.shutdown()
@@ -193,13 +217,22 @@ def run_scenario(mode: str, cluster, train_dir: str, val: str, out: Path) -> int
     thread.start()
     try:
         scenario(mode, cluster, out, events)
-    except Exception:  # said in this scenario's outcome; the next scenario still runs
+    except Exception:  # said in this scenario's outcome; main() runs no next scenario
         outcome["error"] = traceback.format_exc()
     else:
-        thread.join()
+        thread.join(timeout=RUN_TIMEOUT_S)
+        if thread.is_alive():
+            outcome["error"] = (f"the run did not end within {RUN_TIMEOUT_S} s of its last node change; its last "
+                                f"report: {last_report(out)}")
     (out / "events.json").write_text(json.dumps(events))
     (out / "outcome.json").write_text(json.dumps(outcome))
     return 0 if outcome.get("ok") else 1
+
+
+def last_report(out: Path) -> str:
+    reports = out / "reports.jsonl"
+    lines = reports.read_text().splitlines() if reports.exists() else []
+    return lines[-1] if lines else "none"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.slow  # Ray clusters of their own
 
 CHAOS_RUN = Path(__file__).with_name("chaos_run.py")
 TOTAL_STEPS, CHECKPOINT_EVERY, GLOBAL_BATCH = 12, 2, 4  # as chaos_run.py sets them: batch 2 x 2 workers
+SCENARIOS_TIMEOUT_S = 420  # both scenarios take about 3 minutes on 2 cores; under the suite's 600-s limit per test
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +41,38 @@ def chaos(demo, tmp_path_factory) -> dict:
     ray_tmp = tempfile.mkdtemp(prefix="rsx_", dir="/tmp")  # short: Ray's unix sockets live under it
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=os.pathsep.join([str(CHAOS_RUN.parents[1]), env.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(CHAOS_RUN), "fixed,elastic", *demo, str(out)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        done = subprocess.run([sys.executable, str(CHAOS_RUN), "fixed,elastic", *demo, str(out)], env=env,
-                              capture_output=True, text=True, timeout=600)
+        log = proc.communicate(timeout=SCENARIOS_TIMEOUT_S)[0]
+    except subprocess.TimeoutExpired:  # each scenario then says where it stopped (outcome.json), never a hang
+        kill_ray_under(proc, ray_tmp)
+        try:
+            log = proc.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            log = ""
+        log += f"\ntests/chaos_run.py did not end within {SCENARIOS_TIMEOUT_S} s: killed"
     finally:
+        kill_ray_under(proc, ray_tmp)  # whatever of its cluster outlived it
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    return {mode: (out / mode, (done.stdout + done.stderr)[-4000:]) for mode in ("fixed", "elastic")}
+    return {mode: (out / mode, log[-4000:]) for mode in ("fixed", "elastic")}
+
+
+def kill_ray_under(proc: subprocess.Popen, ray_tmp: str) -> None:
+    """SIGKILL the scenario's process group and every process of its cluster (their command lines name
+    its private RAY_TMPDIR), so that nothing of a failed scenario runs on beside the rest of the suite."""
+    for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                mine = ray_tmp.encode() in f.read()
+            if mine:
+                os.kill(int(pid), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def scenario(chaos: dict, mode: str) -> tuple[list[dict], dict, Path]:
