@@ -44,9 +44,11 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # moto knows AWS-managed IAM policies (the cluster guide attaches AmazonEC2FullAccess) only when
 # this is set before its IAM backend first loads, whichever test touches moto first.
 os.environ["MOTO_IAM_LOAD_MANAGED_POLICIES"] = "true"
-# Ray Train's controller polls its workers every 2 s by default: each report, restart and the end of
-# every test run would wait up to that long. Tests take the same code path at a 0.5 s poll.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train's controller polls its workers every 2 s by default, and a worker's next ray.train.report
+# waits until the last one was polled (a queue of one): each report, restart and the end of every test
+# run would wait up to that long. Tests take the same code path at a 0.1 s poll (a poll that takes
+# longer is awaited at the next one; only RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S marks a worker dead).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 # No test may download weights from outside: raysr.hub fetches nothing unless a test (serving
 # files on loopback) lifts this itself. Ray's workers inherit it too.
 os.environ["RAYSR_OFFLINE"] = "1"

@@ -76,43 +76,33 @@ def steps_of(reports: list[dict]) -> list[int]:
     return [r["metrics"][0]["step"] for r in reports]
 
 
-def test_shard_reads_survive_503s_resets_cut_bodies_and_slow_replies(ray_local, s3_data, s3_faults, tmp_path):
-    """The workers' shard GETs: three answered 503 SlowDown, two connections reset, two replies stalled
-    for 1 s, two bodies cut after 1 MiB. botocore retries the requests, raysr.storage resumes the cut bodies
-    with a Range request; no sample is skipped and the run ends at its exact step."""
-    faults = s3_faults.arm(Fault("slowdown", times=3, method="GET", path=".tar"),
-                           Fault("reset", times=2, method="GET", path=".tar"),
-                           Fault("delay", times=2, method="GET", path=".tar", seconds=1.0),
-                           Fault("cut_reply", times=2, method="GET", path=".tar", after_bytes=1 << 20))
-    overrides = tiny_gan_overrides(s3_data, str(tmp_path / "runs"), "shards") + [
-        "train.total_steps=3", "run.checkpoint_every=3", "run.val_every=3"]
-    t0 = time.monotonic()
-    result, reports = run(overrides, tmp_path / "reports.jsonl")
-    wall = time.monotonic() - t0
-
-    assert result.metrics["step"] == 3 and steps_of(reports) == [3]
-    assert all(m["skipped"] == 0 and m["samples"] > 0 for r in reports for m in r["metrics"])
-    assert [f.fired for f in faults] == [3, 2, 2, 2], "every fault really happened"
-    gets = s3_faults.count("GET", ".tar")
-    assert s3_faults.count("GET", ".tar", ranged=True) == 2  # each cut body resumed where it stopped
-    print(f"\nshard reads: {gets} GETs of .tar for 2 ranks ({gets - 2} retries or resumes), run {wall:.1f} s")
-
-
 @pytest.fixture(scope="module")
 def upload_run(ray_local, s3_data, tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(name="uploads", overrides=tiny_gan_overrides(s3_data, f"s3://{BUCKET}/runs", "uploads"),
                            tmp=tmp_path_factory.mktemp("uploads"))
 
 
-def test_checkpoint_uploads_are_retried_and_never_registered_half_written(upload_run, s3_faults):
-    """Ray's asynchronous upload of checkpoints 1-3 and of Ray's run state: three 503s in a row on one
-    file (one more than pyarrow's S3 default of 3 attempts would allow), two uploads cut after 4 kB,
+def test_shard_reads_and_checkpoint_uploads_survive_503s_resets_cut_bodies_and_stalls(upload_run, s3_faults):
+    """One run through a faulty S3, both ways.
+
+    Reads: the workers' shard GETs, three answered 503 SlowDown, two connections reset, two replies
+    stalled for 1 s, two bodies cut after 1 MiB. botocore retries the requests, raysr.storage resumes
+    the cut bodies with a Range request; no sample is skipped.
+
+    Writes: Ray's asynchronous upload of checkpoints 1-3 and of Ray's run state: three 503s in a row on
+    one file (one more than pyarrow's S3 default of 3 attempts would allow), two uploads cut after 4 kB,
     503s on another file and on writing the run state, two connections reset. raysr's storage
     filesystem retries each request up to 8 times, so no upload fails, no worker restarts (each step
     is reported once), and every registered checkpoint is complete and loads. (These files are small,
-    so each goes up in one PUT; tests/test_storage.py retries the start of a multipart upload.)"""
+    so each goes up in one PUT; tests/test_storage.py retries the start of a multipart upload.)
+
+    The run ends at its exact step."""
     ckpt = f"{upload_run.name}/checkpoint_{{:08d}}/"
     faults = s3_faults.arm(
+        Fault("slowdown", times=3, method="GET", path=".tar"),
+        Fault("reset", times=2, method="GET", path=".tar"),
+        Fault("delay", times=2, method="GET", path=".tar", seconds=1.0),
+        Fault("cut_reply", times=2, method="GET", path=".tar", after_bytes=1 << 20),
         Fault("slowdown", times=3, method="PUT", path=ckpt.format(1) + "state.pt"),
         Fault("cut_upload", times=2, method="PUT", path=ckpt.format(2) + "state.pt", after_bytes=4096),
         Fault("slowdown", times=2, method="PUT", path=ckpt.format(2) + "generator.pth"),
@@ -122,41 +112,20 @@ def test_checkpoint_uploads_are_retried_and_never_registered_half_written(upload
     result, reports = run(upload_run.overrides + ["train.total_steps=3"], upload_run.tmp / "first.jsonl")
     wall = time.monotonic() - t0
 
-    assert [f.fired for f in faults] == [3, 2, 2, 2, 2], "every fault really happened"
+    assert [f.fired for f in faults] == [3, 2, 2, 2, 3, 2, 2, 2, 2], "every fault really happened"
     assert result.metrics["step"] == 3
     assert steps_of(reports) == [1, 2, 3], "a step was reported twice: an upload failed and the workers restarted"
-    # the file hit by three 503s went up on the fourth try
+    # reads: no sample skipped, each cut body resumed where it stopped
+    assert all(m["skipped"] == 0 and m["samples"] > 0 for r in reports for m in r["metrics"])
+    gets = s3_faults.count("GET", ".tar")
+    assert s3_faults.count("GET", ".tar", ranged=True) == 2
+    # writes: the file hit by three 503s went up on the fourth try
     assert s3_faults.count("PUT", ckpt.format(1) + "state.pt") == 4
     assert registered_checkpoints(upload_run.name) == sorted(checkpoint_keys(BUCKET, upload_run.name)) == [1, 2, 3]
     for step in (1, 2, 3):
         assert_complete_and_loadable(upload_run.name, step)
-    print(f"\ncheckpoint uploads: {sum(f.fired for f in faults)} faulty requests retried, run {wall:.1f} s")
-
-
-def test_an_upload_that_fails_after_every_retry_restarts_the_workers_and_is_not_registered(
-        ray_local, s3_data, s3_faults, tmp_path, monkeypatch):
-    """Checkpoint 2's state.pt answered 503 as often as the storage filesystem tries (here 2, set in the
-    driver, pickled into the workers with the filesystem). pyarrow's copy_files would only log that and
-    let Ray register checkpoint 2 without its state.pt; raysr's upload raises, Ray restarts the workers
-    from checkpoint 1, and the run ends at step 3 with every registered checkpoint complete."""
-    monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 2)
-    name = "upload_fails"
-    state_2 = f"{name}/checkpoint_00000002/state.pt"
-    fault = s3_faults.arm(Fault("slowdown", times=2, method="PUT", path=state_2))[0]
-    overrides = tiny_gan_overrides(s3_data, f"s3://{BUCKET}/runs", name) + ["train.total_steps=3",
-                                                                            "run.max_failures=2"]
-    t0 = time.monotonic()
-    result, reports = run(overrides, tmp_path / "reports.jsonl")
-    wall = time.monotonic() - t0
-
-    assert fault.fired == 2
-    assert result.metrics["step"] == 3
-    assert registered_checkpoints(name) == [1, 2, 3]
-    for step in (1, 2, 3):
-        assert_complete_and_loadable(name, step)
-    assert s3_faults.count("PUT", state_2) == 3  # 2 tries that failed, then the restarted workers' upload
-    assert steps_of(reports) == [1, 2, 3], "the failed checkpoint's step must be reported once, after the restart"
-    print(f"\nfailed upload: restart and recovery in a {wall:.1f} s run")
+    print(f"\nshard reads: {gets} GETs of .tar for 2 ranks ({gets - 2} retries or resumes); checkpoint uploads: "
+          f"{sum(f.fired for f in faults[4:])} faulty requests retried; run {wall:.1f} s")
 
 
 def test_resume_through_a_faulty_endpoint_starts_at_the_last_checkpoint(upload_run, s3_faults):
@@ -181,13 +150,25 @@ def test_resume_through_a_faulty_endpoint_starts_at_the_last_checkpoint(upload_r
     print(f"\nresume: {sum(f.fired for f in faults)} faulty reads retried, run {wall:.1f} s")
 
 
-def test_a_worker_killed_during_a_checkpoint_upload_resumes_from_the_previous_checkpoint(
-        ray_local, s3_data, s3_faults, tmp_path):
-    """The upload of checkpoint 3's state.pt stalls in the proxy; meanwhile its other files land, and the
-    uploading worker process is SIGKILLed (found by the socket it is uploading on). Checkpoint 3 is then
-    half-written in the bucket but was never registered: Ray restarts the workers from checkpoint 2,
-    steps 3-4 are trained again, and the run ends at step 4 with every checkpoint complete."""
-    name = "killed_upload"
+def test_a_failed_upload_and_a_worker_killed_while_uploading_each_restart_from_the_previous_checkpoint(
+        ray_local, s3_data, s3_faults, tmp_path, monkeypatch):
+    """Two failures of one run's checkpoint uploads, each ending in a restart from the checkpoint before.
+
+    Checkpoint 2's state.pt is answered 503 as often as the storage filesystem tries (here 2, set in the
+    driver, pickled into the workers with the filesystem). pyarrow's copy_files would only log that and
+    let Ray register checkpoint 2 without its state.pt; raysr's upload raises, and Ray restarts the
+    workers from checkpoint 1.
+
+    Then the upload of checkpoint 3's state.pt stalls in the proxy; meanwhile its other files land, and
+    the uploading worker process is SIGKILLed (found by the socket it is uploading on). Checkpoint 3 is
+    then half-written in the bucket but was never registered: Ray restarts the workers from checkpoint
+    2, steps 3-4 are trained again.
+
+    The run ends at step 4, each step reported once, with every registered checkpoint complete."""
+    monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 2)
+    name = "upload_failures"
+    state_2 = f"{name}/checkpoint_00000002/state.pt"
+    fail = s3_faults.arm(Fault("slowdown", times=2, method="PUT", path=state_2))[0]
     stall = s3_faults.arm(Fault("delay", times=1, method="PUT", path=f"{name}/checkpoint_00000003/state.pt",
                                 seconds=20))[0]
     seen = {}
@@ -217,22 +198,27 @@ def test_a_worker_killed_during_a_checkpoint_upload_resumes_from_the_previous_ch
     killer = threading.Thread(target=kill_the_uploader, daemon=True)
     killer.start()
     overrides = tiny_gan_overrides(s3_data, f"s3://{BUCKET}/runs", name) + ["train.total_steps=4",
-                                                                            "run.max_failures=2"]
+                                                                            "run.max_failures=3"]
     t0 = time.monotonic()
     result, reports = run(overrides, tmp_path / "reports.jsonl")
     wall = time.monotonic() - t0
     killer.join(timeout=5)
 
+    # the failed upload: 2 tries that failed, then the restarted workers' upload
+    assert fail.fired == 2
+    assert s3_faults.count("PUT", state_2) == 3
+    # the killed uploader
     assert "pid" in seen, "the upload never stalled, or its process was not found, so no worker was killed"
     assert not os.path.exists(f"/proc/{seen['pid']}"), "the uploading worker survived SIGKILL"
     # At the kill, checkpoint 3 was in the bucket without its state.pt: half-written, and not complete.
     assert "state.pt" not in seen["files"] and seen["files"] and not seen["complete"], seen
-    # Ray never registered it, so the new workers resumed from checkpoint 2: steps 3 and 4 come once,
-    # after 1 and 2 (a restart from scratch would report 1 and 2 again).
+    # Ray registered neither, so each restart resumed from the checkpoint before: every step comes once,
+    # in order (a restart from scratch would report 1 and 2 again; a failed checkpoint's step is
+    # reported once, after its restart)
     assert steps_of(reports) == [1, 2, 3, 4]
     assert result.metrics["step"] == 4
     assert registered_checkpoints(name) == [1, 2, 3, 4]
     for step in (1, 2, 3, 4):
         assert_complete_and_loadable(name, step)
-    print(f"\nkilled upload: pid {seen['pid']} killed {seen['killed_at'] - t0:.1f} s into the run; "
+    print(f"\nfailed upload, then killed upload: pid {seen['pid']} killed {seen['killed_at'] - t0:.1f} s into the run; "
           f"files of checkpoint 3 then: {sorted(seen['files'])}; run {wall:.1f} s")
