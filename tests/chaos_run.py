@@ -5,11 +5,12 @@
 Run by tests/test_elastic.py in a subprocess of its own, so that its cluster (a head without
 CPUs, two 1-CPU nodes, all on 127.0.0.1, temp files in a private folder) never meets the test
 session's local Ray. The scenarios named run one after the other on the same cluster (each ends
-with two 1-CPU nodes again); once one fails, the later ones are not run (their outcome says so) and
-the process exits at once, leaving its cluster to the caller to kill. Each writes ``OUT_DIR/MODE/reports.jsonl`` (every report: all ranks'
-metrics, the checkpoint, the time), ``OUT_DIR/MODE/events.json`` (when the node was removed and
-added, when the run started and ended), ``OUT_DIR/MODE/outcome.json`` ({"ok": whether the run
-succeeded[, "error": the scenario's traceback]}) and its run under ``OUT_DIR/MODE/runs``.
+with two 1-CPU nodes again); once one fails, the later ones are not run (their outcome says so)
+and the process exits at once, leaving its cluster to the caller to kill. Each writes
+``OUT_DIR/MODE/reports.jsonl`` (every report: all ranks' metrics, the checkpoint, the time),
+``OUT_DIR/MODE/events.json`` (when the node was removed and added, when the run started and
+ended), ``OUT_DIR/MODE/outcome.json`` ({"ok": whether the run succeeded[, "error": the scenario's
+traceback]}) and its run under ``OUT_DIR/MODE/runs``.
 
 - fixed: ``run.num_workers=2``. Once the first checkpoint is registered, the node of one training
   worker is removed and a new node added; the group waits for 2 workers and resumes.
