@@ -20,12 +20,13 @@ import json
 import os
 import random
 from collections.abc import Mapping
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch import nn
 
-from raysr.config import GeneratorConfig
+from raysr.config import Config, GeneratorConfig
 from raysr.storage import exists, join, read_bytes, remove, write_bytes
 from raysr.models import GENERATORS, build_generator, generator_from_config, generator_name
 from raysr.weights import format_kwargs, generator_payload, is_state_dict, load_exact, sample_keys, \
@@ -180,6 +181,21 @@ def pop_divergence(run: str) -> dict | None:
     return record
 
 
+def divergence_message(cfg: Config, m: dict, checkpoint) -> str:
+    """What to say when train.max_nonfinite steps in a row had a NaN/inf loss or gradient
+    (``m``: the metrics of that interval; ``checkpoint``: the run's latest, or None): raysr.train prints it,
+    raysr.tune shows it in its table."""
+    losses = ", ".join(f"{k} {m[k]:.4g}" for k in ("loss_g", "loss_pix", "loss_percep", "loss_adv", "loss_d")
+                       if k in m)
+    last = f"the last checkpoint ({checkpoint.path})" if checkpoint is not None else \
+        "no checkpoint was written yet, and"
+    return (f"training diverged: {cfg.train.max_nonfinite} steps in a row had a NaN/inf loss or "
+            f"gradient, up to step {m['diverged_at']} (interval means: {losses or 'none'}). Those steps updated "
+            f"nothing and the run stopped, so {last} holds only finite weights: resume from it, or start a new "
+            "run.name from its generator.pth (train.init_from). Try a lower learning rate (optim.g.lr, optim.d.lr), "
+            "run.precision=fp32, or train.grad_clip")
+
+
 def is_complete(directory: str) -> bool:
     """Whether a checkpoint folder (local or s3://) holds the files that resuming and exporting read:
     state.pt, generator.pth, metrics.json (comparison.png only comes with validation steps).
@@ -189,6 +205,17 @@ def is_complete(directory: str) -> bool:
     a worker killed mid-upload leaves the folder with some of its files.
     """
     return all(exists(join(directory, name)) for name in (STATE_FILE, GENERATOR_FILE, METRICS_FILE))
+
+
+def finished(run: str, total_steps: int) -> SimpleNamespace | None:
+    """The run's complete checkpoint at ``total_steps`` (the run reached its last step) as Ray's Result
+    shows one (``.metrics``: its metrics.json, ``.checkpoint.path``: the folder), else None.
+    ``run``: the run folder, local or s3://."""
+    last = join(run, f"checkpoint_{total_steps:08d}")
+    if not is_complete(last):
+        return None
+    metrics = json.loads(read_bytes(join(last, METRICS_FILE)))
+    return SimpleNamespace(metrics=metrics, checkpoint=SimpleNamespace(path=last))
 
 
 def read_state(directory: str, map_location) -> dict:

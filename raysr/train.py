@@ -152,9 +152,8 @@ def fit_both_phases(psnr_cfg: Config, gan_cfg: Config):
     from its EMA generator; returns the last run's Result (PSNR's if Ctrl-C stopped it), None if one failed."""
     gan_cfg = prepare_demo_data(gan_cfg)  # both phases train on the same shards
     psnr_cfg = config_from_dict({**psnr_cfg.to_dict(), "data": gan_cfg.to_dict()["data"]})
-    last = join(run_dir(psnr_cfg), f"checkpoint_{psnr_cfg.train.total_steps:08d}")
-    generator = join(last, GENERATOR_FILE)
-    if run_checkpoint.is_complete(last):  # not a folder an interrupted upload left half-written
+    generator = join(run_dir(psnr_cfg), f"checkpoint_{psnr_cfg.train.total_steps:08d}", GENERATOR_FILE)
+    if run_checkpoint.finished(run_dir(psnr_cfg), psnr_cfg.train.total_steps) is not None:
         print(f"raysr: PSNR phase {psnr_cfg.run.name} is finished; the GAN phase starts from {generator}", flush=True)
     else:
         print(f"raysr: phase 1 of 2: PSNR phase {psnr_cfg.run.name} ({psnr_cfg.train.total_steps} steps), "
@@ -176,7 +175,13 @@ def run_dir(cfg: Config) -> str:
 
 
 def fit(cfg: Config, callbacks=()):
-    """Run (or resume) the training described by ``cfg``; returns Ray's Result, or None on failure."""
+    """Run (or resume) the training described by ``cfg``; returns Ray's Result, or None on failure. A rerun
+    of a run that reached ``train.total_steps`` starts no worker group: its last checkpoint answers."""
+    if (done := run_checkpoint.finished(run_dir(cfg), cfg.train.total_steps)) is not None:
+        print(f"raysr: run {cfg.run.name} reached its last step before: nothing to train (raise train.total_steps "
+              "to train on, or set another run.name for a new run)", flush=True)
+        summarize(cfg, done)
+        return done
     quiet_output(cfg.run.verbose)
     init_ray()
     if not cfg.run.verbose:
@@ -193,24 +198,10 @@ def fit(cfg: Config, callbacks=()):
         print(f"raysr: training failed: {err}", file=sys.stderr)
         return None
     if (diverged := run_checkpoint.pop_divergence(run_dir(cfg))) is not None:
-        print(f"raysr: error: {divergence_message(cfg, diverged, result.checkpoint)}", file=sys.stderr)
+        print(f"raysr: error: {run_checkpoint.divergence_message(cfg, diverged, result.checkpoint)}", file=sys.stderr)
         return None
     summarize(cfg, result)
     return result
-
-
-def divergence_message(cfg: Config, m: dict, checkpoint) -> str:
-    """What to say when train.max_nonfinite steps in a row had a NaN/inf loss or gradient
-    (``m``: the metrics of that interval; ``checkpoint``: the run's latest, or None); raysr.tune says it too."""
-    losses = ", ".join(f"{k} {m[k]:.4g}" for k in ("loss_g", "loss_pix", "loss_percep", "loss_adv", "loss_d")
-                       if k in m)
-    last = f"the last checkpoint ({checkpoint.path})" if checkpoint is not None else \
-        "no checkpoint was written yet, and"
-    return (f"training diverged: {cfg.train.max_nonfinite} steps in a row had a NaN/inf loss or "
-            f"gradient, up to step {m['diverged_at']} (interval means: {losses or 'none'}). Those steps updated "
-            f"nothing and the run stopped, so {last} holds only finite weights: resume from it, or start a new "
-            "run.name from its generator.pth (train.init_from). Try a lower learning rate (optim.g.lr, optim.d.lr), "
-            "run.precision=fp32, or train.grad_clip")
 
 
 def summarize(cfg: Config, result) -> None:

@@ -14,9 +14,11 @@ import socket
 import struct
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from raysr.config import ConfigError, load_config
@@ -285,23 +287,34 @@ def test_a_failing_tracker_is_reported_once_and_never_raises(clean_env, tmp_path
 # --------------------------------------------------------------------------- one real run (Ray)
 
 
-def test_a_train_run_logs_to_mlflow_and_wandb_and_its_rerun_continues_them(ray_local, demo_data, clean_env, tmp_path):
-    """``python -m raysr.train`` with both trackers on one worker, then the same command with more
-    steps: one MLflow run and one W&B run hold every report at its step, equal to the checkpoints'
-    metrics.json, and the validations at theirs."""
+def tracked_overrides(demo_data, storage) -> list[str]:
+    return ["model.generator.num_feat=8", "model.generator.num_block=1", "data.batch_size=2", "data.num_workers=0",
+            f"data.train={demo_data.train}", f"data.val={demo_data.val}", "run.validation=inline", "run.log_every=2",
+            "run.val_every=2", "run.checkpoint_every=2", f"run.storage={storage}", "run.name=tracked",
+            "run.trackers=[tensorboard, mlflow, wandb]", "run.wandb_mode=offline"]
+
+
+@pytest.fixture(scope="module")
+def tracked_run(ray_local, demo_data, tmp_path_factory) -> SimpleNamespace:
+    """``python -m raysr.train`` (the quickstart's PSNR phase, tiny, one worker) with both trackers for 4
+    steps, then the same command with 6: a resume at step 4. ``ids``: the tracker runs after the first."""
+    storage = tmp_path_factory.mktemp("tracked") / "runs"
+    argv = [arg for value in tracked_overrides(demo_data, storage) for arg in ("--set", value)]
+    with pytest.MonkeyPatch.context() as env:
+        for name in ENV:
+            env.delenv(name, raising=False)
+        assert main(argv + ["--set", "train.total_steps=4"]) == 0
+        ids = json.loads((storage / "tracked" / IDS_FILE).read_text())
+        assert main(argv + ["--set", "train.total_steps=6"]) == 0  # resumes at step 4
+    return SimpleNamespace(storage=storage, ids=ids)
+
+
+def test_a_train_run_logs_to_mlflow_and_wandb_and_its_rerun_continues_them(tracked_run):
+    """One MLflow run and one W&B run hold every report of both commands at its step, equal to the
+    checkpoints' metrics.json, and the validations at theirs."""
     from mlflow.tracking import MlflowClient
 
-    storage = tmp_path / "runs"
-    argv = []
-    for value in ["model.generator.num_feat=8", "model.generator.num_block=1", "data.batch_size=2",
-                  "data.num_workers=0", f"data.train={demo_data.train}", f"data.val={demo_data.val}",
-                  "run.validation=inline", "run.log_every=2", "run.val_every=2", "run.checkpoint_every=2",
-                  f"run.storage={storage}", "run.name=tracked", "run.trackers=[tensorboard, mlflow, wandb]",
-                  "run.wandb_mode=offline"]:
-        argv += ["--set", value]
-    assert main(argv + ["--set", "train.total_steps=4"]) == 0
-    ids = json.loads((storage / "tracked" / IDS_FILE).read_text())
-    assert main(argv + ["--set", "train.total_steps=6"]) == 0  # resumes at step 4
+    storage, ids = tracked_run.storage, tracked_run.ids
     assert json.loads((storage / "tracked" / IDS_FILE).read_text()) == ids
 
     saved = {s: json.loads((storage / "tracked" / f"checkpoint_{s:08d}" / "metrics.json").read_text())
@@ -326,3 +339,24 @@ def test_a_train_run_logs_to_mlflow_and_wandb_and_its_rerun_continues_them(ray_l
         [(s, pytest.approx(saved[s]["loss_g"])) for s in (2, 4, 6)]
     assert [(r["val_step"], r["psnr"]) for r in rows if "val_step" in r] == \
         [(s, pytest.approx(saved[s]["psnr"])) for s in (2, 4, 6)]
+
+
+def test_the_resumed_run_ends_with_the_weights_of_the_run_uninterrupted(tracked_run, demo_data):
+    """Resume continues the run on Ray, one worker, PSNR phase (tests/test_train.py checks two workers,
+    GAN phase): stopped at step 4 and resumed by the same command, it ends at step 6 with the weights and
+    optimizer state, bit for bit, of the same worker loop run to step 6 without a stop (rank 0 of 1, in
+    this process, as tests/test_resume.py runs it)."""
+    from test_resume import run_to, start
+
+    cfg = load_config(overrides=[*tracked_overrides(demo_data, tracked_run.storage), "train.total_steps=6"])
+    state, batches = start(cfg, None)
+    run_to(state, batches, 6)
+    batches.close()
+    saved = torch.load(tracked_run.storage / "tracked" / "checkpoint_00000006" / "state.pt", weights_only=True)
+    assert saved["step"] == 6
+    for key, value in state.g_module.state_dict().items():
+        assert torch.equal(saved["g"][key], value), key
+    adam = state.opt_g.state_dict()["state"]
+    for slot, moments in saved["opt_g"]["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(value, adam[slot][name]), f"opt_g {slot} {name}"

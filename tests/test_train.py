@@ -373,7 +373,7 @@ def test_one_command_runs_the_psnr_phase_then_the_gan_from_its_ema_generator(ray
     """``--preset esrgan_x4 --set train.init_from=psnr``: the PSNR phase (esrgan_psnr_x4 settings) runs
     as <name>_psnr, then the GAN phase starts from its EMA generator. With D warm-up over the whole
     GAN phase G never steps, so the GAN's G (and its EMA) must equal the PSNR run's EMA exactly.
-    Run again, the command reuses the finished PSNR phase and resumes the GAN phase."""
+    Run again, the command finds both phases finished and trains nothing."""
     storage = tmp_path / "runs"
     argv = ["--preset", "esrgan_x4"]
     for value in tiny_gan_overrides(demo_data, str(storage), "both") + [
@@ -404,7 +404,10 @@ def test_one_command_runs_the_psnr_phase_then_the_gan_from_its_ema_generator(ray
     assert main(argv) == 0
     again = capfd.readouterr().out
     assert "PSNR phase both_psnr is finished" in again and "phase 1 of 2" not in again
-    assert "finished both at step 2/2" in again
+    # the GAN phase reached its last step too: no worker group starts, its last checkpoint answers
+    assert "raysr: run both reached its last step before: nothing to train" in again
+    assert "finished both at step 2/2" in again and f"{gan_dir / 'generator.pth'}" in again
+    assert "raysr: run both ->" not in again  # the line fit() prints once it starts Ray Train
 
 
 # --------------------------------------------------------------------------- config errors: exit 2 before Ray

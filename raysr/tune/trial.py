@@ -13,7 +13,7 @@ from raysr import run_checkpoint
 from raysr.cli import say
 from raysr.config import Config, ConfigError
 from raysr.ray_setup import make_trainer
-from raysr.train import divergence_message, run_dir, train_loop_per_worker
+from raysr.train import run_dir, train_loop_per_worker
 from raysr.tune.report import DIVERGED_KEY, METRIC_MODES
 from raysr.tune.space import SearchSpace, label, trial_config
 
@@ -40,7 +40,7 @@ def run_trial(params: dict, base: dict, space: SearchSpace, runs_dir: str, metri
     diverged = run_checkpoint.pop_divergence(run_dir(cfg))
     if diverged is not None:
         tune.report({**{m: math.nan for m in (*METRIC_MODES, metric)}, "step": diverged["diverged_at"],
-                     DIVERGED_KEY: divergence_message(cfg, diverged, result.checkpoint)})
+                     DIVERGED_KEY: run_checkpoint.divergence_message(cfg, diverged, result.checkpoint)})
 
 
 class ValidationReport(TuneReportCallback):
