@@ -111,7 +111,7 @@ def test_training_goes_on_while_a_validator_scores_and_survives_being_killed(ray
     """1 worker + a 1-CPU validator: the ranks wait only for the weight copy at validation steps,
     each validation comes back at a later report and scores that step's weights, and a
     validator killed mid-validation is restarted by Ray and its validation redone."""
-    total, every = 150, 50
+    total, every = 60, 20
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=kill_validator_during_a_validation, args=(stop, killed), daemon=True)
     killer.start()
