@@ -88,6 +88,17 @@ def test_make_shards_lr_input_round_trip(paired_shards):
     assert max(box[3] for box in b_boxes) == 100  # the 101-px HR is cut to 100 = 25 LR px x 4
 
 
+def test_make_shards_lr_input_in_npy_keeps_the_pixels(tmp_path):
+    pairs = write_pairs(tmp_path / "hr", tmp_path / "lr", [("a.png", "a_LRBI_x4.png", (64, 48))])
+    make_shards([str(tmp_path / "hr")], str(tmp_path / "out"), crop_size=64, step=64, min_size=16, fmt="npy",
+                workers=1, progress=False, lr_input=str(tmp_path / "lr"), scale=SCALE)
+    members = dict(read_tar(next((tmp_path / "out").glob("*.tar"))))
+    assert sorted(members) == ["a_s001.hr.npy", "a_s001.json", "a_s001.lr.npy"]
+    lr, hr = pairs["a"]
+    np.testing.assert_array_equal(np.load(io.BytesIO(members["a_s001.hr.npy"])), hr)
+    np.testing.assert_array_equal(np.load(io.BytesIO(members["a_s001.lr.npy"])), lr)
+
+
 @pytest.mark.parametrize("lr_on", ["loader", "device"])
 def test_every_lr_crop_is_its_hr_crop_reduced_under_the_same_flip(paired_shards, lr_on):
     root, pairs, _ = paired_shards
