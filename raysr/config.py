@@ -75,8 +75,9 @@ class DataConfig:
     batch_size: int = 16  # per Ray worker
     num_workers: int = 4  # DataLoader processes per Ray worker
     crops_per_image: int = 1
-    # Where LR = bicubic(HR) is made: auto = on the GPU when training on one (the loader
-    # processes then only decode and crop), in the loader processes on CPU.
+    # Where LR = bicubic(HR) is made (paired: where both crops are flipped and made float): auto = on
+    # the GPU when training on one (the loader processes then only decode and crop), in the loader
+    # processes on CPU.
     lr_on: Literal["auto", "loader", "device"] = "auto"
     # How LR inputs are made: bicubic = exact MATLAB bicubic of the HR crop (SRGAN/ESRGAN);
     # realesrgan = Real-ESRGAN's second-order degradations, set by the degradation section;
