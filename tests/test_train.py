@@ -455,6 +455,24 @@ def test_config_errors_exit_2_with_one_message(capsys, no_cached_vgg, argv, mess
     assert err.startswith("raysr.train: error: ") and message in err and "Traceback" not in err
 
 
+def test_paired_training_on_hr_only_shards_exits_2_before_ray(capsys, tmp_path):
+    """data.degradation=paired on shards without LR members: the pre-Ray check names the shard, the sample's
+    problem and how to make pair shards."""
+    from conftest import synthetic_image
+
+    from raysr.data.make_shards import make_shards
+
+    (tmp_path / "hr").mkdir()
+    Image.fromarray(synthetic_image(64, 64)).save(tmp_path / "hr" / "a.png")
+    make_shards([str(tmp_path / "hr")], str(tmp_path / "shards"), crop_size=64, min_size=32, workers=1, progress=False)
+    code, out, err = run_main(capsys, ["--dry-run", "--set", "data.degradation=paired", "--set", "data.gt_size=32",
+                                       "--set", f"data.train={tmp_path / 'shards'}"])
+    assert code == 2 and out == ""
+    assert err.startswith(f"raysr.train: error: data.train: shard {tmp_path / 'shards' / 'train-000000.tar'} holds "
+                          "no LR/HR pair raysr can train on: 1 samples with 1 x .json, 1 x .png")
+    assert "a_s001: no LR member (KEY.lr.* or KEY.lq.*)" in err and "--lr-input LR_DIR --scale S" in err
+
+
 def test_missing_s3_data_exits_2_naming_the_path(capsys, s3_bucket):
     for url in (f"s3://{s3_bucket}/no/such/shards", "s3://raysr-no-such-bucket-4f1a/shards"):
         code, out, err = run_main(capsys, ["--set", f"data.train={url}"])

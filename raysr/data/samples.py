@@ -214,7 +214,8 @@ def check_train_shards(shards, min_size: int = 1, paired_scale: int | None = Non
         finally:
             stream.close()
         found = ", ".join(f"{n} x .{ext}" for ext, n in sorted(members.items())) or "no members"
-        raise ValueError(f"shard {url} holds no image raysr can train on: {samples} samples with {found} "
+        raise ValueError(f"shard {url} holds no {'image' if paired_scale is None else 'LR/HR pair'} raysr can train "
+                         f"on: {samples} samples with {found} "
                          f"(first: {first_problem}); {how_to_make}")
     raise ValueError(f"none of the {len(damaged)} shards checked is a readable tar file: {'; '.join(damaged)}; "
                      f"{how_to_make}")
