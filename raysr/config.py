@@ -75,12 +75,14 @@ class DataConfig:
     batch_size: int = 16  # per Ray worker
     num_workers: int = 4  # DataLoader processes per Ray worker
     crops_per_image: int = 1
-    # Where LR = bicubic(HR) is made: auto = on the GPU when training on one (the loader
-    # processes then only decode and crop), in the loader processes on CPU.
+    # Where LR = bicubic(HR) is made (paired: where both crops are flipped and made float): auto = on
+    # the GPU when training on one (the loader processes then only decode and crop), in the loader
+    # processes on CPU.
     lr_on: Literal["auto", "loader", "device"] = "auto"
     # How LR inputs are made: bicubic = exact MATLAB bicubic of the HR crop (SRGAN/ESRGAN);
-    # realesrgan = Real-ESRGAN's second-order degradations, set by the degradation section
-    degradation: Literal["bicubic", "realesrgan"] = "bicubic"
+    # realesrgan = Real-ESRGAN's second-order degradations, set by the degradation section;
+    # paired = none: the shards hold each sample's own LR (KEY.lr.png + KEY.hr.png, make_shards --lr-input)
+    degradation: Literal["bicubic", "realesrgan", "paired"] = "bicubic"
 
 
 @dataclass
@@ -283,6 +285,11 @@ class Config:
     def realesrgan(self) -> Optional[DegradationConfig]:
         """The ``degradation`` section when ``data.degradation`` is realesrgan, else None."""
         return self.degradation if self.data.degradation == "realesrgan" else None
+
+    @property
+    def paired(self) -> bool:
+        """Whether the training shards hold each sample's own LR (``data.degradation: paired``)."""
+        return self.data.degradation == "paired"
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -501,6 +508,11 @@ def check_config(cfg: Config) -> None:
     _check_validation(run)
     if data.degradation == "realesrgan":
         _check_degradation(cfg.degradation, data.gt_size, g.scale)
+    if data.degradation == "paired" and not data.train:
+        raise ConfigError("data.degradation: paired trains on shards of LR/HR pairs and data.train is not set (the "
+                          "demo shards hold HR images only); set data.train to shards made with python -m "
+                          "raysr.data.make_shards --input HR_DIR --lr-input LR_DIR --scale S, or use "
+                          "data.degradation=bicubic")
     if data.num_workers < 0:
         raise ConfigError(f"data.num_workers: {data.num_workers} must be >= 0 (0 loads in the training process)")
     if run.max_failures < -1:

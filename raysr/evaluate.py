@@ -8,7 +8,7 @@ Protocol (as BasicSR / the SRGAN, ESRGAN and VDSR papers):
 1. GT is cropped to a multiple of the scale ("GTmod").
 2. LR = MATLAB ``imresize(GT, 1/scale, 'bicubic')`` rounded to uint8, unless ``--lr``
    gives the LR files (matched to GT by file stem; ``baby``, ``babyx4``, ``baby_x4``
-   and ``baby_LRBI_x4`` all match ``baby``: :func:`raysr.validation.pairs.pairing_key`,
+   and ``baby_LRBI_x4`` all match ``baby``: :func:`raysr.data.pairing.pairing_key`,
    which training's ``data.val_lr`` pairs by too); their size must be GTmod / scale.
 3. SR = generator(LR), clamped and rounded to uint8.
 4. PSNR and SSIM (:mod:`raysr.metrics`) on the Y channel (BT.601, as MATLAB's
@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from raysr import storage
-from raysr.validation.pairs import index_by_key, mod_crop, pair_size_error
+from raysr.data.pairing import index_by_key, mod_crop, pair_size_error
 from raysr.images import DecodedImage, ImageError, list_images, probe_image, read_image, to_uint8_rgb, write_image
 from raysr.lpips import BACKBONE_FILES, LpipsFn, load_lpips
 from raysr.metrics import SSIM_WINDOW
@@ -77,7 +77,7 @@ class Sample:
 
 
 def _normalized_index(folder: str, scale: int, option: str) -> dict[str, str]:
-    """``{pairing key: file}`` of the images directly in ``folder`` (:func:`raysr.validation.pairs.pairing_key`,
+    """``{pairing key: file}`` of the images directly in ``folder`` (:func:`raysr.data.pairing.pairing_key`,
     the rule training's ``data.val_lr`` pairs by too)."""
     try:
         return index_by_key(list_images(folder, recursive=False)[0], folder, scale, option)

@@ -60,10 +60,11 @@ def preview_pairs(cfg: Config, count: int, device: torch.device):
                        resampled=True, rank=0, world_size=1)
     done = 0
     if cfg.realesrgan is None:
-        for batch in iter_batches(shards, cfg.data.gt_size, cfg.scale, batch_size, cfg.run.seed, **stream_args):
+        for batch in iter_batches(shards, cfg.data.gt_size, cfg.scale, batch_size, cfg.run.seed, paired=cfg.paired,
+                                  **stream_args):
             lr, hr = batch.lr, batch.hr  # finished in the loader (lr_here): what lr_on=device makes too
             for i in range(batch_size):
-                yield lr[i], hr[i], {"degradation": "bicubic"}
+                yield lr[i], hr[i], {"degradation": cfg.data.degradation}
                 done += 1
                 if done == count:
                     return

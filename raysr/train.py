@@ -92,7 +92,8 @@ def check_data_paths(cfg: Config) -> None:
     if cfg.data.train:
         try:
             urls = resolve_shards(cfg.data.train)
-            check_train_shards(urls, cfg.data.gt_size if cfg.realesrgan is None else 1)  # realesrgan pads small ones
+            check_train_shards(urls, cfg.data.gt_size if cfg.realesrgan is None else 1,  # realesrgan pads small ones
+                               paired_scale=cfg.scale if cfg.paired else None)
         except (StorageError, ValueError, OSError) as err:
             raise ConfigError(f"data.train: {err}") from err
         if not urls:
@@ -278,7 +279,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     loader = make_train_loader(
         cfg.data.train, gt_size=cfg.data.gt_size, scale=cfg.scale, batch_size=micro_batches * cfg.data.batch_size,
         rank=rank, world_size=world, num_workers=cfg.data.num_workers, crops_per_image=cfg.data.crops_per_image,
-        lr_on=lr_on, degradation=cfg.realesrgan, **mine.get("data", {"seed": cfg.run.seed + state.step}))
+        lr_on=lr_on, degradation=cfg.realesrgan, paired=cfg.paired,
+        **mine.get("data", {"seed": cfg.run.seed + state.step}))
     batches = DeviceBatches(loader, device, cfg.scale, lr_on,
                             training_pairs(cfg, device, rank, state.step, mine.get("degradation")))
     lead = RankZero(cfg, run_dir(cfg), device, state.perceptual) if rank == 0 else OtherRank()

@@ -48,7 +48,7 @@ IMAGE_TAG = re.compile(r"^rayproject/ray:(?P<version>\d+\.\d+\.\d+)-py3\d+-(?P<p
 COMMAND_WORDS = ("python", "python3", "ray", "aws", "kubectl")
 SHELL_OPERATORS = {"&&", "||", ";", "|", "&"}
 # Keys whose documented value is a path the dry-run checks; local ones are swapped for test files.
-PATH_KEYS = ("data.train", "data.val", "train.init_from", "loss.perceptual.weights_path")
+PATH_KEYS = ("data.train", "data.val", "data.val_lr", "train.init_from", "loss.perceptual.weights_path")
 
 
 # --------------------------------------------------------------------------- command lines in docs
@@ -513,7 +513,10 @@ def test_raysr_command_lines_parse_and_resolve(docs, s3_endpoint, photo_dir, tmp
     commands = raysr_commands(docs)
 
     def make_shards(argv: list[str], output: str, what: str) -> None:
-        rc = make_shards_main(argv + ["--input", str(photo_dir), "--output", output, "--workers", "1"])
+        pairs = []  # a documented --lr-input folder: the stand-in photos' LR images at the documented --scale
+        if "--lr-input" in argv:
+            pairs = ["--lr-input", str(lr_stand_ins(photo_dir, int(argv[argv.index("--scale") + 1])))]
+        rc = make_shards_main(argv + ["--input", str(photo_dir), "--output", output, "--workers", "1"] + pairs)
         assert rc == 0, f"{what} failed: {capsys.readouterr().err}"
         assert raysr.storage.exists(raysr.storage.join(output, "manifest.parquet"))
 
@@ -562,14 +565,26 @@ def s3_train_sources(argv: list[str]) -> list[str]:
     return [s for s in sources if isinstance(s, str) and s.startswith("s3://")]
 
 
+def lr_stand_ins(photo_dir: Path, scale: int) -> Path:
+    """The LR images (Pillow's bicubic ÷ ``scale``, same names) of the stand-in photos, in a folder beside them."""
+    folder = photo_dir.parent / f"photos_lr_x{scale}"
+    if not folder.is_dir():
+        folder.mkdir()
+        for path in sorted(photo_dir.glob("*.png")):
+            with Image.open(path) as photo:
+                photo.resize((photo.width // scale, photo.height // scale), Image.BICUBIC).save(folder / path.name)
+    return folder
+
+
 def local_stand_ins(tmp_path: Path, photo_dir: Path, make_shards) -> dict[str, str]:
-    """Test files for documented local paths (a user's /data/…): shards, images, a checkpoint, weights."""
+    """Test files for documented local paths (a user's /data/…): shards, images (and their x4 LR, the
+    presets' scale), a checkpoint, weights."""
     shards = tmp_path / "local_shards"
     make_shards([], str(shards), "local stand-in shards")
     checkpoint = tmp_path / "generator.pth"
     checkpoint.write_bytes(b"stand-in: the dry run checks that the file exists, not its contents")
-    return {"data.train": str(shards), "data.val": str(photo_dir), "train.init_from": str(checkpoint),
-            "loss.perceptual.weights_path": str(checkpoint)}
+    return {"data.train": str(shards), "data.val": str(photo_dir), "data.val_lr": str(lr_stand_ins(photo_dir, 4)),
+            "train.init_from": str(checkpoint), "loss.perceptual.weights_path": str(checkpoint)}
 
 
 def check_train_command(cmd: RaysrCommand, what: str, local: dict[str, str], train_main, capsys) -> None:

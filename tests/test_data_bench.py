@@ -102,3 +102,22 @@ def test_bench_compares_formats_on_the_same_photos_and_sizes_a_preset(tmp_path, 
         assert n == max(1, -(-result["gpu_crops_per_s"] // formats[fmt]["crops_per_s_per_core"]))
     assert any(line.startswith("preset srcnn_x4: srcnn psnr phase") for line in lines)
     assert any(line.startswith("npy.lz4 ") for line in lines)
+
+
+def test_bench_gives_the_kernel_draws_beside_the_decode_per_crop(tmp_path, capsys):
+    write_images(tmp_path / "in", [(96, 96)], seed=41)
+    make_shards([str(tmp_path / "in")], str(tmp_path / "shards"), crop_size=64, step=32, min_size=16, workers=1,
+                progress=False)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--shards", str(tmp_path / "shards"), "--gt-size", "32", "--batch-size", "2",
+                              "--batches", "2", "--baseline-crops", "2", "--shuffle-buffer", "2", "--crops-per-image",
+                              "2", "--degradation", "realesrgan", "--kernel-draws", "20", "--json"])
+    assert bench.run(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["degradation"] == "realesrgan" and result["kernels_ms_per_crop"] > 0
+    assert result["decode_ms_per_crop"] > 0
+    line = next(line for line in lines if line.startswith("data.degradation=realesrgan"))
+    assert f"blur kernels {result['kernels_ms_per_crop']:.2f} ms (20 draws)" in line
+    assert f"decode {result['decode_ms_per_crop']:.2f} ms (png)" in line

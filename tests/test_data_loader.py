@@ -125,15 +125,33 @@ def _realesrgan_opts():
                                   "degradation.resize_range=[0.2, 1.5]"]).realesrgan
 
 
+@pytest.fixture(scope="module")
+def uneven_pairs(uneven):
+    """The images of ``uneven`` with x2 LR images (Pillow's bicubic), as LR/HR pair shards."""
+    from PIL import Image
+
+    shards, _ = uneven
+    root = shards.parent
+    (root / "in_lr").mkdir()
+    for path in sorted((root / "in").glob("*.png")):
+        with Image.open(path) as hr:
+            hr.resize((hr.width // 2, hr.height // 2), Image.BICUBIC).save(root / "in_lr" / path.name)
+    make_shards([str(root / "in")], str(root / "pair_shards"), crop_size=48, step=48, min_size=16,
+                shard_size_mb=0.055, workers=1, progress=False, lr_input=str(root / "in_lr"), scale=2)
+    return root / "pair_shards"
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
-@pytest.mark.parametrize("kind", ["bicubic", "realesrgan"])
-def test_a_loader_made_at_a_saved_position_continues_the_uninterrupted_stream(uneven, num_workers, kind):
+@pytest.mark.parametrize("kind", ["bicubic", "realesrgan", "paired"])
+def test_a_loader_made_at_a_saved_position_continues_the_uninterrupted_stream(uneven, uneven_pairs, num_workers,
+                                                                              kind):
     """What a resume does: a loader that handed out 5 batches is stopped and a new one made at its position;
     the next batches equal those of the same loader run on (shard order, crops, flips, shuffle buffer,
-    kernels), whichever DataLoader worker made them."""
-    shards, _ = uneven
+    kernels, paired LR crops), whichever DataLoader worker made them."""
+    shards = uneven_pairs if kind == "paired" else uneven[0]
     args = dict(gt_size=32, scale=2, batch_size=3, rank=1, world_size=2, num_workers=num_workers, seed=7,
-                shuffle_buffer=5, batches_per_epoch=1000, degradation=_realesrgan_opts() if kind == "realesrgan" else None)
+                shuffle_buffer=5, batches_per_epoch=1000, degradation=_realesrgan_opts() if kind == "realesrgan" else None,
+                paired=kind == "paired")
 
     def take(loader, n):
         batches = loader.host_batches()
@@ -156,5 +174,6 @@ def test_a_loader_made_at_a_saved_position_continues_the_uninterrupted_stream(un
     for got, want in zip(before + after, expected):
         assert torch.equal(got.hr, want.hr)
         assert (got.lr is None and want.lr is None) or torch.equal(got.lr, want.lr)
+        assert kind != "paired" or got.lr.shape == (3, 3, 16, 16)  # the LR crops travel with the HR ones
         assert (got.symmetries is None and want.symmetries is None) or torch.equal(got.symmetries, want.symmetries)
     assert not torch.equal(expected[5].hr, expected[0].hr)  # the stream moved on

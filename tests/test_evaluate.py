@@ -15,7 +15,7 @@ from scipy.signal import correlate2d
 
 from raysr.generator_file import save_generator
 from raysr.evaluate import main
-from raysr.validation.pairs import dataset_key
+from raysr.data.pairing import dataset_key
 from raysr.lpips import load_lpips
 
 sys.path.insert(0, str(Path(__file__).parent))

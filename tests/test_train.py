@@ -295,28 +295,40 @@ def test_rerun_with_the_same_name_resumes_and_keeps_the_last_checkpoints(gan_run
                          "checkpoint 4 after resume")
 
 
-def test_an_x2_rrdbnet_run_validates_odd_sized_images(ray_local, demo_data, tmp_path, capsys):
+def test_an_x2_rrdbnet_run_on_paired_data_validates_odd_sized_images(ray_local, tmp_path, capsys):
     """RRDBNet x2 pixel-unshuffles its input, so an odd LR side needs padding: validation pads as
-    raysr.upscale does, and the run reports the PSNR raysr.evaluate gives its generator."""
+    raysr.upscale does, and the run reports the PSNR raysr.evaluate gives its generator on the same
+    real pairs (data.val_lr, evaluate --lr). It trains on LR/HR pair shards (data.degradation=paired,
+    make_shards --lr-input): the pre-Ray check and the worker's loader read the pairs."""
     from conftest import synthetic_image
 
+    from raysr.data.make_shards import make_shards
     from raysr.evaluate import main as evaluate_main
 
-    val = tmp_path / "val"
-    val.mkdir()
-    for i, (h, w) in enumerate([(70, 58), (66, 90)]):  # LR 35x29 and 33x45: odd sides
-        Image.fromarray(synthetic_image(h, w, seed=i)).save(val / f"odd{i}.png")
+    folders = {name: tmp_path / name for name in ("val", "val_lr", "train", "train_lr")}
+    for folder in folders.values():
+        folder.mkdir()
+    sizes = {"val": [(70, 58), (66, 90)], "train": [(96, 96), (64, 96)]}  # val LR 35x29 and 33x45: odd sides
+    for kind, shapes in sizes.items():
+        for i, (h, w) in enumerate(shapes):
+            hr = synthetic_image(h, w, seed=i + 10 * (kind == "train"))
+            Image.fromarray(hr).save(folders[kind] / f"odd{i}.png")
+            Image.fromarray(hr).resize((w // 2, h // 2), Image.BICUBIC).save(folders[f"{kind}_lr"] / f"odd{i}x2.png")
+    make_shards([str(folders["train"])], str(tmp_path / "shards"), crop_size=64, step=32, min_size=32, workers=1,
+                progress=False, lr_input=str(folders["train_lr"]), scale=2)
     argv = []
     for value in ["model.generator.name=rrdbnet", "model.generator.scale=2", "model.generator.num_feat=8",
                   "model.generator.num_block=1", "model.generator.num_grow_ch=4", "data.gt_size=32",
-                  "data.batch_size=2", "data.num_workers=0", f"data.train={demo_data.train}", f"data.val={val}",
+                  "data.batch_size=2", "data.num_workers=0", "data.degradation=paired", f"data.train={tmp_path / 'shards'}",
+                  f"data.val={folders['val']}", f"data.val_lr={folders['val_lr']}",
                   "train.total_steps=2", "run.val_every=2", "run.checkpoint_every=2", f"run.storage={tmp_path}",
                   "run.name=x2odd"]:
         argv += ["--set", value]
     assert main(argv) == 0
     metrics = json.loads((tmp_path / "x2odd" / "checkpoint_00000002" / "metrics.json").read_text())
     assert math.isfinite(metrics["psnr"]) and metrics["step"] == 2
-    assert evaluate_main(["--hr", str(val), "--scale", "2", "--json", str(tmp_path / "e.json"), "--device", "cpu",
+    assert evaluate_main(["--hr", str(folders["val"]), "--lr", str(folders["val_lr"]), "--scale", "2", "--json",
+                          str(tmp_path / "e.json"), "--device", "cpu",
                           "--model", str(tmp_path / "x2odd" / "checkpoint_00000002" / "generator.pth")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["mean"]["psnr_y"] == metrics["psnr"]
 
@@ -444,6 +456,24 @@ def test_config_errors_exit_2_with_one_message(capsys, no_cached_vgg, argv, mess
     assert code == 2
     assert out == ""
     assert err.startswith("raysr.train: error: ") and message in err and "Traceback" not in err
+
+
+def test_paired_training_on_hr_only_shards_exits_2_before_ray(capsys, tmp_path):
+    """data.degradation=paired on shards without LR members: the pre-Ray check names the shard, the sample's
+    problem and how to make pair shards."""
+    from conftest import synthetic_image
+
+    from raysr.data.make_shards import make_shards
+
+    (tmp_path / "hr").mkdir()
+    Image.fromarray(synthetic_image(64, 64)).save(tmp_path / "hr" / "a.png")
+    make_shards([str(tmp_path / "hr")], str(tmp_path / "shards"), crop_size=64, min_size=32, workers=1, progress=False)
+    code, out, err = run_main(capsys, ["--dry-run", "--set", "data.degradation=paired", "--set", "data.gt_size=32",
+                                       "--set", f"data.train={tmp_path / 'shards'}"])
+    assert code == 2 and out == ""
+    assert err.startswith(f"raysr.train: error: data.train: shard {tmp_path / 'shards' / 'train-000000.tar'} holds "
+                          "no LR/HR pair raysr can train on: 1 samples with 1 x .json, 1 x .png")
+    assert "a_s001: no LR member (KEY.lr.* or KEY.lq.*)" in err and "--lr-input LR_DIR --scale S" in err
 
 
 def test_missing_s3_data_exits_2_naming_the_path(capsys, s3_bucket):

@@ -17,7 +17,8 @@ from raysr.generator_file import save_generator
 from raysr.models import build_generator
 from raysr.ops.resize import imresize
 from raysr.scoring import bicubic_baseline, score_generator, validation_images, validation_lr_images
-from raysr.validation.pairs import load_validation, mod_crop
+from raysr.data.pairing import mod_crop
+from raysr.validation.pairs import load_validation
 from raysr.validation.validator import Validator
 from raysr.data.make_shards import make_shards
 from test_data_common import assert_lr_matches, to_uint8, write_images

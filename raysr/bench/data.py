@@ -3,6 +3,7 @@
     python -m raysr.bench data                                  # png vs npy vs npy.lz4 on the demo photos
     python -m raysr.bench data --preset esrgan_psnr_x4          # ... and that preset's loader processes per GPU
     python -m raysr.bench data --shards s3://bucket/hr --crops-per-image 8 --workers 0 --json
+    python -m raysr.bench data --degradation realesrgan --formats png  # ... and the kernel draws per crop
 
 Without ``--shards``: the same photos (``--photos``, default scikit-image's sample photos that
 the demo trains on) are cut into 480² sub-images (``--crop-size``/``--step``) once per format of
@@ -23,6 +24,13 @@ crops/s over the workers; ``crops_per_s`` is wall-clock. With ``--lr-on device``
 uint8 crops and their flips, and ``--device cuda`` finishes them there as a training rank does
 (flips, float, LR); on ``--device cpu`` that GPU work is left out. The first batch (worker start,
 shuffle-buffer fill) is timed separately as ``startup_s``.
+
+Beside the loader's speed it gives what one crop costs it per step, in CPU ms on one core: the
+decode of its sub-image (``decode_ms_per_crop``: raysr's decoder over the first shard's images,
+divided by the crops per image), and, with ``--degradation realesrgan`` (or a preset with
+``data.degradation: realesrgan``), the draw of the sample's three blur kernels the loader makes per
+crop (``kernels_ms_per_crop``: :func:`raysr.degradation.kernels.draw_kernels` with the preset's
+``degradation`` section, else Real-ESRGAN's defaults).
 
 ``--preset NAME`` takes the crop size, batch and crops per image from the preset and adds the
 sizing: the FLOPs of one training step per crop of the preset's network and phase (torch's
@@ -86,6 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device that finishes --lr-on device batches; "
                                                         "cpu: not timed (it is the GPU's work)")
     parser.add_argument("--baseline-crops", type=int, default=60, help="crops the baseline times (--shards)")
+    parser.add_argument("--degradation", choices=("bicubic", "realesrgan"), default=None,
+                        help="realesrgan: also time the blur kernels the loader draws per crop (default bicubic, "
+                             "or the preset's data.degradation)")
+    parser.add_argument("--kernel-draws", type=int, default=500, help="kernel draws timed with --degradation realesrgan")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
 
@@ -118,6 +130,30 @@ def measure_baseline(encoded: list[tuple[str, bytes]], gt_size: int, scale: int,
         hr = image[top:top + gt_size, left:left + gt_size].transpose(2, 0, 1).astype(np.float64) / 255.0
         numpy_imresize(hr, 1.0 / scale)
     return crops / (time.perf_counter() - start)
+
+
+def cpu_ms_per_call(calls) -> float:
+    """CPU ms per call of the zero-argument functions ``calls``, run in turn (this process, one thread)."""
+    start = time.process_time()
+    for call in calls:
+        call()
+    return 1e3 * (time.process_time() - start) / len(calls)
+
+
+def measure_decode(encoded: list[tuple[str, bytes]], rounds: int = 3) -> float:
+    """CPU ms to decode one sub-image with raysr's decoder (:func:`raysr.data.decode.decode_member`), the
+    mean over ``rounds`` passes over ``encoded``."""
+    return cpu_ms_per_call([lambda ext=ext, data=data: decode_member(ext, data) for ext, data in encoded] * rounds)
+
+
+def measure_kernels(opts, draws: int, seed: int) -> float:
+    """CPU ms of one sample's three blur kernels (:func:`raysr.degradation.kernels.draw_kernels` with the
+    ``raysr.config.DegradationConfig`` ``opts``), the mean over ``draws`` draws: what the loader adds per
+    crop with ``data.degradation: realesrgan``."""
+    from raysr.degradation.kernels import draw_kernels
+
+    rng = np.random.default_rng(seed)
+    return cpu_ms_per_call([lambda: draw_kernels(rng, opts)] * draws)
 
 
 def measure_pipeline(args: argparse.Namespace, shard_list) -> dict:
@@ -175,12 +211,15 @@ def measure_formats(args: argparse.Namespace) -> dict[str, dict]:
         for _ in range(args.rounds):
             for fmt in args.formats:
                 rounds[fmt].append(measure_pipeline(args, resolve_shards(built[fmt]["shards"])))
+        decode_ms = {fmt: measure_decode(_encoded_images(resolve_shards(built[fmt]["shards"]), 8))
+                     for fmt in args.formats}
     results = {}
     for fmt in args.formats:
         runs = rounds[fmt]
         results[fmt] = {key: statistics.median(r[key] for r in runs)
                         for key in ("crops_per_s", "crops_per_s_per_core", "startup_s")}
         results[fmt].update(per_core_rounds=[r["crops_per_s_per_core"] for r in runs],
+                            decode_ms_per_crop=decode_ms[fmt] / args.crops_per_image,
                             bytes_per_sample=built[fmt]["shard_bytes"] / built[fmt]["samples"],
                             samples=built[fmt]["samples"], skipped=sum(r["skipped"] for r in runs))
     reference = results.get("png") or results[args.formats[0]]
@@ -224,7 +263,7 @@ def loader_processes(gpu_crops_per_s: float, per_core: float) -> int:
 def _check_args(args: argparse.Namespace) -> str:
     """What is wrong with the command line, or ""."""
     problem = below_one(args, ("gt_size", "scale", "batch_size", "batches", "baseline_crops", "crops_per_image",
-                               "rounds", "crop_size", "step"))
+                               "rounds", "crop_size", "step", "kernel_draws"))
     if problem:
         return problem
     if args.workers < 0:
@@ -244,10 +283,16 @@ def _check_args(args: argparse.Namespace) -> str:
 
 def _fill_defaults(args: argparse.Namespace) -> None:
     """Sizes from the preset where one is named, else the defaults; formats where none are given."""
-    preset = None
+    preset, args.degradation_opts = None, None
     if args.preset is not None:
         from raysr.config import load_config
-        preset = load_config(preset=args.preset).data
+        cfg = load_config(preset=args.preset)
+        preset = cfg.data
+        args.degradation = args.degradation or cfg.data.degradation
+        args.degradation_opts = cfg.degradation
+    if args.degradation == "realesrgan" and args.degradation_opts is None:
+        from raysr.config import DegradationConfig
+        args.degradation_opts = DegradationConfig()
     for name, default, from_preset in (("gt_size", 128, "gt_size"), ("batch_size", 16, "batch_size"),
                                        ("crops_per_image", 1 if args.shards else 8, "crops_per_image")):
         if getattr(args, name) is None:
@@ -270,6 +315,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # per-core figures: this process uses one core, as each loader worker does
     result = {"bench": "data", "gt_size": args.gt_size, "scale": args.scale, "batch_size": args.batch_size,
               "crops_per_image": args.crops_per_image, "lr_on": args.lr_on, "workers": args.workers,
+              "degradation": args.degradation or "bicubic",
               "batches": args.batches, "command": "python -m raysr.bench " + " ".join(getattr(args, "argv", []) or ["data"])}
     try:
         if args.shards is not None:
@@ -282,6 +328,14 @@ def run(args: argparse.Namespace) -> int:
             per_core = {fmt: r["crops_per_s_per_core"] for fmt, r in formats.items()}
     except (ValueError, storage.StorageError) as err:
         return error("data", str(err))
+    if args.degradation == "realesrgan":
+        result["kernels_ms_per_crop"] = measure_kernels(args.degradation_opts, args.kernel_draws, args.seed)
+        decode = ({fmt: r["decode_ms_per_crop"] for fmt, r in result["formats"].items()} if "formats" in result
+                  else {result["format"] or "shards": result["decode_ms_per_crop"]})
+        print(f"data.degradation=realesrgan, loader side per crop (CPU ms, one core): blur kernels "
+              f"{result['kernels_ms_per_crop']:.2f} ms ({args.kernel_draws} draws) beside the decode "
+              + ", ".join(f"{ms:.2f} ms ({fmt})" for fmt, ms in decode.items())
+              + f" ({args.crops_per_image} crop(s) per sub-image)")
     if args.preset is not None:
         flops, counted = preset_flops_per_crop(args.preset)
         gpu = GPU_MFU * H100_TFLOPS * 1e12 / flops
@@ -301,8 +355,9 @@ def run(args: argparse.Namespace) -> int:
 def measure_shards(args: argparse.Namespace) -> dict:
     """``--shards``: the pipeline on those shards beside the BasicSR-style baseline."""
     shard_list = resolve_shards(args.shards)
-    baseline = measure_baseline(_encoded_images(shard_list, 8), args.gt_size, args.scale, args.baseline_crops,
-                                args.seed)
+    encoded = _encoded_images(shard_list, 8)
+    baseline = measure_baseline(encoded, args.gt_size, args.scale, args.baseline_crops, args.seed)
+    decode_ms_per_crop = measure_decode(encoded) / args.crops_per_image
     ours = measure_pipeline(args, shard_list)
     cores = max(1, args.workers)
     speedup = ours["crops_per_s_per_core"] / baseline
@@ -313,7 +368,7 @@ def measure_shards(args: argparse.Namespace) -> dict:
           f"startup {ours['startup_s']:.1f} s; {ours['samples']} samples, {ours['skipped']} skipped")
     print(f"BasicSR-style baseline (PIL decode, crop, numpy imresize; 1 core): {baseline:.1f} crops/s")
     print(f"speed-up per core: {speedup:.1f}x")
-    return {**ours, "baseline_crops_per_s": baseline, "speedup_per_core": speedup, "shards": len(shard_list),
+    return {**ours, "decode_ms_per_crop": decode_ms_per_crop, "baseline_crops_per_s": baseline, "speedup_per_core": speedup, "shards": len(shard_list),
             "dataset_samples": shard_list.num_samples, "format": shard_list.format}
 
 
@@ -326,9 +381,9 @@ def print_formats(args: argparse.Namespace, formats: dict[str, dict]) -> None:
           f"{'the loader' if args.lr_on == 'loader' else args.device if args.device != 'cpu' else 'the device (not timed)'}"
           f"; median of {args.rounds} rounds")
     print(f"{'format':<9} {'KB/sub-image':>12} {'bytes vs ' + vs:>13} {'crops/s per core':>17} {'speed vs ' + vs:>13} "
-          f"{'wall crops/s':>13}")
+          f"{'wall crops/s':>13} {'decode ms/crop':>15}")
     for fmt, r in formats.items():
         speed = r.get("speed_vs_png", r.get("speed_vs_first"))
         size = r.get("bytes_vs_png", r.get("bytes_vs_first"))
         print(f"{fmt:<9} {r['bytes_per_sample'] / 1e3:>12.0f} {size:>12.2f}x {r['crops_per_s_per_core']:>17,.0f} "
-              f"{speed:>12.2f}x {r['crops_per_s']:>13,.0f}")
+              f"{speed:>12.2f}x {r['crops_per_s']:>13,.0f} {r['decode_ms_per_crop']:>15.3f}")

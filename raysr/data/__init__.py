@@ -1,13 +1,14 @@
 """The data path: HR photos -> tar shards -> per-rank (LR, HR) batches. Never imports ray.
 
-* ``python -m raysr.data.make_shards`` — sub-image shards + manifest.parquet
-  (:mod:`raysr.data.make_shards`).
+* ``python -m raysr.data.make_shards`` — sub-image shards + manifest.parquet, of HR images or of
+  LR/HR pairs (``--lr-input``) (:mod:`raysr.data.make_shards`); the pairing rule is
+  :mod:`raysr.data.pairing`.
 * :func:`resolve_shards` — URL lists, brace patterns, directories, manifests;
   local or s3:// (:mod:`raysr.data.sources`).
 * :func:`read_manifest` — the ``manifest.parquet`` table (:mod:`raysr.data.manifest`).
 * :func:`iter_pairs` — ``(lr, hr)`` pairs in this process, to look at the data;
   :func:`iter_images` — the decoded HR samples (:mod:`raysr.data.stream`).
-* :func:`check_train_shards` — fail fast on shards with no usable image; what
+* :func:`check_train_shards` — fail fast on shards with no usable image (or LR/HR pair); what
   members make a sample (:mod:`raysr.data.samples`).
 * :func:`make_train_loader` — a rank's endless batches; epochs, where their length
   is known, the same on every rank (:mod:`raysr.data.loader`);

@@ -6,6 +6,8 @@ share of the shards (rank, then worker) and ships whole batches
 once per batch (one batched matmul) in the worker; with ``lr_on="device"`` raw, the
 uint8 crops and their flip/rot90 symmetries, which the training device finishes
 (:class:`raysr.data.device_batches.DeviceBatches`), so the workers only slice and batch.
+With ``paired`` (``data.degradation: paired``) the LR is the sample's own, cropped with the
+HR and shipped with it (finished or raw alike).
 
 The stream is resampled and never ends, on every rank: each consumer walks an
 endless sequence of shard positions (:func:`raysr.data.stream.shard_order`),
@@ -59,14 +61,14 @@ class _BatchStream(IterableDataset):
 
     def __init__(self, shard_list: ShardList, gt_size: int, scale: int, batch_size: int, seed: int, rank: int,
                  world_size: int, crops_per_image: int, shuffle_buffer: int, lr_here: bool, quantize: bool,
-                 degradation=None, consumed: int = 0):
+                 degradation=None, consumed: int = 0, paired: bool = False):
         super().__init__()
         self.shard_list = shard_list
         self.consumed = consumed
         self.degradation = degradation
         self.batch_args = dict(gt_size=gt_size, scale=scale, batch_size=batch_size, seed=seed, lr_here=lr_here,
                                quantize=quantize, crops_per_image=crops_per_image, shuffle_buffer=shuffle_buffer,
-                               rank=rank, world_size=world_size, resampled=True)
+                               rank=rank, world_size=world_size, resampled=True, paired=paired)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -80,7 +82,8 @@ class _BatchStream(IterableDataset):
         empty = torch.empty(0)
         if self.degradation is not None:  # data.degradation=realesrgan: degraded on the training device
             from raysr.degradation.regions import iter_region_batches
-            args = {k: v for k, v in self.batch_args.items() if k not in ("gt_size", "scale", "lr_here", "quantize")}
+            args = {k: v for k, v in self.batch_args.items()
+                    if k not in ("gt_size", "scale", "lr_here", "quantize", "paired")}
             for kernels, regions, _ in iter_region_batches(self.shard_list, opts=self.degradation, stats=stats,
                                                            skip=skip, **args):
                 yield kernels, regions, empty, torch.cat([worker, stats.as_tensor()])
@@ -97,7 +100,8 @@ class TrainLoader:
     Iterating yields ``(lr, hr)``: hr ``(B,3,H,W)`` float32 in [0,1] and lr
     ``(B,3,H/scale,W/scale)`` on 8-bit levels, on the CPU (pinned when
     ``pin_memory``); with ``lr_on="device"`` lr is None (call :func:`raysr.data.make_lr`
-    on the device batch) and hr is finished from the shipped uint8 crops in this process;
+    on the device batch; paired: the shipped LR crops, finished like hr) and hr is finished
+    from the shipped uint8 crops in this process;
     :meth:`host_batches` yields the batches as shipped, for the device to finish
     (:meth:`raysr.data.stream.HostBatch.finish`, as DeviceBatches does). Each ``iter()`` continues
     the same endless stream (no worker restart per epoch). ``num_samples``: the
@@ -129,7 +133,7 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
         for batch in self.host_batches():
-            yield batch.lr, batch.float_hr()
+            yield batch.float_lr(), batch.float_hr()
 
     def host_batches(self) -> Iterator[HostBatch]:
         """The batches as the workers ship them (one epoch, as ``iter()``): finished with
@@ -195,7 +199,7 @@ def make_train_loader(shards, gt_size: int, scale: int, batch_size: int, rank: i
                       batches_per_epoch: int | None = None, lr_on: str = "loader", *,
                       shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, quantize: bool = True,
                       pin_memory: bool | None = None, prefetch_factor: int = 2, degradation=None,
-                      consumed: int = 0) -> TrainLoader:
+                      consumed: int = 0, paired: bool = False) -> TrainLoader:
     """The (LR, HR) batches of rank ``rank`` of ``world_size`` (see :class:`TrainLoader`).
 
     shards: URL(s), brace pattern, directory or manifest (:func:`raysr.data.resolve_shards`).
@@ -211,7 +215,10 @@ def make_train_loader(shards, gt_size: int, scale: int, batch_size: int, rank: i
     (B,3,S,S))`` (in a HostBatch's ``lr`` and ``hr``) for :class:`raysr.degradation.TrainingPairs`.
     consumed: batches a loader with the same arguments handed out before (``TrainLoader.consumed``, saved
     with a checkpoint): this one continues after them — a resume's fast-forward, which re-reads and
-    re-draws what they were made from but does not build them. Raises ValueError for
+    re-draws what they were made from but does not build them. paired: ``data.degradation=paired``:
+    each sample holds its own LR (``KEY.lr.*`` + ``KEY.hr.*``, :mod:`raysr.data.samples`), cropped at
+    the HR crop's position ÷ scale under the same flip/rot90; a sample without one, or whose LR is not
+    its HR ÷ scale, is skipped and counted like any bad sample. Raises ValueError for
     invalid settings, StorageError for shards that cannot be found.
     """
     check_crop_args(gt_size, scale, crops_per_image, shuffle_buffer)
@@ -224,8 +231,11 @@ def make_train_loader(shards, gt_size: int, scale: int, batch_size: int, rank: i
                          + (" (resolve auto first with resolve_lr_on)" if lr_on == "auto" else ""))
     shard_list = as_shard_list(shards)
     batches = epoch_batches(shard_list.num_samples, crops_per_image, world_size, batch_size, batches_per_epoch)
+    if paired and degradation is not None:
+        raise ValueError("paired=True trains on the shards' own LR images and degradation makes LR by Real-ESRGAN's "
+                         "degradations: pass one of them (data.degradation is paired or realesrgan)")
     dataset = _BatchStream(shard_list, gt_size, scale, batch_size, seed, rank, world_size, crops_per_image,
                            shuffle_buffer, lr_here=lr_on == "loader", quantize=quantize, degradation=degradation,
-                           consumed=check_int("consumed", consumed, minimum=0))
+                           consumed=check_int("consumed", consumed, minimum=0), paired=paired)
     pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
     return TrainLoader(dataset, num_workers, batches, shard_list.num_samples, pin, prefetch_factor)

@@ -1,6 +1,8 @@
 """``python -m raysr.data.make_shards``: HR photos -> sub-image WebDataset shards + manifest.
 
     python -m raysr.data.make_shards --input /data/DIV2K_train_HR --output s3://bucket/div2k/hr
+    python -m raysr.data.make_shards --input /data/RealSR/HR --lr-input /data/RealSR/LR --scale 4 \
+        --output s3://bucket/realsr/x4          # LR/HR pairs, for data.degradation: paired
 
 1. Plan (headers only): every input image is cut into ``crop_size`` sub-images
    as BasicSR's ``extract_subimages``: positions ``0, step, 2*step, ...`` plus one
@@ -13,6 +15,16 @@
    loaders read with no decode, see :mod:`raysr.data.npy`). Sample ``KEY.png``
    (``KEY.npy``, ...) + ``KEY.json`` (source file, crop box); keys have no dots,
    e.g. ``0001_s001``. The manifest records the format.
+
+   With ``--lr-input DIR --scale S`` (real LR/HR pairs) each HR input is paired with the
+   LR file of the same name in DIR (:func:`raysr.data.pairing.pairing_key`: ``0001x4.png``
+   pairs with ``0001.png``), which must be exactly the HR cut to a multiple of S ÷ S
+   (:func:`raysr.data.pairing.pair_size_error`; the HR is so cut); an HR without its LR, or
+   an LR of another size, stops the run before any encoding with a message naming the
+   file. The HR is cut into sub-images as above and the LR at the same positions ÷ S
+   (``--crop-size`` and ``--step`` multiples of S), as BasicSR's ``extract_subimages`` on
+   both folders; each sample is then ``KEY.hr.png`` + ``KEY.lr.png`` + ``KEY.json``
+   (:mod:`raysr.data.samples`).
 3. Write ``PREFIX/train-000000.tar ...`` in plan order, each at most
    ``--shard-size-mb``, locally or to S3 (multipart upload, sha256 stored as
    object metadata), and ``PREFIX/manifest.parquet`` after every shard.
@@ -50,6 +62,7 @@ from raysr import storage
 from raysr.data.decode import DECODE_ERRORS, decode_rgb, is_image_name
 from raysr.data.manifest import ShardEntry, manifest_uri, read_entries, write_manifest
 from raysr.data.npy import NPY, NPY_LZ4, encode_npy
+from raysr.data.pairing import index_by_key, pair_size_error, pairing_key
 from raysr.images import probe_image
 from raysr.util import Progress
 
@@ -103,11 +116,13 @@ class SourceImage:
 
     path: str
     relpath: str
-    width: int  # upright (after EXIF orientation)
+    width: int  # upright (after EXIF orientation); paired: cut to a multiple of the scale
     height: int
-    fingerprint: str  # file size and mtime: a changed file re-plans its shards
+    fingerprint: str  # file size and mtime (paired: the LR file's too): a changed file re-plans its shards
     keys: tuple[str, ...]
-    boxes: tuple[tuple[int, int, int, int], ...]
+    boxes: tuple[tuple[int, int, int, int], ...]  # HR pixels; the LR box is each ÷ scale
+    lr_path: str | None = None  # paired (--lr-input): the LR file
+    scale: int = 1
 
 
 def find_inputs(inputs: Sequence[str]) -> list[tuple[str, str]]:
@@ -142,17 +157,48 @@ def find_inputs(inputs: Sequence[str]) -> list[tuple[str, str]]:
     return list(found.items())
 
 
+def _fingerprint(path: str) -> str:
+    stat = os.stat(path)
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def index_lr_input(lr_input: str, scale: int) -> dict[str, str]:
+    """``{pairing key: LR file}`` of the images below the local folder ``lr_input``
+    (:func:`raysr.data.pairing.index_by_key`). Raises ValueError for a folder that is not local or holds no image."""
+    what = f"--lr-input {lr_input}"
+    root = os.path.abspath(os.path.expanduser(lr_input))
+    if storage.is_s3(lr_input) or not os.path.isdir(root):
+        raise ValueError(f"{what}: not a local directory; give the folder of the LR images of --input "
+                         "(copy them here first, as the HR images)")
+    files = [path for path, _ in find_inputs([root])]
+    if not files:
+        raise ValueError(f"{what} holds no images (.png, .jpg, .webp, ...); give the folder of the LR images")
+    return index_by_key(files, root, scale, what)
+
+
+def _listed(items: list[str]) -> str:
+    return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+
 def _key_base(relpath: str) -> str:
     # WebDataset splits member names at the first dot, so keys must not contain any
     return re.sub(r"[^0-9A-Za-z_-]+", "_", os.path.splitext(relpath)[0]).strip("_") or "image"
 
 
-def plan_images(inputs: Sequence[str], crop_size: int, step: int,
-                min_size: int) -> tuple[list[SourceImage], list[tuple[str, str]]]:
+def plan_images(inputs: Sequence[str], crop_size: int, step: int, min_size: int, lr_input: str | None = None,
+                scale: int = 1) -> tuple[list[SourceImage], list[tuple[str, str]]]:
     """``(images, skipped)``: the sub-image plan, reading image headers only, and
-    ``(path, reason)`` for inputs that are not usable images or are too small."""
+    ``(path, reason)`` for inputs that are not usable images or are too small.
+
+    With ``lr_input`` each image is paired with its LR file there (:func:`index_lr_input`), planned
+    on the HR cut to a multiple of ``scale``; ValueError naming every HR image without an LR file
+    and every LR file that is not its HR ÷ ``scale``. An unreadable LR file skips its pair."""
     images, skipped, bases = [], [], {}
+    lr_index = index_lr_input(lr_input, scale) if lr_input is not None else None
+    missing, wrong, paired_keys = [], [], set()
     for path, relpath in find_inputs(inputs):
+        key = pairing_key(Path(os.path.splitext(relpath)[0]).as_posix(), scale)
+        paired_keys.add(key)  # an LR file of a skipped HR image is not an unpaired one
         try:
             info = probe_image(path)
         except DECODE_ERRORS as err:
@@ -161,16 +207,43 @@ def plan_images(inputs: Sequence[str], crop_size: int, step: int,
         if min(info.width, info.height) < min_size:
             skipped.append((path, f"{info.width}x{info.height} is smaller than --min-size {min_size}"))
             continue
+        width, height, fingerprint, lr_path = info.width, info.height, _fingerprint(path), None
+        if lr_index is not None:
+            lr_path = lr_index.get(key)
+            if lr_path is None:
+                missing.append(path)
+                continue
+            try:
+                lr_info = probe_image(lr_path)
+            except DECODE_ERRORS as err:
+                skipped.append((path, f"its LR {lr_path} is not a readable image ({err})"))
+                continue
+            width, height = width - width % scale, height - height % scale  # GTmod: what the LR was made from
+            error = pair_size_error(lr_path, (lr_info.height, lr_info.width), path, (height, width), scale)
+            if error is not None:
+                wrong.append(error)
+                continue
+            fingerprint += f"|{_fingerprint(lr_path)}"
         base = _key_base(relpath)
         if base in bases:  # "a_b/c.png" and "a/b_c.png" sanitise alike
             base = f"{base}_{hashlib.sha1(relpath.encode()).hexdigest()[:8]}"
         bases[base] = path
-        stat = os.stat(path)
-        boxes = crop_boxes(info.width, info.height, crop_size, step)
-        images.append(SourceImage(path=path, relpath=relpath, width=info.width, height=info.height,
-                                  fingerprint=f"{stat.st_size}:{stat.st_mtime_ns}",
+        boxes = crop_boxes(width, height, crop_size, step)
+        images.append(SourceImage(path=path, relpath=relpath, width=width, height=height, fingerprint=fingerprint,
                                   keys=tuple(f"{base}_s{i:03d}" for i in range(1, len(boxes) + 1)),
-                                  boxes=tuple(boxes)))
+                                  boxes=tuple(boxes), lr_path=lr_path, scale=scale))
+    if missing:
+        raise ValueError(f"--lr-input {lr_input}: no LR image for {len(missing)} HR image(s) of --input: "
+                         f"{_listed(missing)}; LR files pair with HR files by name (0001.png, 0001x{scale}.png "
+                         f"and 0001_x{scale}.png pair with 0001.png; subfolders mirror --input's)")
+    if wrong:
+        raise ValueError(f"--lr-input {lr_input}: {len(wrong)} LR image(s) are not their HR / --scale {scale}: "
+                         f"{'; '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}; is --scale right, and are "
+                         "these the LR images of --input?")
+    unused = sorted(set(lr_index or {}) - paired_keys)
+    if unused:  # e.g. --input names a few of the HR files on purpose
+        LOG.warning("--lr-input %s: %d LR images pair with no HR image of --input and are left out (e.g. %s)",
+                    lr_input, len(unused), lr_index[unused[0]])
     return images, skipped
 
 
@@ -202,20 +275,40 @@ class EncodeSettings:
         return pil_format, {"quality": DEFAULT_QUALITY if self.quality is None else self.quality, "subsampling": 0}
 
 
-def encode_image(image: SourceImage, settings: EncodeSettings) -> list[tuple[str, bytes, bytes]]:
-    """``(key, image bytes, json bytes)`` for each planned sub-image of ``image``.
+def _decode_planned(path: str, height: int, width: int, cut: int = 1) -> np.ndarray:
+    """``(height, width, 3)`` uint8 RGB of ``path``: the planned size, of which the image may be larger by less
+    than ``cut`` px a side (a paired HR, cut to a multiple of the scale ``cut``); ValueError if it no
+    longer has the planned size."""
+    pixels = decode_rgb(Path(path).read_bytes(), path)
+    if not (0 <= pixels.shape[0] - height < cut and 0 <= pixels.shape[1] - width < cut):
+        raise ValueError(f"{path} decodes to {pixels.shape[1]}x{pixels.shape[0]}, planned {width}x{height}; "
+                         "was it changed during the run?")
+    return pixels[:height, :width]
 
-    Raises one of DECODE_ERRORS if the file cannot be decoded, ValueError if it
+
+def encode_image(image: SourceImage, settings: EncodeSettings) -> list[tuple[str, tuple[tuple[str, bytes], ...]]]:
+    """``(key, members)`` for each planned sub-image of ``image``: members ``(extension, bytes)``, the
+    image (``png``, ...) and ``json``; paired (``image.lr_path``), ``hr.png``, ``lr.png`` (the LR box is
+    the HR box ÷ scale) and ``json``.
+
+    Raises one of DECODE_ERRORS if a file cannot be decoded, ValueError if it
     no longer has the planned size.
     """
-    pixels = decode_rgb(Path(image.path).read_bytes(), image.path)
-    if pixels.shape[:2] != (image.height, image.width):
-        raise ValueError(f"decodes to {pixels.shape[1]}x{pixels.shape[0]}, planned {image.width}x{image.height}; "
-                         "was it changed during the run?")
+    ext = FORMATS[settings.fmt][1]
+    scale = image.scale
+    pixels = _decode_planned(image.path, image.height, image.width, cut=scale)
+    lr = None if image.lr_path is None else _decode_planned(image.lr_path, image.height // scale, image.width // scale)
     out = []
     for key, (left, top, right, bottom) in zip(image.keys, image.boxes):
         meta = {"source": image.relpath, "box": [left, top, right, bottom], "source_size": [image.width, image.height]}
-        out.append((key, settings.encode(pixels[top:bottom, left:right]), json.dumps(meta, sort_keys=True).encode()))
+        hr_bytes = settings.encode(pixels[top:bottom, left:right])
+        if lr is None:
+            members = ((ext, hr_bytes),)
+        else:
+            meta.update(lr_source=image.lr_path, scale=scale)
+            lr_bytes = settings.encode(lr[top // scale:bottom // scale, left // scale:right // scale])
+            members = ((f"hr.{ext}", hr_bytes), (f"lr.{ext}", lr_bytes))
+        out.append((key, members + (("json", json.dumps(meta, sort_keys=True).encode()),)))
     return out
 
 
@@ -287,8 +380,7 @@ def _padded(n: int) -> int:
 class _ShardBuilder:
     """One tar being assembled in memory (spilling to a temporary file)."""
 
-    def __init__(self, image_ext: str):
-        self.image_ext = image_ext
+    def __init__(self):
         self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=TAR_FORMAT)
         self.samples = 0
@@ -298,9 +390,10 @@ class _ShardBuilder:
         end = self.file.tell() + sum(BLOCK + _padded(len(p)) for p in payloads) + 2 * BLOCK
         return -(-end // RECORD) * RECORD
 
-    def add(self, key: str, data: bytes, meta: bytes) -> None:
-        for name, payload in ((f"{key}.{self.image_ext}", data), (f"{key}.json", meta)):
-            info = tarfile.TarInfo(name)
+    def add(self, key: str, members: tuple[tuple[str, bytes], ...]) -> None:
+        """One sample: a ``KEY.EXT`` member per ``(EXT, bytes)`` of ``members``, in that order."""
+        for ext, payload in members:
+            info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(payload), TAR_MTIME, 0o644
             self.tar.addfile(info, io.BytesIO(payload))
         self.samples += 1
@@ -371,10 +464,22 @@ class ShardsReport:
         return sum(e.bytes for e in self.entries)
 
 
-def _check_settings(crop_size, step, min_size, fmt, quality, shard_size_mb, workers) -> None:
-    for name, value in (("crop_size", crop_size), ("step", step), ("min_size", min_size), ("workers", workers)):
+def _check_settings(crop_size, step, min_size, fmt, quality, shard_size_mb, workers, lr_input, scale) -> None:
+    for name, value in (("crop_size", crop_size), ("step", step), ("min_size", min_size), ("workers", workers),
+                        ("scale", 1 if scale is None else scale)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if (lr_input is None) != (scale is None):
+        raise ValueError("--lr-input DIR (the LR images of --input) and --scale S (HR size / LR size) go together: "
+                         + ("give --scale too, e.g. --scale 4" if scale is None else
+                            "--scale applies to LR/HR pairs only; give --lr-input or drop --scale (HR-only shards "
+                            "serve every scale)"))
+    for name, value in (("crop-size", crop_size), ("step", step)):
+        if scale is not None and value % scale:
+            lower = value - value % scale
+            raise ValueError(f"--{name} {value} is not a multiple of --scale {scale}: the LR sub-images are cut at "
+                             f"the HR positions / {scale}, which must be whole pixels; use --{name} "
+                             f"{lower or scale} or {lower + scale}")
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {fmt!r}")
     if quality is not None and (fmt not in LOSSY or not 1 <= quality <= 100):
@@ -480,10 +585,10 @@ def _fill(builder: _ShardBuilder, plan: _Plan, cursor: int, stop: int, limit: in
         image = plan.images[image_index]
         encoded, problem = encoder.get(image_index)
         if encoded is not None:
-            key, data, meta = encoded[crop_index]
-            if builder.samples and builder.size_with(data, meta) > limit:
+            key, members = encoded[crop_index]
+            if builder.samples and builder.size_with(*(payload for _, payload in members)) > limit:
                 break
-            builder.add(key, data, meta)
+            builder.add(key, members)
         elif (image.path, problem) not in report.skipped:
             LOG.warning("skipped %s: %s", image.path, problem)
             report.skipped.append((image.path, problem))
@@ -537,7 +642,8 @@ def _check_bucket(output: str) -> None:
 
 def make_shards(inputs: Sequence[str], output: str, *, crop_size: int = 480, step: int = 240, min_size: int = 128,
                 fmt: str = "png", quality: int | None = None, shard_size_mb: float = 256.0,
-                workers: int | None = None, progress: bool = True) -> ShardsReport:
+                workers: int | None = None, progress: bool = True, lr_input: str | None = None,
+                scale: int | None = None) -> ShardsReport:
     """Cut the images under ``inputs`` into sub-images and write shards + manifest to ``output``.
 
     inputs: local directories (recursive), globs or image files. output: local
@@ -548,6 +654,9 @@ def make_shards(inputs: Sequence[str], output: str, *, crop_size: int = 480, ste
     4:4:4 chroma); docs/data.md compares them;
     shard_size_mb: upper bound per shard in MiB (a single larger sample gets a
     shard of its own); workers: encoding processes (default: all cores).
+    lr_input, scale: a local folder of the LR images of ``inputs`` and their scale (both or
+    neither): LR/HR pair shards, ``KEY.hr.png`` + ``KEY.lr.png`` (:func:`plan_images`; crop_size
+    and step multiples of scale).
     Returns a :class:`ShardsReport`. Raises ValueError for bad settings or
     when no usable image is found, :class:`raysr.storage.StorageError` when
     ``output`` cannot be written (checked before encoding, see
@@ -556,11 +665,13 @@ def make_shards(inputs: Sequence[str], output: str, *, crop_size: int = 480, ste
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
     output = output if storage.is_s3(output) else os.path.abspath(os.path.expanduser(output))
-    _check_settings(crop_size, step, min_size, fmt, quality, shard_size_mb, workers)
+    _check_settings(crop_size, step, min_size, fmt, quality, shard_size_mb, workers, lr_input, scale)
     check_output(output)
     settings = {"crop_size": crop_size, "step": step, "min_size": min_size, "format": fmt, "quality": quality,
                 "shard_size_mb": shard_size_mb}
-    images, skipped = plan_images(inputs, crop_size, step, min_size)
+    if lr_input is not None:  # only then: HR-only runs keep the settings (and so reuse the shards) of before
+        settings.update(lr_input=os.path.abspath(os.path.expanduser(lr_input)), scale=scale)
+    images, skipped = plan_images(inputs, crop_size, step, min_size, lr_input, scale or 1)
     for path, reason in skipped:
         LOG.warning("skipped %s: %s", path, reason)
     plan = _Plan(images, settings)
@@ -592,7 +703,7 @@ def make_shards(inputs: Sequence[str], output: str, *, crop_size: int = 480, ste
             following = reusable.get(index + 1)
             stop = following.plan_start if following is not None and following.plan_start > cursor else len(plan)
             encoder.release_before(plan.crops[cursor][0])
-            builder, start = _ShardBuilder(FORMATS[fmt][1]), cursor
+            builder, start = _ShardBuilder(), cursor
             cursor = _fill(builder, plan, cursor, stop, limit, encoder, report, shown)
             if builder.samples:  # else every image in the range failed: no shard, same index next
                 sink.put(builder, index, start, cursor - start, plan)
@@ -642,6 +753,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quality", type=int, default=None,
                         help=f"jpeg quality 1..100 (default {DEFAULT_QUALITY}, 4:4:4 chroma); webp: lossless "
                              "unless a quality is given; not for png")
+    parser.add_argument("--lr-input", default=None, metavar="DIR",
+                        help="folder of the LR images of --input (real LR/HR pairs, for data.degradation: paired), "
+                             "paired by name (0001x4.png with 0001.png); each sample then holds KEY.hr.* + KEY.lr.*, "
+                             "the LR cut at the HR's sub-image positions / --scale")
+    parser.add_argument("--scale", type=int, default=None,
+                        help="with --lr-input: HR size / LR size; each LR must be its HR (cut to a multiple of "
+                             "the scale) / scale")
     parser.add_argument("--shard-size-mb", type=float, default=256.0, help="maximum shard size in MiB")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
     return parser
@@ -653,7 +771,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = make_shards(args.input, args.output, crop_size=args.crop_size, step=args.step,
                              min_size=args.min_size, fmt=args.format, quality=args.quality,
-                             shard_size_mb=args.shard_size_mb, workers=args.workers)
+                             shard_size_mb=args.shard_size_mb, workers=args.workers, lr_input=args.lr_input,
+                             scale=args.scale)
     except (ValueError, storage.StorageError) as err:
         print(f"make_shards: error: {err}", file=sys.stderr)
         return 2

@@ -10,21 +10,25 @@ The stages, each a generator feeding the next:
    any number of shards, ranks and workers.
 2. :func:`iter_images` — the pixels of each sample of each shard: a view of a
    ``.npy`` member (no decode), or a decoded image (which members make a sample and
-   which one is its image: :mod:`raysr.data.samples`; any WebDataset tar works). Bad data never
+   which one is its image: :mod:`raysr.data.samples`; any WebDataset tar works); for
+   ``data.degradation: paired``, the sample's LR and HR images. Bad data never
    stops training: a garbage or truncated tar, an undecodable or non-image
-   member, or an image smaller than ``gt_size`` is skipped, counted in
+   member, an image smaller than ``gt_size``, or a paired sample without its LR or whose
+   LR is not its HR ÷ scale is skipped, counted in
    :class:`DataStats` and logged once per shard. A missing or denied shard
    (404/403) raises :class:`raysr.storage.StorageError` naming it; transient S3
    errors are retried by :func:`raysr.storage.open_stream`.
 3. :func:`random_crops` — ``crops_per_image`` random ``gt_size`` crops per image
    (to amortise a decode), gathered in one copy, each with a random flip / rot90
-   (one of the 8 symmetries of :mod:`raysr.data.augment`) to apply later.
+   (one of the 8 symmetries of :mod:`raysr.data.augment`) to apply later; a paired
+   sample's LR crop is cut at the HR crop's position ÷ scale and gets the same symmetry.
 4. :func:`shuffled` — a seeded shuffle buffer, so crops of one image and of one
    shard spread out.
 5. :func:`host_batch` — a batch: symmetries applied, float, and LR = :func:`make_lr`
-   (exact MATLAB bicubic, rounded to 8-bit levels) here; or, for ``data.lr_on:
-   device``, the uint8 crops and their symmetries, which the training device
-   finishes (:meth:`HostBatch.finish`), so loader processes only slice and batch.
+   (exact MATLAB bicubic, rounded to 8-bit levels) or the paired LR crops here; or, for
+   ``data.lr_on: device``, the uint8 crops (with the paired LR crops) and their symmetries,
+   which the training device finishes (:meth:`HostBatch.finish`), so loader processes only
+   slice and batch.
 
 A stage that needs a per-sample random draw (a new augmentation, a degradation
 kernel) is a generator over the stage before it, with the stream's ``rng``, so
@@ -46,7 +50,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from raysr import storage
 from raysr.data.augment import NUM_SYMMETRIES, apply_symmetries, symmetric_view
-from raysr.data.samples import DamagedTar, decode_sample, tar_samples
+from raysr.data.samples import DamagedTar, sample_decoder, tar_samples
 from raysr.data.sources import as_shard_list
 from raysr.ops.convert import to_tensor
 from raysr.ops.resize import imresize
@@ -127,7 +131,7 @@ def make_lr(hr: torch.Tensor, scale: int, quantize: bool = True) -> torch.Tensor
     height, width = hr.shape[-2:]
     if height % scale or width % scale:
         raise ValueError(f"HR size {height}x{width} is not a multiple of scale={scale}; crop it first "
-                         "(raysr.validation.pairs.mod_crop) so LR pixels align with HR pixels")
+                         "(raysr.data.pairing.mod_crop) so LR pixels align with HR pixels")
     lr = imresize(hr, 1.0 / scale)
     if quantize:
         lr = lr.clamp(0.0, 1.0).mul(255.0).round().div(255.0)
@@ -178,8 +182,9 @@ def _report(url: str, skipped: int, total: int | None, first_problem: str, repor
 
 
 def iter_shard(url: str, min_size: int, stats: DataStats, expected: int | None = None,
-               reported: set[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """``(key, (H,W,3) uint8 RGB)`` for every good sample of one shard.
+               reported: set[str] | None = None, paired_scale: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """``(key, (H,W,3) uint8 RGB)`` for every good sample of one shard; with ``paired_scale``,
+    ``(key, (lr, hr))`` for every good paired sample (:func:`raysr.data.samples.decode_pair`).
 
     Bad samples are skipped and counted in ``stats.skipped``; ``expected`` (from
     the manifest) lets a tar cut short at a member boundary count its missing
@@ -190,10 +195,11 @@ def iter_shard(url: str, min_size: int, stats: DataStats, expected: int | None =
     """
     stats.shards += 1
     good, bad, first_problem = 0, 0, ""
+    decode = sample_decoder(min_size, paired_scale)
     stream = storage.open_stream(url)
     try:
         for key, files in tar_samples(stream):
-            image, problem = decode_sample(key, files, min_size)
+            image, problem = decode(key, files)
             if image is None:
                 bad += 1
                 first_problem = first_problem or f"{key}: {problem}"
@@ -217,8 +223,11 @@ def iter_shard(url: str, min_size: int, stats: DataStats, expected: int | None =
 
 
 def iter_images(shards, *, seed: int = 0, rank: int = 0, world_size: int = 1, resampled: bool = False,
-                min_size: int = 1, stats: DataStats | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """``(key, (H,W,3) uint8 RGB)`` of this consumer's share of the samples.
+                min_size: int = 1, stats: DataStats | None = None,
+                paired_scale: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """``(key, (H,W,3) uint8 RGB)`` of this consumer's share of the samples; with ``paired_scale``
+    (``data.degradation: paired``), ``(key, (lr, hr))``: the sample's LR and HR images, ``hr``
+    cut to ``lr``'s size × ``paired_scale``.
 
     shards: anything :func:`raysr.data.resolve_shards` accepts, or a ShardList.
     The share is rank ``rank`` of ``world_size``, then this DataLoader worker
@@ -235,14 +244,16 @@ def iter_images(shards, *, seed: int = 0, rank: int = 0, world_size: int = 1, re
     reported: set[str] = set()  # bad shards this stream has logged
     for index in shard_order(len(shard_list), seed, consumer, num_consumers, resampled):
         produced = False
-        for sample in iter_shard(shard_list.urls[index], min_size, stats, shard_list.samples[index], reported):
+        for sample in iter_shard(shard_list.urls[index], min_size, stats, shard_list.samples[index], reported,
+                                 paired_scale):
             produced = True
             yield sample
         barren = set() if produced else barren | {index}
         if len(barren) == len(shard_list):
+            unpaired = f", or without an LR image that is HR / {paired_scale}" if paired_scale else ""
             raise RuntimeError(f"none of the {len(shard_list)} shards (e.g. {shard_list.urls[index]}) holds a "
-                               f"usable sample: {stats.skipped} skipped so far (undecodable, not an image, or "
-                               f"smaller than {min_size} px); check the shards with raysr.data.iter_pairs")
+                               f"usable sample: {stats.skipped} skipped so far (undecodable, not an image, "
+                               f"smaller than {min_size} px{unpaired}); check the shards with raysr.data.iter_pairs")
 
 
 # --------------------------------------------------------------------------- samples -> crops
@@ -256,22 +267,30 @@ def gather_crops(image: np.ndarray, tops: np.ndarray, lefts: np.ndarray, size: i
 
 
 def random_crops(images: Iterator[tuple[str, np.ndarray]], gt_size: int, crops_per_image: int, augment: bool,
-                 rng: np.random.Generator, stats: DataStats) -> Iterator[tuple[np.ndarray, int]]:
-    """``(crop, symmetry)``: ``crops_per_image`` random ``(gt_size, gt_size, 3)`` uint8 crops per image,
-    each with the flip/rot90 symmetry it is to be shown under (:mod:`raysr.data.augment`).
+                 rng: np.random.Generator, stats: DataStats,
+                 paired_scale: int | None = None) -> Iterator[tuple[np.ndarray, int, np.ndarray | None]]:
+    """``(crop, symmetry, lr_crop)``: ``crops_per_image`` random ``(gt_size, gt_size, 3)`` uint8 crops per
+    image, each with the flip/rot90 symmetry it is to be shown under (:mod:`raysr.data.augment`) and
+    None; with ``paired_scale``, images are ``(lr, hr)`` pairs and ``lr_crop`` is the ``(gt_size/s,
+    gt_size/s, 3)`` LR crop under the HR crop (BasicSR's ``paired_random_crop``): positions are drawn on
+    the LR grid and × s on the HR, so ``lr_crop`` × s covers exactly ``crop``.
 
     The crops of one image are drawn and copied together (:func:`gather_crops`): they hold
     no reference to the image. ``augment``: symmetries uniform over the 8; else all 0.
     """
+    step = paired_scale or 1  # HR pixels per LR pixel; 1: any HR position (LR is made from the crop)
     for _, image in images:
-        height, width = image.shape[:2]
-        tops = rng.integers(height - gt_size + 1, size=crops_per_image)
-        lefts = rng.integers(width - gt_size + 1, size=crops_per_image)
+        lr, hr = image if paired_scale else (None, image)
+        height, width = hr.shape[:2]
+        tops = rng.integers((height - gt_size) // step + 1, size=crops_per_image) * step
+        lefts = rng.integers((width - gt_size) // step + 1, size=crops_per_image) * step
         symmetries = (rng.integers(NUM_SYMMETRIES, size=crops_per_image) if augment
                       else np.zeros(crops_per_image, np.int64))
-        crops = gather_crops(image, tops, lefts, gt_size)
+        crops = gather_crops(hr, tops, lefts, gt_size)
+        lr_crops = ([None] * crops_per_image if lr is None
+                    else gather_crops(lr, tops // step, lefts // step, gt_size // step))
         stats.crops += crops_per_image
-        yield from zip(crops, symmetries.tolist())
+        yield from zip(crops, symmetries.tolist(), lr_crops)
 
 
 # Shuffle-buffer slots drawn at once (one RNG call per block, not per item).
@@ -301,27 +320,32 @@ def shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
 
 def iter_crops(shards, gt_size: int, seed: int = 0, *, crops_per_image: int = 1, augment: bool = True,
                resampled: bool = False, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, rank: int = 0,
-               world_size: int = 1, stats: DataStats | None = None) -> Iterator[tuple[np.ndarray, int]]:
-    """Shuffled random HR crops of this consumer's samples: ``(crop, symmetry)``, crop
-    ``(gt_size, gt_size, 3)`` uint8 as stored, symmetry 0..7 to apply (:mod:`raysr.data.augment`)."""
-    check_crop_args(gt_size, 1, crops_per_image, shuffle_buffer)
+               world_size: int = 1, stats: DataStats | None = None,
+               paired_scale: int | None = None) -> Iterator[tuple[np.ndarray, int, np.ndarray | None]]:
+    """Shuffled random HR crops of this consumer's samples: ``(crop, symmetry, lr_crop)``, crop
+    ``(gt_size, gt_size, 3)`` uint8 as stored, symmetry 0..7 to apply (:mod:`raysr.data.augment`),
+    lr_crop None, or with ``paired_scale`` the paired sample's LR crop under it (:func:`random_crops`)."""
+    check_crop_args(gt_size, paired_scale or 1, crops_per_image, shuffle_buffer)
     check_split_args(rank, world_size, seed)
     stats = stats if stats is not None else DataStats()
     consumer, num_consumers = consumer_id(rank, world_size)
     rng = np.random.default_rng([seed, consumer, num_consumers])
     images = iter_images(shards, seed=seed, rank=rank, world_size=world_size, resampled=resampled,
-                         min_size=gt_size, stats=stats)
-    yield from shuffled(random_crops(images, gt_size, crops_per_image, augment, rng, stats), shuffle_buffer, rng)
+                         min_size=gt_size, stats=stats, paired_scale=paired_scale)
+    crops = random_crops(images, gt_size, crops_per_image, augment, rng, stats, paired_scale)
+    yield from shuffled(crops, shuffle_buffer, rng)
 
 
 def iter_pairs(shards, gt_size: int, scale: int, seed: int = 0, *, crops_per_image: int = 1, augment: bool = True,
                quantize: bool = True, resampled: bool = False, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-               rank: int = 0, world_size: int = 1,
-               stats: DataStats | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+               rank: int = 0, world_size: int = 1, stats: DataStats | None = None,
+               paired: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(lr, hr)`` training pairs, one at a time, in this process: the way to look at the data.
 
     lr: ``(3, gt_size/scale, gt_size/scale)``, hr: ``(3, gt_size, gt_size)``,
-    float32 in [0,1]; ``lr = make_lr(hr, scale, quantize)``. shards: URL(s),
+    float32 in [0,1]; ``lr = make_lr(hr, scale, quantize)``, or with ``paired``
+    (``data.degradation: paired``) the sample's own LR crop under the HR crop, under the
+    same flip/rot90. shards: URL(s),
     brace pattern, directory or manifest (see :func:`raysr.data.resolve_shards`).
     Default: one pass over all shards (``resampled=False``), random crop
     position and flip/rot90 (``augment``), seeded. ``rank``/``world_size`` (and
@@ -330,11 +354,11 @@ def iter_pairs(shards, gt_size: int, scale: int, seed: int = 0, *, crops_per_ima
     ``gt_size % scale != 0`` raises ValueError.
     """
     check_crop_args(gt_size, scale, crops_per_image, shuffle_buffer)
-    for crop, symmetry in iter_crops(shards, gt_size, seed, crops_per_image=crops_per_image, augment=augment,
-                                     resampled=resampled, shuffle_buffer=shuffle_buffer, rank=rank,
-                                     world_size=world_size, stats=stats):
-        hr = to_tensor([symmetric_view(crop, symmetry)])
-        yield make_lr(hr, scale, quantize)[0], hr[0]
+    for item in iter_crops(shards, gt_size, seed, crops_per_image=crops_per_image, augment=augment,
+                           resampled=resampled, shuffle_buffer=shuffle_buffer, rank=rank, world_size=world_size,
+                           stats=stats, paired_scale=scale if paired else None):
+        batch = host_batch([item], scale, lr_here=True, quantize=quantize)
+        yield batch.lr[0], batch.hr[0]
 
 
 # --------------------------------------------------------------------------- crops -> batches
@@ -347,8 +371,10 @@ class HostBatch:
     Finished (LR made in the loader, ``data.lr_on: loader``): ``hr`` ``(B,3,H,W)`` float32 in
     [0,1] under its symmetries, ``lr`` ``(B,3,H/scale,W/scale)`` on 8-bit levels, ``symmetries``
     None. Raw (``data.lr_on: device``): ``hr`` ``(B,H,W,3)`` uint8 crops as stored, ``symmetries``
-    ``(B,)`` int64 still to apply, ``lr`` None: a quarter of the bytes to ship, and the loader
-    process only sliced and batched. :meth:`finish` turns either into the training pair on a device.
+    ``(B,)`` int64 still to apply, ``lr`` None (bicubic: a quarter of the bytes to ship, and the
+    loader process only sliced and batched) or, paired, the ``(B,H/scale,W/scale,3)`` uint8 LR
+    crops, under the same symmetries still to apply. :meth:`finish` turns either into the
+    training pair on a device.
     """
 
     hr: torch.Tensor
@@ -358,32 +384,46 @@ class HostBatch:
     def float_hr(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``(B,3,H,W)`` float32 in [0,1] under the symmetries, on ``device`` (default: where ``hr`` is);
         a raw batch is copied there as uint8 (non-blocking) and finished there."""
-        hr = self.hr if device is None else self.hr.to(device, non_blocking=True)
+        return self._finished(self.hr, device)
+
+    def float_lr(self, device: torch.device | str | None = None) -> torch.Tensor | None:
+        """The LR batch like :meth:`float_hr`: ``(B,3,H/scale,W/scale)`` float32, finished where raw (the
+        paired LR crops of ``data.degradation: paired``); None for a raw bicubic batch (LR still to make)."""
+        return None if self.lr is None else self._finished(self.lr, device)
+
+    def _finished(self, crops: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+        crops = crops if device is None else crops.to(device, non_blocking=True)
         if self.symmetries is None:
-            return hr
-        hr = apply_symmetries(hr, self.symmetries)
-        return hr.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+            return crops
+        crops = apply_symmetries(crops, self.symmetries)
+        return crops.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
     def finish(self, device: torch.device | str, scale: int, quantize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lr, hr)`` float32 on ``device``: copied there (non-blocking, from pinned memory), and
-        what the loader left done there: symmetries, float, LR = :func:`make_lr`."""
+        what the loader left done there: symmetries, float, LR = :func:`make_lr` (unless paired)."""
         hr = self.float_hr(device)
-        if self.lr is not None:
-            return self.lr.to(device, non_blocking=True), hr
-        return make_lr(hr, scale, quantize), hr
+        lr = self.float_lr(device)
+        return (make_lr(hr, scale, quantize) if lr is None else lr), hr
 
 
-def host_batch(items: list[tuple[np.ndarray, int]], scale: int, lr_here: bool, quantize: bool) -> HostBatch:
-    """A :class:`HostBatch` of ``(crop, symmetry)`` items: finished (LR made) when ``lr_here``, else raw."""
+def host_batch(items: list[tuple[np.ndarray, int, np.ndarray | None]], scale: int, lr_here: bool,
+               quantize: bool) -> HostBatch:
+    """A :class:`HostBatch` of ``(crop, symmetry, lr_crop)`` items (:func:`random_crops`): finished when
+    ``lr_here`` (LR = the paired LR crops under their symmetries, or made from the HR), else raw."""
+    paired = items[0][2] is not None
     if lr_here:
-        hr = to_tensor([symmetric_view(crop, symmetry) for crop, symmetry in items])
-        return HostBatch(hr=hr, lr=make_lr(hr, scale, quantize))
-    crops = torch.from_numpy(np.stack([crop for crop, _ in items]))
-    return HostBatch(hr=crops, symmetries=torch.tensor([symmetry for _, symmetry in items], dtype=torch.int64))
+        hr = to_tensor([symmetric_view(crop, symmetry) for crop, symmetry, _ in items])
+        lr = (to_tensor([symmetric_view(lr_crop, symmetry) for _, symmetry, lr_crop in items]) if paired
+              else make_lr(hr, scale, quantize))
+        return HostBatch(hr=hr, lr=lr)
+    crops = torch.from_numpy(np.stack([crop for crop, _, _ in items]))
+    lr_crops = torch.from_numpy(np.stack([lr_crop for _, _, lr_crop in items])) if paired else None
+    return HostBatch(hr=crops, lr=lr_crops,
+                     symmetries=torch.tensor([symmetry for _, symmetry, _ in items], dtype=torch.int64))
 
 
 def iter_batches(shards, gt_size: int, scale: int, batch_size: int, seed: int = 0, *, lr_here: bool = True,
-                 quantize: bool = True, skip: int = 0, **crop_args) -> Iterator[HostBatch]:
+                 quantize: bool = True, skip: int = 0, paired: bool = False, **crop_args) -> Iterator[HostBatch]:
     """Batches (:class:`HostBatch`) of ``batch_size`` crops: finished, LR made here (``lr_here``), or raw
     for the device to finish (``batch.finish(device, scale)``). Other arguments as
     :func:`iter_pairs`; a final partial batch of a finite stream is dropped. ``skip``: the first
@@ -391,7 +431,8 @@ def iter_batches(shards, gt_size: int, scale: int, batch_size: int, seed: int = 
     yielded, so a resumed stream continues where one that yielded them would (:func:`skip_batches`)."""
     check_crop_args(gt_size, scale)
     batch_size = check_int("batch_size", batch_size)
-    for batch in skip_batches(iter_crops(shards, gt_size, seed, **crop_args), batch_size, skip):
+    crops = iter_crops(shards, gt_size, seed, paired_scale=scale if paired else None, **crop_args)
+    for batch in skip_batches(crops, batch_size, skip):
         yield host_batch(batch, scale, lr_here, quantize)
 
 

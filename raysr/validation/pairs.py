@@ -5,7 +5,7 @@ GT is the full HR image with its bottom/right ``H % scale`` rows and
 MATLAB bicubic of GT ÷ scale, on 8-bit levels like the published LR files
 (:func:`raysr.data.make_lr`), or, for real LR/HR pairs (RealSR, DRealSR, camera
 pairs), the LR image of a paired folder, matched to its GT by name
-(:func:`pairing_key`) and required to be exactly GTmod ÷ scale. Images come from
+(:func:`raysr.data.pairing.pairing_key`) and required to be exactly GTmod ÷ scale. Images come from
 a folder (local or s3://) or from shards; unreadable images are skipped with a
 warning, as in training. ``raysr.evaluate --lr`` pairs files by the same rule.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -23,54 +22,14 @@ import torch
 from raysr import storage
 from raysr.data.decode import DECODE_ERRORS, decode_rgb
 from raysr.data.manifest import manifest_uri
+from raysr.data.pairing import index_by_key, mod_crop, pair_size_error, pairing_key
 from raysr.data.sources import SHARD_SUFFIXES, resolve_shards
 from raysr.data.stream import DataStats, iter_shard, make_lr
-from raysr.images import list_images, relative_path
+from raysr.images import list_images
 from raysr.storage import StorageError
 from raysr.util import check_int
 
 LOG = logging.getLogger(__name__)
-
-
-def mod_crop(image: np.ndarray, scale: int) -> np.ndarray:
-    """``(H, W, C)`` array cut to ``(H - H % scale, W - W % scale, C)`` (top-left kept)."""
-    scale = check_int("scale", scale)
-    height, width = image.shape[:2]
-    return image[:height - height % scale, :width - width % scale]
-
-
-def dataset_key(stem: str, scale: int) -> str:
-    """The stem with the usual benchmark decorations for ``scale`` removed:
-    ``baby_LRBI_x4``, ``baby_HR_x4``, ``baby_x4``, ``babyx4`` and ``baby`` -> ``baby``."""
-    return re.sub(rf"(?i)(?:[_-]?(?:LR|HR|GT)(?:BI|BD|DN)?)?(?:[_-]?x{scale})?$", "", stem) or stem
-
-
-def pairing_key(name: str, scale: int) -> str:
-    """What pairs an LR file with its GT: the name (a path relative to its folder, extension dropped)
-    with :func:`dataset_key` applied to its last part, so ``sub/baby_x4`` pairs with ``sub/baby``."""
-    folder, _, stem = name.rpartition("/")
-    return f"{folder}/{dataset_key(stem, scale)}" if folder else dataset_key(stem, scale)
-
-
-def index_by_key(files: Sequence[str], root: str, scale: int, what: str) -> dict[str, str]:
-    """``{pairing key: file}`` for image files below ``root``; ValueError naming ``what`` when two
-    files match one key."""
-    index: dict[str, str] = {}
-    for uri in files:
-        key = pairing_key(os.path.splitext(relative_path(str(uri), str(root)))[0], scale)
-        if key in index:
-            raise ValueError(f"{what}: {index[key]} and {uri} both match image {key!r}; keep one of them")
-        index[key] = uri
-    return index
-
-
-def pair_size_error(lr: str, lr_size: tuple[int, int], hr: str, gtmod_size: tuple[int, int], scale: int) -> str | None:
-    """The message for an LR image (``lr_size`` = (H, W)) that is not its GTmod (``gtmod_size``) ÷ ``scale``,
-    or None when it is."""
-    if (lr_size[0] * scale, lr_size[1] * scale) == tuple(gtmod_size):
-        return None
-    return (f"{lr}: LR is {lr_size[0]}x{lr_size[1]} but GT {hr} cropped to a multiple of {scale} is "
-            f"{gtmod_size[0]}x{gtmod_size[1]}, so LR should be {gtmod_size[0] // scale}x{gtmod_size[1] // scale}")
 
 
 class ValidationSet(torch.utils.data.Dataset):
@@ -163,7 +122,7 @@ def _shard_images(shards, scale: int) -> tuple[list[str], list[np.ndarray], list
 def _paired_lr_images(lr_source: str, names: Sequence[str], images: Sequence[np.ndarray], scale: int,
                       skipped: list[str]) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
     """The LR image of each validation image from the folder ``lr_source``, paired by
-    :func:`pairing_key`. ValueError naming the images without an LR file and any LR file whose size
+    :func:`raysr.data.pairing.pairing_key`. ValueError naming the images without an LR file and any LR file whose size
     is not GTmod ÷ scale; an unreadable LR file skips its pair with a warning."""
     what = f"data.val_lr {lr_source}"
     files, _ = list_images(lr_source)
@@ -201,7 +160,7 @@ def load_validation(source, scale: int, *, quantize: bool = True, lr_source: Opt
     without extension, sorted), or shards (URL list, pattern, directory with a
     manifest, manifest; names: sample keys, in shard order). lr_source: a folder
     or s3:// prefix of the matching LR images (``data.val_lr``), paired by name
-    (:func:`pairing_key`), each exactly GTmod ÷ scale; None makes LR by bicubic.
+    (:func:`raysr.data.pairing.pairing_key`), each exactly GTmod ÷ scale; None makes LR by bicubic.
     Raises ValueError when no usable image is found or a pair does not fit,
     StorageError when a source is missing.
     """
