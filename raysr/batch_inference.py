@@ -29,9 +29,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from raysr.cli import InputError, failure_reason
@@ -122,26 +123,36 @@ def read_stage(row: dict) -> dict:
 
 
 class UpscaleStage:
-    """Actor: holds the models on its device (a GPU when it has one) and upscales one input per
-    call into one row per output file (``out`` and its pixels)."""
+    """Actor: holds the models on its device (a GPU when it has one) and upscales a batch of up to
+    ``--batch-tiles`` inputs (a pyarrow table, one row per input) into tables of one row per output
+    file (``out`` and its pixels), one table per group the upscaler forms (bounding the memory the
+    outputs hold)."""
 
     def __init__(self, make_upscaler: Callable[[torch.device], Callable]):
         has_gpu = bool(os.environ.get("CUDA_VISIBLE_DEVICES")) and torch.cuda.is_available()
-        self.upscale = make_upscaler(torch.device("cuda" if has_gpu else "cpu"))
+        self.upscaler = make_upscaler(torch.device("cuda" if has_gpu else "cpu"))
 
-    def __call__(self, row: dict) -> list[dict]:
-        outs = list(row.pop("outs"))
-        megapixels = row["height"] * row["width"] / 1e6
-        if row["error"]:
-            return [{**row, "out": "", "count": 1, "megapixels": 0.0}]
-        try:
-            results = self.upscale(image_from_columns(row))
-        except Exception as err:
-            if isinstance(err, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            return [{**_failed_row(row, "upscale", err), "out": "", "count": 1, "megapixels": 0.0}]
-        return [{**row, **image_columns(result), "out": out, "count": len(outs), "megapixels": megapixels}
-                for out, result in zip(outs, results)]
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        rows = batch.to_pylist()
+        unread = [_output_row(row, "", 1, 0.0) for row in rows if row["error"]]
+        if unread:
+            yield pa.Table.from_pylist(unread)
+        inputs = ((row, image_from_columns(row)) for row in rows if not row["error"])
+        for group in self.upscaler.groups(inputs):
+            out = []
+            for row, _, results in group:
+                if isinstance(results, BaseException):
+                    out.append(_output_row(_failed_row(row, "upscale", results), "", 1, 0.0))
+                    continue
+                megapixels = row["height"] * row["width"] / 1e6
+                out += [_output_row({**row, **image_columns(result)}, name, len(row["outs"]), megapixels)
+                        for name, result in zip(row["outs"], results)]
+            yield pa.Table.from_pylist(out)
+
+
+def _output_row(row: dict, out: str, count: int, megapixels: float) -> dict:
+    """An upscale stage's row: one output file ``out`` of an input that makes ``count``."""
+    return {**{k: v for k, v in row.items() if k != "outs"}, "out": out, "count": count, "megapixels": megapixels}
 
 
 def write_stage(row: dict) -> dict:
@@ -170,28 +181,33 @@ def prepare(address: str, workers: tuple[int, int] | None, gpus_per_worker: floa
 
 
 def run_pipeline(items: list[dict], read: Callable, stage: type, stage_args: tuple, write: Callable,
-                 actors: tuple[int, int, float], read_kwargs: dict | None = None):
+                 actors: tuple[int, int, float], read_kwargs: dict | None = None, batch_size: int | None = None):
     """Rows of ``items`` through ``read`` (CPU tasks) -> ``stage(*stage_args)`` (actor pool of
-    ``actors`` = (min, max, GPUs each); one row in, a list of rows out) -> ``write`` (CPU tasks);
-    yields the written rows on the driver as they come."""
+    ``actors`` = (min, max, GPUs each); one row in, a list of rows out, or with ``batch_size`` a
+    pyarrow table of up to that many rows in, tables out) -> ``write`` (CPU tasks); yields the
+    written rows on the driver as they come."""
     import ray.data
 
     low, high, gpus = actors
+    model_stage = dict(fn_constructor_args=stage_args, compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+                       num_gpus=gpus, num_cpus=1)
     dataset = (ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
-               .map(read, fn_kwargs=read_kwargs, memory=CODEC_TASK_MEMORY)
-               .flat_map(stage, fn_constructor_args=stage_args,
-                         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high), num_gpus=gpus, num_cpus=1)
-               .map(write, memory=CODEC_TASK_MEMORY))
-    yield from dataset.iter_rows()
+               .map(read, fn_kwargs=read_kwargs, memory=CODEC_TASK_MEMORY))
+    # pyarrow batches keep the pixel bytes as they are (numpy batches would make them fixed-width, cutting
+    # trailing zero bytes)
+    dataset = (dataset.flat_map(stage, **model_stage) if batch_size is None else
+               dataset.map_batches(stage, batch_size=batch_size, batch_format="pyarrow", **model_stage))
+    yield from dataset.map(write, memory=CODEC_TASK_MEMORY).iter_rows()
 
 
 def upscale_on_ray(jobs: Sequence, make_upscaler: Callable, log, *, address: str, workers: tuple[int, int] | None,
-                   gpus_per_worker: float | None, precision: str, verbose: bool = False) -> None:
+                   gpus_per_worker: float | None, precision: str, batch_tiles: int = 1, verbose: bool = False) -> None:
     """Run ``jobs`` (:class:`raysr.upscale.Job`: ``uri``, ``outs``) through the pipeline on the Ray cluster at
     ``address`` (see :func:`start_ray`), reporting each input to ``log`` (:class:`raysr.upscale.JobLog`)
     once its last output is written or it fails.
 
-    ``make_upscaler(device)``: the run's models on ``device``, as a callable image -> output images.
+    ``make_upscaler(device)``: the run's models on ``device`` (a :class:`raysr.upscale.Upscaler`). Each model
+    actor takes ``batch_tiles`` inputs per call, whose tiles the upscaler batches (``--batch-tiles``).
     """
     if not jobs:  # all skipped: no need to start Ray
         return
@@ -200,7 +216,8 @@ def upscale_on_ray(jobs: Sequence, make_upscaler: Callable, log, *, address: str
     log.start()  # images/s and MP/s from here: starting Ray is not upscaling
     written: dict[str, int] = {}
     failed: set[str] = set()
-    for row in run_pipeline(items, read_stage, UpscaleStage, (make_upscaler,), write_stage, actors):
+    for row in run_pipeline(items, read_stage, UpscaleStage, (make_upscaler,), write_stage, actors,
+                            batch_size=batch_tiles):
         uri = row["uri"]
         if uri in failed:
             continue

@@ -16,7 +16,8 @@ written). Then every input goes read -> upscale -> write, in this process or, wi
 as a Ray Data pipeline (:mod:`raysr.batch_inference`) that runs the same three stages. Each
 output is written atomically; a rerun skips inputs whose outputs are all there; an input that
 fails is listed in ``<output>/_failed.jsonl`` and the job goes on (exit code 3 at the end).
-``--model g.onnx`` runs a file from ``python -m raysr.export`` through onnxruntime.
+``--model g.onnx`` runs a file from ``python -m raysr.export`` through onnxruntime. ``--batch-tiles N``
+sends the tiles of equal shape of several inputs through the network N at a time (:meth:`Upscaler.groups`).
 
 :func:`upscale_tensor` (whole or tiled inference, padded to what the network takes) is
 also what ``raysr.evaluate`` and training's validation run the generator through.
@@ -31,9 +32,10 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -42,13 +44,15 @@ from torch import nn
 from raysr import storage
 from raysr.images import (DecodedImage, from_float_rgb, is_under, list_images, read_image,
                            relative_path, to_float_rgb, write_image)
-from raysr.inference import DEFAULT_TILE_PAD, PRECISIONS, upscale_tensor
+from raysr.inference import DEFAULT_TILE_PAD, PRECISIONS, count_tiles, upscale_tensors
 from raysr.onnx_file import OnnxGenerator
 from raysr.ops.resize import imresize, weight_matrix
 from raysr.cli import (DEVICES, InputError, add_ray_args, check_model_scale, check_ray_args, cli, failure_reason,
                        load_model, mix_generators, parse_workers, resolve_device)
 from raysr.util import Progress
 
+Item = TypeVar("Item")  # what a caller tracks an input by (a Job, a shard sample)
+Outcome = list[DecodedImage] | BaseException  # an input's output images, or why it failed
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -81,20 +85,31 @@ def upscale_image(models: Sequence[nn.Module], image: DecodedImage, scale_out: f
     alpha is upscaled with MATLAB bicubic in float32. scale_out: final size relative to the input
     (default: the model's scale); the SR image is then resized with bicubic.
     """
-    rgb, alpha = to_float_rgb(image)
-    lr = torch.from_numpy(rgb).permute(2, 0, 1)[None]
+    return upscale_images(models, [image], scale_out, tile, tile_pad, precision)[0]
+
+
+def upscale_images(models: Sequence[nn.Module], images: Sequence[DecodedImage], scale_out: float | None = None,
+                   tile: int = 0, tile_pad: int = DEFAULT_TILE_PAD, precision: str = "fp32",
+                   batch_tiles: int = 1) -> list[list[DecodedImage]]:
+    """:func:`upscale_image` of each of ``images``, their tiles of equal shape (whole images with
+    ``tile=0``) going through each model up to ``batch_tiles`` at a time (see
+    :func:`raysr.inference.upscale_tensors`; 1 = each tile alone, byte for byte as one image at a time)."""
     scale = models[0].scale
-    height, width = image.size
-    target = output_size(height, width, scale_out) if scale_out else (height * scale, width * scale)
-    alpha_up = None
-    if alpha is not None:
-        # float32 (to_float_rgb's dtype) is exact enough for 16-bit alpha and keeps resize buffers small
-        alpha_up = imresize(torch.from_numpy(alpha)[None], scale)
-        alpha_up = _to_size(alpha_up, target)[0].clamp(0, 1).numpy()
-    outputs = []
+    lrs, targets, alphas = [], [], []
+    for image in images:
+        rgb, alpha = to_float_rgb(image)
+        lrs.append(torch.from_numpy(rgb).permute(2, 0, 1)[None])
+        height, width = image.size
+        targets.append(output_size(height, width, scale_out) if scale_out else (height * scale, width * scale))
+        if alpha is not None:
+            # float32 (to_float_rgb's dtype) is exact enough for 16-bit alpha and keeps resize buffers small
+            alpha = _to_size(imresize(torch.from_numpy(alpha)[None], scale), targets[-1])[0].clamp(0, 1).numpy()
+        alphas.append(alpha)
+    outputs: list[list[DecodedImage]] = [[] for _ in images]
     for model in models:
-        sr = _to_size(upscale_tensor(model, lr, tile, tile_pad, precision)[0], target).clamp(0, 1)
-        outputs.append(from_float_rgb(sr.permute(1, 2, 0).numpy(), alpha_up, image))
+        srs = upscale_tensors(model, lrs, tile, tile_pad, precision, batch_tiles)
+        for out, sr, target, alpha, image in zip(outputs, srs, targets, alphas, images):
+            out.append(from_float_rgb(_to_size(sr[0], target).clamp(0, 1).permute(1, 2, 0).numpy(), alpha, image))
     return outputs
 
 
@@ -201,19 +216,51 @@ class UpscaleOptions:
     tile_pad: int = DEFAULT_TILE_PAD
     precision: str = "fp32"
     side_by_side: bool = False
+    batch_tiles: int = 1
 
 
 class Upscaler:
-    """The models of a run on one device: ``upscaler(image)`` -> the output images of one input."""
+    """The models of a run on one device: ``upscaler(image)`` -> the output images of one input;
+    :meth:`groups` upscales a stream of inputs several at a time (``--batch-tiles``)."""
 
     def __init__(self, models: Sequence[nn.Module], options: UpscaleOptions, device: torch.device):
         self.models = [m.to(device) for m in models]
         self.options = options
 
     def __call__(self, image: DecodedImage) -> list[DecodedImage]:
+        return self.upscale([image])[0]
+
+    def upscale(self, images: Sequence[DecodedImage]) -> list[list[DecodedImage]]:
+        """The output images of each input, upscaled together (tiles batched by ``batch_tiles``)."""
         o = self.options
-        results = upscale_image(self.models, image, o.scale_out, o.tile, o.tile_pad, o.precision)
-        return [side_by_side(results)] if o.side_by_side else results
+        results = upscale_images(self.models, images, o.scale_out, o.tile, o.tile_pad, o.precision, o.batch_tiles)
+        return [[side_by_side(r)] for r in results] if o.side_by_side else results
+
+    def groups(self, inputs: Iterable[tuple[Item, DecodedImage]]) -> Iterator[list[tuple[Item, DecodedImage, Outcome]]]:
+        """``(item, image)`` pairs upscaled in groups: a group closes once its images hold
+        ``batch_tiles`` tiles (so with the default 1, every image is a group of its own). Per group,
+        each item and image with its output images, or the exception that stopped them."""
+        group, tiles = [], 0
+        for item, image in inputs:
+            group.append((item, image))
+            tiles += count_tiles(self.models[0], *image.size, self.options.tile, self.options.tile_pad)
+            if tiles >= self.options.batch_tiles:
+                yield self._upscale_group(group)
+                group, tiles = [], 0
+        if group:
+            yield self._upscale_group(group)
+
+    def _upscale_group(self, group: list[tuple[Item, DecodedImage]]) -> list[tuple[Item, DecodedImage, Outcome]]:
+        try:
+            results = self.upscale([image for _, image in group])
+        except Exception as err:  # any input may be bad in its own way; the caller lists it, the job goes on
+            if isinstance(err, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            if len(group) == 1:
+                return [(*group[0], err)]
+            # a batch does not say which image broke it (or it did not fit at once): each image alone
+            return [entry for one in group for entry in self._upscale_group([one])]
+        return [(item, image, result) for (item, image), result in zip(group, results)]
 
 
 def megapixels(image: DecodedImage) -> float:
@@ -295,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tile-pad", type=int, default=DEFAULT_TILE_PAD,
                         help="context pixels around each tile, cropped from its output (default "
                              f"{DEFAULT_TILE_PAD}; raise it if seams show)")
+    parser.add_argument("--batch-tiles", type=int, default=1, metavar="N",
+                        help="tiles of equal shape (whole images of equal size with --tile 0) from several images "
+                             "go through the network N at a time, so small images keep the GPU busy; outputs "
+                             "may differ from one at a time by one 8-bit level (default 1: one at a time)")
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                         help="autocast precision (fp16 needs CUDA; default fp32)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto = cuda if available (default)")
@@ -315,6 +366,9 @@ def _check_options(args: argparse.Namespace) -> None:
         raise InputError(f"--scale-out must be a number > 0, got {args.scale_out}")
     if args.tile < 0 or args.tile_pad < 0:
         raise InputError(f"--tile and --tile-pad must be >= 0, got {args.tile} and {args.tile_pad}")
+    if args.batch_tiles < 1:
+        raise InputError(f"--batch-tiles must be an integer >= 1 (the most tiles per forward pass; 1, the default, "
+                         f"upscales one tile at a time), got {args.batch_tiles}")
     check_model_scale(args.model_scale)
     if (args.alpha is None) != (args.model_b is None):
         raise InputError("--alpha and --model-b go together: --model is the PSNR network, --model-b the GAN one, "
@@ -354,7 +408,8 @@ def upscaler_on(device: torch.device, model_args: argparse.Namespace, options: U
 
 def _run(args: argparse.Namespace) -> int:
     _check_options(args)
-    options = UpscaleOptions(args.scale_out, args.tile, args.tile_pad, args.precision, args.side_by_side)
+    options = UpscaleOptions(args.scale_out, args.tile, args.tile_pad, args.precision, args.side_by_side,
+                             args.batch_tiles)
     if args.ray is None:
         device = resolve_device(args.device)
         check_precision(args.precision, device)
@@ -372,31 +427,39 @@ def _run(args: argparse.Namespace) -> int:
             upscale_on_ray(jobs, functools.partial(upscaler_on, model_args=model_args, options=options), log,
                            address=args.ray,
                            workers=parse_workers(args.workers) if args.workers else None,
-                           gpus_per_worker=args.gpus_per_worker, precision=args.precision, verbose=args.verbose)
+                           gpus_per_worker=args.gpus_per_worker, precision=args.precision,
+                           batch_tiles=args.batch_tiles, verbose=args.verbose)
         else:
-            upscaler = Upscaler(models, options, device)
-            for job in jobs:
-                _upscale_job(upscaler, job, log)
+            _upscale_files(Upscaler(models, options, device), jobs, log)
     finally:
         code = log.finish()
     return code
 
 
-def _upscale_job(upscaler: Upscaler, job: Job, log: JobLog) -> None:
-    stage = "read"
-    try:
-        image = read_image(job.uri)
-        stage = "upscale"
-        results = upscaler(image)
-        stage = "write"
-        for out, result in zip(job.outs, results):
-            write_image(out, result)
-    except Exception as err:  # any input may be bad in its own way; it is listed, and the job goes on
-        if isinstance(err, torch.cuda.OutOfMemoryError):
-            torch.cuda.empty_cache()
-        log.failed(job.uri, stage, failure_reason(err))
-        return
-    log.done(job.uri, megapixels(image))
+def _read_inputs(jobs: Iterable[Job], log: JobLog) -> Iterator[tuple[Job, DecodedImage]]:
+    for job in jobs:
+        try:
+            image = read_image(job.uri)
+        except Exception as err:  # any input may be bad in its own way; it is listed, and the job goes on
+            log.failed(job.uri, "read", failure_reason(err))
+            continue
+        yield job, image
+
+
+def _upscale_files(upscaler: Upscaler, jobs: Sequence[Job], log: JobLog) -> None:
+    """read -> upscale -> write every job in this process, ``--batch-tiles`` images at a time."""
+    for group in upscaler.groups(_read_inputs(jobs, log)):
+        for job, image, results in group:
+            if isinstance(results, BaseException):
+                log.failed(job.uri, "upscale", failure_reason(results))
+                continue
+            try:
+                for out, result in zip(job.outs, results):
+                    write_image(out, result)
+            except Exception as err:  # a full disk, a denied bucket, a format that cannot hold the pixels
+                log.failed(job.uri, "write", failure_reason(err))
+                continue
+            log.done(job.uri, megapixels(image))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

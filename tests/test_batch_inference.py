@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image, ImageCms
 
@@ -55,6 +56,7 @@ def make_inputs(root: Path, make_image) -> dict[str, np.ndarray]:
 
 
 GOOD = ["a.png", "deep16.png", "sub/photo.jpg", "sub/rgba.png"]
+REDONE = ["a.png", "sub/rgba.png"]
 BAD = ["bad.png", "sub/cut.png"]
 
 
@@ -74,8 +76,12 @@ def runs(ray_local, tmp_path_factory):
     base = ["--model", root / "g.pth", "--input", root / "in"]
     single = run_captured(base + ["--output", root / "single"])
     first = run_captured(base + ["--output", root / "ray", "--ray", "--workers", "1,1"])
-    mtimes = {name: (root / "ray" / name).stat().st_mtime_ns for name in GOOD}
-    again = run_captured(base + ["--output", root / "ray", "--ray"])
+    ray_bytes = {name: (root / "ray" / name).read_bytes() for name in GOOD}
+    # the rerun redoes two outputs in batched tiles (each image's 9 tiles read all of it: one forward of 9)
+    for name in REDONE:
+        (root / "ray" / name).unlink()
+    mtimes = {name: (root / "ray" / name).stat().st_mtime_ns for name in GOOD if name not in REDONE}
+    again = run_captured(base + ["--output", root / "ray", "--ray", "--tile", 4, "--tile-pad", 8, "--batch-tiles", 16])
     (root / "hr").mkdir()
     for i, (h, w) in enumerate([(24, 20), (17, 30)]):  # x2 GTmod 24x20 and 16x30
         Image.fromarray(synthetic_image(h, w, seed=10 + i)).save(root / "hr" / f"im{i}.png")
@@ -87,14 +93,14 @@ def runs(ray_local, tmp_path_factory):
             assert evaluate_main([str(a) for a in argv]) == 0
         scores[mode] = json.loads((root / f"{mode}.json").read_text())
     return SimpleNamespace(root=root, model=model, pixels=pixels, single=single, first=first, again=again,
-                           mtimes=mtimes, scores=scores)
+                           ray_bytes=ray_bytes, mtimes=mtimes, scores=scores)
 
 
 def test_ray_writes_the_single_process_bytes(runs):
     assert runs.single[0] == 3 and runs.first[0] == 3, (runs.single[1], runs.first[1])
     assert files_under(runs.root / "ray") == files_under(runs.root / "single") == sorted(GOOD + ["_failed.jsonl"])
     for name in GOOD:
-        assert (runs.root / "ray" / name).read_bytes() == (runs.root / "single" / name).read_bytes(), name
+        assert runs.ray_bytes[name] == (runs.root / "single" / name).read_bytes(), name
 
 
 def test_ray_keeps_formats_bit_depth_alpha_and_icc(runs):
@@ -119,12 +125,17 @@ def test_ray_lists_bad_inputs_and_says_so(runs):
     assert "not an image" in failed[0][2] and "truncated" in failed[1][2]
 
 
-def test_ray_rerun_skips_what_is_done(runs):
+def test_ray_rerun_skips_what_is_done_and_batched_tiles_stay_within_one_level(runs):
     code, err = runs.again
     assert code == 3  # the two bad inputs fail again, and are listed again
-    assert "skipping 4 input(s) whose output is already in" in err
-    assert "0 done, 4 skipped (output already there), 2 failed" in err
-    assert {name: (runs.root / "ray" / name).stat().st_mtime_ns for name in GOOD} == runs.mtimes
+    assert "skipping 2 input(s) whose output is already in" in err
+    assert "2 done, 2 skipped (output already there), 2 failed" in err
+    assert {name: (runs.root / "ray" / name).stat().st_mtime_ns for name in runs.mtimes} == runs.mtimes
+    for name in REDONE:  # --tile 4 --tile-pad 8 --batch-tiles 16 against the single-process run, whole images
+        redone, single = (Image.open(runs.root / d / name) for d in ("ray", "single"))
+        assert redone.mode == single.mode and redone.info.get("icc_profile") == single.info.get("icc_profile")
+        diff = np.abs(np.asarray(redone).astype(int) - np.asarray(single).astype(int))
+        assert diff.max() <= 1, name
 
 
 def test_evaluate_on_ray_scores_as_the_single_process_run(runs):
@@ -155,7 +166,7 @@ def test_the_stages_row_by_row_write_the_single_process_bytes(tmp_path, make_ima
     rows = []
     for name in GOOD + BAD:
         row = read_stage({"uri": str(tmp_path / "in" / name), "outs": [str(tmp_path / "rows" / name)]})
-        rows += [write_stage(r) for r in stage(row)]
+        rows += [write_stage(r) for table in stage(pa.Table.from_pylist([row])) for r in table.to_pylist()]
     assert sorted(Path(r["uri"]).name for r in rows if r["error"]) == ["bad.png", "cut.png"]
     assert all(r["count"] == 1 for r in rows)
     for name in GOOD:
