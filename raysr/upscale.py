@@ -47,6 +47,10 @@ from raysr.images import (DecodedImage, from_float_rgb, is_under, list_images, r
 from raysr.inference import DEFAULT_TILE_PAD, PRECISIONS, count_tiles, upscale_tensors
 from raysr.onnx_file import OnnxGenerator
 from raysr.ops.resize import imresize, weight_matrix
+from raysr.data.sources import resolve_shards
+from raysr.data.image_shards import (OutputShard, existing_files, is_shard_source, log_folder, member_names,
+                                     output_shard_urls, read_images)
+from raysr.data.samples import DamagedTar
 from raysr.cli import (DEVICES, InputError, add_ray_args, check_model_scale, check_ray_args, cli, failure_reason,
                        load_model, mix_generators, parse_workers, resolve_device)
 from raysr.util import Progress
@@ -202,6 +206,90 @@ def plan_jobs(args: argparse.Namespace) -> tuple[list[Job], int]:
     return jobs, skipped
 
 
+# --------------------------------------------------------------------------- WebDataset shards
+
+
+@dataclass
+class ShardJob:
+    """One input shard, the output shard it makes, and its sample count where a manifest gives it."""
+
+    url: str
+    out: str
+    samples: int | None
+
+
+def plan_shard_jobs(args: argparse.Namespace) -> tuple[list[ShardJob], int, str]:
+    """``(jobs, skipped, log folder)``: the input shards whose output shard is not there yet, how many
+    are (an earlier run wrote them: a shard under its final name is complete), and the folder of the
+    output shards, where ``_failed.jsonl`` goes."""
+    try:
+        shards = resolve_shards(args.input)
+        found = existing_files(shards.urls)
+        missing = [url for url in shards.urls if url not in found]
+        outs = output_shard_urls(shards.urls, args.output_shards)
+    except (ValueError, storage.StorageError) as err:
+        raise InputError(str(err)) from err
+    if missing:
+        raise InputError(f"--input {args.input}: {len(missing)} of its {len(shards.urls)} shards do not exist, "
+                         f"e.g. {missing[0]}")
+    existing = existing_files(outs)
+    jobs = [ShardJob(url, out, count) for url, out, count in zip(shards.urls, outs, shards.samples)
+            if out not in existing]
+    return jobs, len(outs) - len(jobs), log_folder(outs)
+
+
+def _shard_inputs(job: ShardJob, log: "JobLog", unreadable: list[str]) -> Iterator[tuple[str, DecodedImage]]:
+    """``(key, image)`` of the usable samples of ``job``'s shard; the others are listed in ``log``. A shard
+    that cannot be read to its end for a reason other than damage (missing, denied, the store gone) ends
+    the iteration with the reason appended to ``unreadable``: its output shard must not be written."""
+    count = 0
+    try:
+        for key, image in read_images(job.url):
+            if job.samples is None:  # no manifest counted them: the progress total grows as they come
+                log.expect(1)
+            if isinstance(image, DamagedTar):  # a rerun cannot mend it: the samples before the break go on
+                log.failed(job.url, "read", f"{image}; the {count} samples before the break go on")
+                break
+            count += 1
+            if isinstance(image, BaseException):
+                log.failed(job.url, "read", failure_reason(image), key)
+                continue
+            yield key, image
+    except storage.StorageError as err:
+        unreadable.append(failure_reason(err))
+        if job.samples is None:
+            log.expect(1)
+
+
+def _upscale_shards(upscaler: "Upscaler", jobs: Sequence[ShardJob], log: "JobLog", members: Sequence[str]) -> None:
+    """Each input shard -> its output shard, in this process: samples read in tar order, upscaled
+    ``--batch-tiles`` at a time, added as ``<key>.<member>``; the output shard is written whole
+    after its last sample, and its samples count as done then."""
+    for job in jobs:
+        shard, done, unreadable = OutputShard(job.out, members), [], []
+        for group in upscaler.groups(_shard_inputs(job, log, unreadable)):
+            for key, image, results in group:
+                if isinstance(results, BaseException):
+                    log.failed(job.url, "upscale", failure_reason(results), key)
+                    continue
+                try:
+                    shard.add(key, results)
+                except Exception as err:  # the pixels do not encode (e.g. too large for one tar member)
+                    log.failed(job.url, "write", failure_reason(err), key)
+                    continue
+                done.append((key, megapixels(image)))
+        if unreadable:
+            log.failed(job.url, "read", f"{unreadable[0]}; its output shard is not written, a rerun tries it again")
+            continue
+        try:
+            shard.write()
+        except Exception as err:  # a full disk, a denied bucket: a rerun tries this shard again
+            log.failed(job.url, "write", f"{job.out}: {failure_reason(err)}")
+            continue
+        for key, mp in done:
+            log.done(f"{job.url}#{key}", mp)
+
+
 # --------------------------------------------------------------------------- the three stages
 # read -> upscale -> write: the single-process loop runs them one after the other per input, the
 # Ray Data pipeline (raysr.batch_inference) runs read and write as CPU tasks and upscale on an actor pool.
@@ -276,10 +364,13 @@ EXIT_SOME_FAILED = 3
 class JobLog:
     """Counts a dataset job's inputs as they finish, draws the progress line every few seconds and
     ends with one summary line; ``<output>/_failed.jsonl`` lists the inputs that failed, one JSON
-    object per line: ``{"input": uri, "stage": "read" | "upscale" | "write", "error": reason}``."""
+    object per line: ``{"input": uri, "stage": "read" | "upscale" | "write", "error": reason}``, with
+    ``"key"`` for a sample of an input shard. ``skipped`` counts what the summary calls ``skipped``
+    (inputs, or output shards already there)."""
 
-    def __init__(self, tool: str, total: int, skipped: int, output: str, interval: float = 5.0):
-        self.tool, self.skipped, self.output = tool, skipped, output
+    def __init__(self, tool: str, total: int, skipped: int, output: str, interval: float = 5.0,
+                 skipped_text: str = "skipped (output already there)"):
+        self.tool, self.skipped, self.output, self.skipped_text = tool, skipped, output, skipped_text
         self.failures: list[dict] = []
         self.megapixels = 0.0
         self.progress = Progress(total, tool, unit="images", interval=interval)
@@ -292,9 +383,14 @@ class JobLog:
         self.megapixels += megapixels
         self._step(uri)
 
-    def failed(self, uri: str, stage: str, reason: str) -> None:
-        self.failures.append({"input": uri, "stage": stage, "error": reason})
+    def failed(self, uri: str, stage: str, reason: str, key: str | None = None) -> None:
+        self.failures.append({"input": uri, **({"key": key} if key is not None else {}), "stage": stage,
+                              "error": reason})
         self._step(uri)
+
+    def expect(self, count: int) -> None:
+        """``count`` more inputs than the total said (an input shard that no manifest counted)."""
+        self.progress.total += count
 
     def _step(self, uri: str) -> None:
         elapsed = time.monotonic() - self.progress.start
@@ -312,7 +408,7 @@ class JobLog:
             storage.remove(log)  # an earlier run's failures are done or skipped now
         elapsed = max(time.monotonic() - self.progress.start, 1e-9)
         done = self.progress.done - len(self.failures)
-        line = (f"{self.tool}: {done} done, {self.skipped} skipped (output already there), {len(self.failures)} failed "
+        line = (f"{self.tool}: {done} done, {self.skipped} {self.skipped_text}, {len(self.failures)} failed "
                 f"in {elapsed:.1f}s: {done / elapsed:.3g} images/s, "
                 f"{self.megapixels / elapsed:.3g} MP/s (input pixels)")
         if self.failures:
@@ -329,12 +425,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m raysr.upscale", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Upscale an image or a folder of images with a trained SR generator.",
         epilog="Outputs keep each input's name, relative folder and format; with --alpha they get an "
-               "_alpha<A> suffix. A rerun skips inputs whose outputs exist. An input that cannot be read or "
-               f"upscaled is listed in <output>/{FAILED_LOG} and the others go on. Exit codes: 0 all done, "
+               "_alpha<A> suffix (in shards: <key>.alpha<A>.png). A rerun skips inputs whose outputs exist. An "
+               f"input that cannot be read or upscaled is listed in <output>/{FAILED_LOG} (beside the output "
+               "shards) and the others go on. Exit codes: 0 all done, "
                f"{EXIT_SOME_FAILED} some inputs failed, 2 a bad option (nothing written).")
     parser.add_argument("--model", required=True, help="generator checkpoint (path or s3:// URI)")
-    parser.add_argument("--input", required=True, help="image file or folder (searched recursively)")
-    parser.add_argument("--output", required=True, help="output folder (created if missing)")
+    parser.add_argument("--input", required=True,
+                        help="image file or folder (searched recursively), or WebDataset shards as raysr.train's "
+                             "data.train takes them: a .tar, a brace pattern such as in/train-{000000..000099}.tar, "
+                             "a manifest.parquet, or a folder / s3:// prefix of shards")
+    output = parser.add_mutually_exclusive_group(required=True)
+    output.add_argument("--output", help="output folder for image files (created if missing)")
+    output.add_argument("--output-shards", metavar="PATTERN",
+                        help="write shards, one per input shard with the same keys (<key>.png): a brace pattern "
+                             "with one name per input shard (out/sr-{000000..000099}.tar) or a folder (each output "
+                             "shard takes its input shard's name); a rerun skips output shards already there")
     parser.add_argument("--scale-out", type=float, default=None, metavar="S",
                         help="final size = S x the input (bicubic resize of the SR output); default: model scale")
     parser.add_argument("--tile", type=int, default=0,
@@ -413,11 +518,22 @@ def _run(args: argparse.Namespace) -> int:
     if args.ray is None:
         device = resolve_device(args.device)
         check_precision(args.precision, device)
-    jobs, skipped = plan_jobs(args)
+    shards = _check_shard_options(args)
+    if shards:
+        jobs, skipped, log_folder = plan_shard_jobs(args)
+        total = sum(job.samples or 0 for job in jobs)  # shards without a manifest add theirs as they are read
+        log = JobLog("raysr.upscale", total, skipped, log_folder,
+                     skipped_text="shards skipped (output shard already there)")
+        if skipped:
+            print(f"raysr.upscale: skipping {skipped} input shard(s) whose output shard is already there",
+                  file=sys.stderr)
+    else:
+        jobs, skipped = plan_jobs(args)
+        log = JobLog("raysr.upscale", len(jobs), skipped, args.output)
+        if skipped:
+            print(f"raysr.upscale: skipping {skipped} input(s) whose output is already in {args.output}",
+                  file=sys.stderr)
     models = load_models(args)
-    log = JobLog("raysr.upscale", len(jobs), skipped, args.output)
-    if skipped:
-        print(f"raysr.upscale: skipping {skipped} input(s) whose output is already in {args.output}", file=sys.stderr)
     try:
         if args.ray is not None:
             from raysr.batch_inference import upscale_on_ray
@@ -429,11 +545,33 @@ def _run(args: argparse.Namespace) -> int:
                            workers=parse_workers(args.workers) if args.workers else None,
                            gpus_per_worker=args.gpus_per_worker, precision=args.precision,
                            batch_tiles=args.batch_tiles, verbose=args.verbose)
+        elif shards:
+            tags = [f"alpha{_alpha_tag(a)}" for a in args.alpha] if args.alpha and not args.side_by_side else [""]
+            _upscale_shards(Upscaler(models, options, device), jobs, log, member_names(tags))
         else:
             _upscale_files(Upscaler(models, options, device), jobs, log)
     finally:
         code = log.finish()
     return code
+
+
+def _check_shard_options(args: argparse.Namespace) -> bool:
+    """Whether the job runs on shards (``--input`` names shards); InputError for combinations it cannot run."""
+    try:
+        shards = is_shard_source(args.input)
+    except storage.StorageError as err:
+        raise InputError(f"--input {args.input}: {err}") from err
+    if shards and args.output is not None:
+        raise InputError(f"--input {args.input} names WebDataset shards: write the results as shards with "
+                         "--output-shards PATTERN (image files per sample are not written from shards)")
+    if args.output_shards is not None and not shards:
+        raise InputError(f"--output-shards writes shards keyed like the input shards, but --input {args.input} "
+                         "is no shards: give a .tar, a brace pattern such as in/train-{000000..000009}.tar, a "
+                         "manifest.parquet or a folder of shards, or write image files with --output DIR")
+    if shards and args.ray is not None:
+        raise InputError("shards are upscaled in this process only for now: leave out --ray (and its options), "
+                         "or upscale a folder of image files with --ray")
+    return shards
 
 
 def _read_inputs(jobs: Iterable[Job], log: JobLog) -> Iterator[tuple[Job, DecodedImage]]:
