@@ -48,8 +48,8 @@ from raysr.inference import DEFAULT_TILE_PAD, PRECISIONS, count_tiles, upscale_t
 from raysr.onnx_file import OnnxGenerator
 from raysr.ops.resize import imresize, weight_matrix
 from raysr.data.sources import resolve_shards
-from raysr.data.image_shards import (OutputShard, existing_files, is_shard_source, log_folder, member_names,
-                                     output_shard_urls, read_images)
+from raysr.data.image_shards import (NOT_WRITTEN, OutputShard, damage_reason, existing_files, is_shard_source,
+                                     log_folder, member_names, output_shard_urls, read_images)
 from raysr.data.samples import DamagedTar
 from raysr.cli import (DEVICES, InputError, add_ray_args, check_model_scale, check_ray_args, cli, failure_reason,
                        load_model, mix_generators, parse_workers, resolve_device)
@@ -248,7 +248,7 @@ def _shard_inputs(job: ShardJob, log: "JobLog", unreadable: list[str]) -> Iterat
             if job.samples is None:  # no manifest counted them: the progress total grows as they come
                 log.expect(1)
             if isinstance(image, DamagedTar):  # a rerun cannot mend it: the samples before the break go on
-                log.failed(job.url, "read", f"{image}; the {count} samples before the break go on")
+                log.failed(job.url, "read", damage_reason(image, count))
                 break
             count += 1
             if isinstance(image, BaseException):
@@ -279,7 +279,7 @@ def _upscale_shards(upscaler: "Upscaler", jobs: Sequence[ShardJob], log: "JobLog
                     continue
                 done.append((key, megapixels(image)))
         if unreadable:
-            log.failed(job.url, "read", f"{unreadable[0]}; its output shard is not written, a rerun tries it again")
+            log.failed(job.url, "read", f"{unreadable[0]}; {NOT_WRITTEN}")
             continue
         try:
             shard.write()
@@ -535,18 +535,21 @@ def _run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
     models = load_models(args)
     try:
+        tags = [f"alpha{_alpha_tag(a)}" for a in args.alpha] if args.alpha and not args.side_by_side else [""]
         if args.ray is not None:
-            from raysr.batch_inference import upscale_on_ray
+            from raysr.batch_inference import upscale_on_ray, upscale_shards_on_ray
             # each actor loads the checkpoints itself: models in the actors' constructor arguments would
             # travel through the object store, from where an actor restarted on another node cannot rely on them
             model_args = argparse.Namespace(**{k: getattr(args, k) for k in MODEL_ARGS})
-            upscale_on_ray(jobs, functools.partial(upscaler_on, model_args=model_args, options=options), log,
-                           address=args.ray,
-                           workers=parse_workers(args.workers) if args.workers else None,
-                           gpus_per_worker=args.gpus_per_worker, precision=args.precision,
-                           batch_tiles=args.batch_tiles, verbose=args.verbose)
+            ray_args = dict(address=args.ray, workers=parse_workers(args.workers) if args.workers else None,
+                            gpus_per_worker=args.gpus_per_worker, precision=args.precision,
+                            batch_tiles=args.batch_tiles, verbose=args.verbose)
+            make_upscaler = functools.partial(upscaler_on, model_args=model_args, options=options)
+            if shards:
+                upscale_shards_on_ray(jobs, make_upscaler, log, member_names(tags), **ray_args)
+            else:
+                upscale_on_ray(jobs, make_upscaler, log, **ray_args)
         elif shards:
-            tags = [f"alpha{_alpha_tag(a)}" for a in args.alpha] if args.alpha and not args.side_by_side else [""]
             _upscale_shards(Upscaler(models, options, device), jobs, log, member_names(tags))
         else:
             _upscale_files(Upscaler(models, options, device), jobs, log)
@@ -556,7 +559,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check_shard_options(args: argparse.Namespace) -> bool:
-    """Whether the job runs on shards (``--input`` names shards); InputError for combinations it cannot run."""
+    """Whether the job runs on shards (``--input`` names shards); InputError for files in and shards out,
+    or shards in and files out."""
     try:
         shards = is_shard_source(args.input)
     except storage.StorageError as err:
@@ -568,9 +572,6 @@ def _check_shard_options(args: argparse.Namespace) -> bool:
         raise InputError(f"--output-shards writes shards keyed like the input shards, but --input {args.input} "
                          "is no shards: give a .tar, a brace pattern such as in/train-{000000..000009}.tar, a "
                          "manifest.parquet or a folder of shards, or write image files with --output DIR")
-    if shards and args.ray is not None:
-        raise InputError("shards are upscaled in this process only for now: leave out --ray (and its options), "
-                         "or upscale a folder of image files with --ray")
     return shards
 
 

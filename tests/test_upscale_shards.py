@@ -153,7 +153,6 @@ def test_shard_options_that_cannot_run_are_refused(shards, capsys):
          "names 2 shard(s), the input has 3"),
         (["--input", src, "--output-shards", shards / "o" / "one.tar"], "names one shard, the input has 3"),
         (["--input", src / "in-000000.tar", "--output-shards", src / "in-000000.tar"], "would overwrite its input"),
-        (["--input", src, "--output-shards", shards / "o", "--ray"], "leave out --ray"),
         (["--input", src / "none-{0..3}.tar", "--output-shards", shards / "o"], "4 of its 4 shards do not exist"),
     ]
     for argv, needle in cases:

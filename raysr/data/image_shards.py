@@ -6,6 +6,9 @@
   profiles kept), grouped and picked as training reads them (:mod:`raysr.data.samples`).
 * An output shard assembled with make_shards' :class:`raysr.data.make_shards.ShardBuilder` and written
   whole (:func:`raysr.data.make_shards.upload_shard`): an output shard under its final name is complete.
+  In this process the samples go straight into the tar (:class:`OutputShard`); on Ray the encode tasks
+  stage each member under ``<output shard>.parts/`` and one task per shard assembles it
+  (:func:`assemble_shard`), byte for byte the same tar.
 
 Shard sources are whatever ``raysr.train`` takes for ``data.train`` (:func:`raysr.data.resolve_shards`).
 """
@@ -30,6 +33,8 @@ from raysr.data.sources import SHARD_SUFFIXES
 from raysr.images import IMAGE_EXTENSIONS, DecodedImage, ImageError, decode_image, encode_image
 
 OUTPUT_SUFFIX = ".tar"
+# why a shard has no output shard in _failed.jsonl: it could not be read (missing, denied, the store gone)
+NOT_WRITTEN = "its output shard is not written, a rerun tries it again"
 
 
 def is_shard_source(source: str) -> bool:
@@ -105,22 +110,33 @@ def existing_files(uris: Sequence[str]) -> set[str]:
 # --------------------------------------------------------------------------- reading
 
 
-def read_images(url: str) -> Iterator[tuple[str, DecodedImage | Exception]]:
-    """``(key, image)`` of every sample of the shard at ``url``, in tar order; ``image`` is the
-    exception that says why a sample is unusable (no image member, undecodable). A tar that breaks
-    ends the iteration with ``("", DamagedTar)`` after every sample read whole. Raises
+def read_samples(url: str) -> Iterator[tuple[str, dict[str, bytes] | DamagedTar]]:
+    """``(key, {extension: bytes})`` of every sample of the shard at ``url``, in tar order. A tar that
+    breaks ends the iteration with ``("", DamagedTar)`` after every sample read whole. Raises
     :class:`raysr.storage.StorageError` if the shard cannot be opened or read."""
     stream = storage.open_stream(url)
     try:
-        for key, files in tar_samples(stream):
-            yield key, _decode(url, key, files)
+        yield from tar_samples(stream)
     except DamagedTar as err:
         yield "", DamagedTar(f"{url}: the tar breaks ({err})")
     finally:
         stream.close()
 
 
-def _decode(url: str, key: str, files: dict[str, bytes]) -> DecodedImage | Exception:
+def damage_reason(err: DamagedTar, count: int) -> str:
+    """``_failed.jsonl``'s reason for a tar that breaks after ``count`` samples: a rerun cannot mend it,
+    so the samples before the break go into the output shard."""
+    return f"{err}; the {count} samples before the break go on"
+
+
+def read_images(url: str) -> Iterator[tuple[str, DecodedImage | Exception]]:
+    """:func:`read_samples` with each sample decoded (:func:`decode_sample`) as it is read."""
+    for key, files in read_samples(url):
+        yield key, files if isinstance(files, DamagedTar) else decode_sample(url, key, files)
+
+
+def decode_sample(url: str, key: str, files: dict[str, bytes]) -> DecodedImage | Exception:
+    """The sample's image, or the exception that says why it is unusable (no image member, undecodable)."""
     ext = image_member(files)
     if ext is None:
         return ImageError(f"{url}: sample {key} has no image member (it has {', '.join(sorted(files))})")
@@ -142,6 +158,11 @@ def member_names(tags: Sequence[str]) -> list[str]:
     return ["png"] if len(tags) == 1 else [f"{tag}.png" for tag in tags]
 
 
+def encode_member(image: DecodedImage) -> bytes:
+    """An output image as its PNG member (bit depth, alpha and ICC profile kept)."""
+    return encode_image(DecodedImage(image.pixels, "PNG", image.icc_profile))
+
+
 class OutputShard:
     """One output shard: samples added as PNG members, then written whole to ``url``."""
 
@@ -150,12 +171,36 @@ class OutputShard:
         self.builder = ShardBuilder()
 
     def add(self, key: str, images: Sequence[DecodedImage]) -> None:
-        """One sample ``key`` with one PNG per output image (bit depth, alpha and ICC profile kept)."""
-        members = {ext: encode_image(DecodedImage(im.pixels, "PNG", im.icc_profile))
-                   for ext, im in zip(self.member_names, images)}
-        self.builder.add(key, members)
+        """One sample ``key`` with one PNG per output image."""
+        self.builder.add(key, {ext: encode_member(im) for ext, im in zip(self.member_names, images)})
 
     def write(self) -> None:
         """Write the shard to ``url`` atomically (a temporary file renamed, or one whole S3 upload)."""
         _, digest = self.builder.finish()
         upload_shard(self.url, self.builder.file, digest)
+
+
+# --------------------------------------------------------------------------- on Ray: members staged, then one tar
+
+
+def part_uri(out: str, index: int, member: str) -> str:
+    """Where the Ray pipeline stages member ``member`` of sample ``index`` of output shard ``out``
+    (``<out>.parts/``) until :func:`assemble_shard` puts the shard together."""
+    return f"{out}.parts/{index:08d}.{member}"
+
+
+def assemble_shard(out: str, samples: Sequence[tuple[str, Sequence[tuple[str, str]]]],
+                   leftovers: Sequence[str] = ()) -> None:
+    """Write output shard ``out`` from staged members: ``samples`` = ``(key, [(member, part uri), ...])``
+    in tar order (the bytes :class:`OutputShard` would have written for the same samples); then remove
+    the parts and ``leftovers`` (parts of samples left out)."""
+    builder = ShardBuilder()
+    for key, parts in samples:
+        builder.add(key, {member: storage.read_bytes(part) for member, part in parts})
+    _, digest = builder.finish()
+    upload_shard(out, builder.file, digest)
+    for part in [part for _, parts in samples for _, part in parts] + list(leftovers):
+        storage.remove(part)
+    folder = Path(f"{out}.parts")
+    if not storage.is_s3(out) and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
