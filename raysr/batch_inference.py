@@ -7,6 +7,10 @@ The upscale pipeline, in the order the data flows (evaluate's has the same shape
     work list (driver) -> read + decode (CPU tasks) -> upscale (actor pool, GPUs or CPUs)
                        -> encode + write (CPU tasks) -> outcomes (driver: progress, _failed.jsonl, summary)
 
+With ``--batch-tiles N`` an actor takes N inputs per call and batches their tiles. Shards in and out
+take the same path with a shard reader in front (one input shard in, its samples out) and the members
+of each output shard staged by the write tasks, then assembled by one task per shard.
+
 Decoding and encoding run on whatever CPUs the cluster has while the model actors only upscale;
 the actor pool grows from ``--workers MIN`` to ``MAX`` with the backlog (``ActorPoolStrategy``).
 Every stage catches what goes wrong with one input and passes it on as that row's ``error``, so a
@@ -188,10 +192,9 @@ def run_pipeline(items: list[dict], read: Callable, stage: type, stage_args: tup
                  actors: tuple[int, int, float], read_kwargs: dict | None = None, batch_size: int | None = None,
                  fan_out: bool = False):
     """Rows of ``items`` through ``read`` (CPU tasks; with ``fan_out`` one row in, an iterator of rows
-    out) -> ``stage(*stage_args)`` (actor pool of
-    ``actors`` = (min, max, GPUs each); one row in, a list of rows out, or with ``batch_size`` a
-    pyarrow table of up to that many rows in, tables out) -> ``write`` (CPU tasks); yields the
-    written rows on the driver as they come."""
+    out) -> ``stage(*stage_args)`` (actor pool of ``actors`` = (min, max, GPUs each); one row in, a list
+    of rows out, or with ``batch_size`` a pyarrow table of up to that many rows in, tables out) ->
+    ``write`` (CPU tasks); yields the written rows on the driver as they come."""
     import ray.data
 
     low, high, gpus = actors
@@ -199,8 +202,7 @@ def run_pipeline(items: list[dict], read: Callable, stage: type, stage_args: tup
                        num_gpus=gpus, num_cpus=1)
     dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
     dataset = (dataset.flat_map if fan_out else dataset.map)(read, fn_kwargs=read_kwargs, memory=CODEC_TASK_MEMORY)
-    # pyarrow batches keep the pixel bytes as they are (numpy batches would make them fixed-width, cutting
-    # trailing zero bytes)
+    # pyarrow batches hand the rows over as read_stage made them (bytes stay bytes, see the module docstring)
     dataset = (dataset.flat_map(stage, **model_stage) if batch_size is None else
                dataset.map_batches(stage, batch_size=batch_size, batch_format="pyarrow", **model_stage))
     yield from dataset.map(write, memory=CODEC_TASK_MEMORY).iter_rows()
@@ -327,6 +329,9 @@ def upscale_shards_on_ray(jobs: Sequence, make_upscaler: Callable, log, members:
         if len(state.finished) == state.samples:
             _finish_shard(row["shard_out"], state, members, assemble, assembling, url)
         _collect_shards(assembling, states, log, block=False)
+    for job in jobs:
+        if states[job.url].samples is None:  # a tar without a sample makes no row: its output shard is empty too
+            assembling[assemble.remote(job.out, [])] = job.url
     _collect_shards(assembling, states, log, block=True)
 
 

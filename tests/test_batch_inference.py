@@ -61,7 +61,7 @@ def make_inputs(root: Path, make_image) -> dict[str, np.ndarray]:
 
 GOOD = ["a.png", "deep16.png", "sub/photo.jpg", "sub/rgba.png"]
 REDONE = ["a.png", "sub/rgba.png"]
-SHARDED = [["a.png", "sub/rgba.png", "bad.png"], ["deep16.png", "sub/photo.jpg", "sub/cut.png"]]
+SHARDED = [["a.png", "sub/rgba.png", "bad.png"], ["deep16.png", "sub/photo.jpg", "sub/cut.png"], []]
 BAD = ["bad.png", "sub/cut.png"]
 
 
@@ -155,8 +155,9 @@ def test_shards_on_ray_are_the_single_process_shards(runs):
         code, err = runs.shards[mode]
         assert code == 3 and "4 done, 0 shards skipped (output shard already there), 2 failed" in err, err
     single, ray = runs.root / "shards_single", runs.root / "shards_ray"
-    assert files_under(ray) == files_under(single) == ["_failed.jsonl", "in-000000.tar", "in-000001.tar"]  # no parts
-    for name in ("in-000000.tar", "in-000001.tar"):
+    shards = ["in-000000.tar", "in-000001.tar", "in-000002.tar"]  # the last one empty
+    assert files_under(ray) == files_under(single) == ["_failed.jsonl"] + shards  # no .parts left
+    for name in shards:
         assert (ray / name).read_bytes() == (single / name).read_bytes(), name
     assert list(tar_members(ray / "in-000000.tar")) == ["a.png", "sub/rgba.png"]
     # the sample's output is the file run's output (a PNG input: the same bytes)
