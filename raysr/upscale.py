@@ -18,6 +18,9 @@ output is written atomically; a rerun skips inputs whose outputs are all there; 
 fails is listed in ``<output>/_failed.jsonl`` and the job goes on (exit code 3 at the end).
 ``--model g.onnx`` runs a file from ``python -m raysr.export`` through onnxruntime. ``--batch-tiles N``
 sends the tiles of equal shape of several inputs through the network N at a time (:meth:`Upscaler.groups`).
+WebDataset shards in (``--input``, what ``raysr.train`` takes) and out (``--output-shards``) go through the
+same stages, one output shard per input shard with the same keys (:mod:`raysr.data.image_shards`); a rerun
+skips the output shards already there.
 
 :func:`upscale_tensor` (whole or tiled inference, padded to what the network takes) is
 also what ``raysr.evaluate`` and training's validation run the generator through.
@@ -238,61 +241,10 @@ def plan_shard_jobs(args: argparse.Namespace) -> tuple[list[ShardJob], int, str]
     return jobs, len(outs) - len(jobs), log_folder(outs)
 
 
-def _shard_inputs(job: ShardJob, log: "JobLog", unreadable: list[str]) -> Iterator[tuple[str, DecodedImage]]:
-    """``(key, image)`` of the usable samples of ``job``'s shard; the others are listed in ``log``. A shard
-    that cannot be read to its end for a reason other than damage (missing, denied, the store gone) ends
-    the iteration with the reason appended to ``unreadable``: its output shard must not be written."""
-    count = 0
-    try:
-        for key, image in read_images(job.url):
-            if job.samples is None:  # no manifest counted them: the progress total grows as they come
-                log.expect(1)
-            if isinstance(image, DamagedTar):  # a rerun cannot mend it: the samples before the break go on
-                log.failed(job.url, "read", damage_reason(image, count))
-                break
-            count += 1
-            if isinstance(image, BaseException):
-                log.failed(job.url, "read", failure_reason(image), key)
-                continue
-            yield key, image
-    except storage.StorageError as err:
-        unreadable.append(failure_reason(err))
-        if job.samples is None:
-            log.expect(1)
-
-
-def _upscale_shards(upscaler: "Upscaler", jobs: Sequence[ShardJob], log: "JobLog", members: Sequence[str]) -> None:
-    """Each input shard -> its output shard, in this process: samples read in tar order, upscaled
-    ``--batch-tiles`` at a time, added as ``<key>.<member>``; the output shard is written whole
-    after its last sample, and its samples count as done then."""
-    for job in jobs:
-        shard, done, unreadable = OutputShard(job.out, members), [], []
-        for group in upscaler.groups(_shard_inputs(job, log, unreadable)):
-            for key, image, results in group:
-                if isinstance(results, BaseException):
-                    log.failed(job.url, "upscale", failure_reason(results), key)
-                    continue
-                try:
-                    shard.add(key, results)
-                except Exception as err:  # the pixels do not encode (e.g. too large for one tar member)
-                    log.failed(job.url, "write", failure_reason(err), key)
-                    continue
-                done.append((key, megapixels(image)))
-        if unreadable:
-            log.failed(job.url, "read", f"{unreadable[0]}; {NOT_WRITTEN}")
-            continue
-        try:
-            shard.write()
-        except Exception as err:  # a full disk, a denied bucket: a rerun tries this shard again
-            log.failed(job.url, "write", f"{job.out}: {failure_reason(err)}")
-            continue
-        for key, mp in done:
-            log.done(f"{job.url}#{key}", mp)
-
-
 # --------------------------------------------------------------------------- the three stages
-# read -> upscale -> write: the single-process loop runs them one after the other per input, the
-# Ray Data pipeline (raysr.batch_inference) runs read and write as CPU tasks and upscale on an actor pool.
+# read -> upscale -> write: the single-process loop runs them one after the other per group of inputs
+# (one input, or --batch-tiles tiles' worth), the Ray Data pipeline (raysr.batch_inference) runs read and
+# write as CPU tasks and upscale on an actor pool.
 
 
 @dataclass
@@ -599,6 +551,58 @@ def _upscale_files(upscaler: Upscaler, jobs: Sequence[Job], log: JobLog) -> None
                 log.failed(job.uri, "write", failure_reason(err))
                 continue
             log.done(job.uri, megapixels(image))
+
+
+def _shard_inputs(job: ShardJob, log: JobLog, unreadable: list[str]) -> Iterator[tuple[str, DecodedImage]]:
+    """``(key, image)`` of the usable samples of ``job``'s shard; the others are listed in ``log``. A shard
+    that cannot be read to its end for a reason other than damage (missing, denied, the store gone) ends
+    the iteration with the reason appended to ``unreadable``: its output shard must not be written."""
+    count = 0
+    try:
+        for key, image in read_images(job.url):
+            if job.samples is None:  # no manifest counted them: the progress total grows as they come
+                log.expect(1)
+            if isinstance(image, DamagedTar):  # a rerun cannot mend it: the samples before the break go on
+                log.failed(job.url, "read", damage_reason(image, count))
+                break
+            count += 1
+            if isinstance(image, BaseException):
+                log.failed(job.url, "read", failure_reason(image), key)
+                continue
+            yield key, image
+    except storage.StorageError as err:
+        unreadable.append(failure_reason(err))
+        if job.samples is None:
+            log.expect(1)
+
+
+def _upscale_shards(upscaler: Upscaler, jobs: Sequence[ShardJob], log: JobLog, members: Sequence[str]) -> None:
+    """Each input shard -> its output shard, in this process: samples read in tar order, upscaled
+    ``--batch-tiles`` at a time, added as ``<key>.<member>``; the output shard is written whole
+    after its last sample, and its samples count as done then."""
+    for job in jobs:
+        shard, done, unreadable = OutputShard(job.out, members), [], []
+        for group in upscaler.groups(_shard_inputs(job, log, unreadable)):
+            for key, image, results in group:
+                if isinstance(results, BaseException):
+                    log.failed(job.url, "upscale", failure_reason(results), key)
+                    continue
+                try:
+                    shard.add(key, results)
+                except Exception as err:  # the pixels do not encode (e.g. too large for one tar member)
+                    log.failed(job.url, "write", failure_reason(err), key)
+                    continue
+                done.append((key, megapixels(image)))
+        if unreadable:
+            log.failed(job.url, "read", f"{unreadable[0]}; {NOT_WRITTEN}")
+            continue
+        try:
+            shard.write()
+        except Exception as err:  # a full disk, a denied bucket: a rerun tries this shard again
+            log.failed(job.url, "write", f"{job.out}: {failure_reason(err)}")
+            continue
+        for key, mp in done:
+            log.done(f"{job.url}#{key}", mp)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
