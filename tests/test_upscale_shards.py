@@ -175,3 +175,9 @@ def test_shards_on_s3(s3_bucket, shards):
     assert run(["--model", shards / "g.pth", "--input", shards / "src" / "in-000000.tar",
                 "--output-shards", shards / "local.tar"]) == 0
     assert storage.read_bytes(f"s3://{s3_bucket}/out/in-000000.tar") == (shards / "local.tar").read_bytes()
+
+
+def test_a_glob_of_shards_is_shards(shards):
+    assert run(["--model", shards / "g.pth", "--input", shards / "src" / "in-00000[01].tar",
+                "--output-shards", shards / "out"]) == 3  # in-000001 holds the bad sample
+    assert sorted(p.name for p in (shards / "out").glob("*.tar")) == ["in-000000.tar", "in-000001.tar"]

@@ -15,7 +15,6 @@ Shard sources are whatever ``raysr.train`` takes for ``data.train`` (:func:`rays
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -38,12 +37,10 @@ NOT_WRITTEN = "its output shard is not written, a rerun tries it again"
 
 
 def is_shard_source(source: str) -> bool:
-    """Whether ``--input source`` names WebDataset shards rather than images: a shard file
-    (``.tar``, ``.tar.gz``, ``.tgz``), a ``manifest.parquet``, a brace pattern, a local glob, or a
-    folder / S3 prefix with a ``manifest.parquet`` or with shard files and no image."""
+    """Whether ``--input source`` names WebDataset shards rather than images: a shard file or a local
+    glob of them (ending in ``.tar``, ``.tar.gz``, ``.tgz``), a ``manifest.parquet``, a brace pattern, or
+    a folder / S3 prefix with a ``manifest.parquet`` or with shard files and no image."""
     if source.endswith(SHARD_SUFFIXES + (".parquet",)) or "{" in source:
-        return True
-    if not storage.is_s3(source) and glob.has_magic(source):
         return True
     if not storage.is_s3(source) and not Path(source).is_dir():
         return False
