@@ -7,6 +7,10 @@ The upscale pipeline, in the order the data flows (evaluate's has the same shape
     work list (driver) -> read + decode (CPU tasks) -> upscale (actor pool, GPUs or CPUs)
                        -> encode + write (CPU tasks) -> outcomes (driver: progress, _failed.jsonl, summary)
 
+With ``--batch-tiles N`` an actor takes N inputs per call and batches their tiles. Shards in and out
+take the same path with a shard reader in front (one input shard in, its samples out) and the members
+of each output shard staged by the write tasks, then assembled by one task per shard.
+
 Decoding and encoding run on whatever CPUs the cluster has while the model actors only upscale;
 the actor pool grows from ``--workers MIN`` to ``MAX`` with the backlog (``ActorPoolStrategy``).
 Every stage catches what goes wrong with one input and passes it on as that row's ``error``, so a
@@ -29,12 +33,17 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
+from raysr import storage
 from raysr.cli import InputError, failure_reason
+from raysr.data.image_shards import (NOT_WRITTEN, assemble_shard, damage_reason, decode_sample, encode_member,
+                                     part_uri, read_samples)
+from raysr.data.samples import DamagedTar
 from raysr.images import DecodedImage, read_image, write_image
 from raysr.ray_setup import init_ray, quiet_output
 
@@ -122,26 +131,36 @@ def read_stage(row: dict) -> dict:
 
 
 class UpscaleStage:
-    """Actor: holds the models on its device (a GPU when it has one) and upscales one input per
-    call into one row per output file (``out`` and its pixels)."""
+    """Actor: holds the models on its device (a GPU when it has one) and upscales a batch of up to
+    ``--batch-tiles`` inputs (a pyarrow table, one row per input) into tables of one row per output
+    file (``out`` and its pixels), one table per group the upscaler forms (bounding the memory the
+    outputs hold)."""
 
     def __init__(self, make_upscaler: Callable[[torch.device], Callable]):
         has_gpu = bool(os.environ.get("CUDA_VISIBLE_DEVICES")) and torch.cuda.is_available()
-        self.upscale = make_upscaler(torch.device("cuda" if has_gpu else "cpu"))
+        self.upscaler = make_upscaler(torch.device("cuda" if has_gpu else "cpu"))
 
-    def __call__(self, row: dict) -> list[dict]:
-        outs = list(row.pop("outs"))
-        megapixels = row["height"] * row["width"] / 1e6
-        if row["error"]:
-            return [{**row, "out": "", "count": 1, "megapixels": 0.0}]
-        try:
-            results = self.upscale(image_from_columns(row))
-        except Exception as err:
-            if isinstance(err, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            return [{**_failed_row(row, "upscale", err), "out": "", "count": 1, "megapixels": 0.0}]
-        return [{**row, **image_columns(result), "out": out, "count": len(outs), "megapixels": megapixels}
-                for out, result in zip(outs, results)]
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        rows = batch.to_pylist()
+        unread = [_output_row(row, "", 1, 0.0) for row in rows if row["error"]]
+        if unread:
+            yield pa.Table.from_pylist(unread)
+        inputs = ((row, image_from_columns(row)) for row in rows if not row["error"])
+        for group in self.upscaler.groups(inputs):
+            out = []
+            for row, _, results in group:
+                if isinstance(results, BaseException):
+                    out.append(_output_row(_failed_row(row, "upscale", results), "", 1, 0.0))
+                    continue
+                megapixels = row["height"] * row["width"] / 1e6
+                out += [_output_row({**row, **image_columns(result)}, name, len(row["outs"]), megapixels)
+                        for name, result in zip(row["outs"], results)]
+            yield pa.Table.from_pylist(out)
+
+
+def _output_row(row: dict, out: str, count: int, megapixels: float) -> dict:
+    """An upscale stage's row: one output file ``out`` of an input that makes ``count``."""
+    return {**{k: v for k, v in row.items() if k != "outs"}, "out": out, "count": count, "megapixels": megapixels}
 
 
 def write_stage(row: dict) -> dict:
@@ -170,28 +189,33 @@ def prepare(address: str, workers: tuple[int, int] | None, gpus_per_worker: floa
 
 
 def run_pipeline(items: list[dict], read: Callable, stage: type, stage_args: tuple, write: Callable,
-                 actors: tuple[int, int, float], read_kwargs: dict | None = None):
-    """Rows of ``items`` through ``read`` (CPU tasks) -> ``stage(*stage_args)`` (actor pool of
-    ``actors`` = (min, max, GPUs each); one row in, a list of rows out) -> ``write`` (CPU tasks);
-    yields the written rows on the driver as they come."""
+                 actors: tuple[int, int, float], read_kwargs: dict | None = None, batch_size: int | None = None,
+                 fan_out: bool = False):
+    """Rows of ``items`` through ``read`` (CPU tasks; with ``fan_out`` one row in, an iterator of rows
+    out) -> ``stage(*stage_args)`` (actor pool of ``actors`` = (min, max, GPUs each); one row in, a list
+    of rows out, or with ``batch_size`` a pyarrow table of up to that many rows in, tables out) ->
+    ``write`` (CPU tasks); yields the written rows on the driver as they come."""
     import ray.data
 
     low, high, gpus = actors
-    dataset = (ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
-               .map(read, fn_kwargs=read_kwargs, memory=CODEC_TASK_MEMORY)
-               .flat_map(stage, fn_constructor_args=stage_args,
-                         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high), num_gpus=gpus, num_cpus=1)
-               .map(write, memory=CODEC_TASK_MEMORY))
-    yield from dataset.iter_rows()
+    model_stage = dict(fn_constructor_args=stage_args, compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+                       num_gpus=gpus, num_cpus=1)
+    dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
+    dataset = (dataset.flat_map if fan_out else dataset.map)(read, fn_kwargs=read_kwargs, memory=CODEC_TASK_MEMORY)
+    # pyarrow batches hand the rows over as read_stage made them (bytes stay bytes, see the module docstring)
+    dataset = (dataset.flat_map(stage, **model_stage) if batch_size is None else
+               dataset.map_batches(stage, batch_size=batch_size, batch_format="pyarrow", **model_stage))
+    yield from dataset.map(write, memory=CODEC_TASK_MEMORY).iter_rows()
 
 
 def upscale_on_ray(jobs: Sequence, make_upscaler: Callable, log, *, address: str, workers: tuple[int, int] | None,
-                   gpus_per_worker: float | None, precision: str, verbose: bool = False) -> None:
+                   gpus_per_worker: float | None, precision: str, batch_tiles: int = 1, verbose: bool = False) -> None:
     """Run ``jobs`` (:class:`raysr.upscale.Job`: ``uri``, ``outs``) through the pipeline on the Ray cluster at
     ``address`` (see :func:`start_ray`), reporting each input to ``log`` (:class:`raysr.upscale.JobLog`)
     once its last output is written or it fails.
 
-    ``make_upscaler(device)``: the run's models on ``device``, as a callable image -> output images.
+    ``make_upscaler(device)``: the run's models on ``device`` (a :class:`raysr.upscale.Upscaler`). Each model
+    actor takes ``batch_tiles`` inputs per call, whose tiles the upscaler batches (``--batch-tiles``).
     """
     if not jobs:  # all skipped: no need to start Ray
         return
@@ -200,7 +224,8 @@ def upscale_on_ray(jobs: Sequence, make_upscaler: Callable, log, *, address: str
     log.start()  # images/s and MP/s from here: starting Ray is not upscaling
     written: dict[str, int] = {}
     failed: set[str] = set()
-    for row in run_pipeline(items, read_stage, UpscaleStage, (make_upscaler,), write_stage, actors):
+    for row in run_pipeline(items, read_stage, UpscaleStage, (make_upscaler,), write_stage, actors,
+                            batch_size=batch_tiles):
         uri = row["uri"]
         if uri in failed:
             continue
@@ -211,6 +236,132 @@ def upscale_on_ray(jobs: Sequence, make_upscaler: Callable, log, *, address: str
         written[uri] = written.get(uri, 0) + 1
         if written[uri] == row["count"]:
             log.done(uri, row["megapixels"])
+
+
+# --------------------------------------------------------------------------- raysr.upscale --ray on shards
+# The same actor stage between a shard reader and a member writer: each output shard is staged member by
+# member (raysr.data.image_shards.part_uri) and assembled by one task once its last sample is written.
+
+
+def read_shard_stage(row: dict) -> Iterator[dict]:
+    """CPU task: ``{"url", "shard_out", "outs"}`` (an input shard, its output shard, the member names of a
+    sample's outputs) -> one row per sample in tar order (``key``, ``index``, the decoded image's columns,
+    or ``error``), and one more for a tar that breaks; every row carries ``samples``, how many rows its
+    shard makes (the shard's encoded bytes are read first, then decoded one sample at a time), and
+    ``unreadable`` (the shard could not be read at all: its output shard is not written)."""
+    base = {**row, "key": "", "index": 0, "samples": 1, "unreadable": False, **_EMPTY_IMAGE, "stage": "", "error": ""}
+    try:
+        samples = list(read_samples(row["url"]))
+    except storage.StorageError as err:
+        yield {**base, "stage": "read", "unreadable": True, "error": f"{failure_reason(err)}; {NOT_WRITTEN}"}
+        return
+    for index, (key, files) in enumerate(samples):
+        at = {**base, "key": key, "index": index, "samples": len(samples)}
+        if isinstance(files, DamagedTar):  # a rerun cannot mend it: the samples before the break go on
+            yield {**at, "stage": "read", "error": damage_reason(files, index)}
+            continue
+        image = decode_sample(row["url"], key, files)
+        yield _failed_row(at, "read", image) if isinstance(image, Exception) else {**at, **image_columns(image)}
+
+
+def write_part_stage(row: dict) -> dict:
+    """CPU task: encode one output member and stage it (:func:`raysr.data.image_shards.part_uri`); the row
+    without its pixels, with ``part`` (its URI)."""
+    part = ""
+    if not row["error"]:
+        try:
+            part = part_uri(row["shard_out"], row["index"], row["out"])
+            storage.write_bytes(part, encode_member(image_from_columns(row)))
+        except Exception as err:
+            row, part = _failed_row(row, "write", err), ""
+    keep = ("url", "shard_out", "key", "index", "samples", "unreadable", "out", "count", "megapixels", "stage", "error")
+    return {**{k: row[k] for k in keep}, "part": part}
+
+
+class _ShardState:
+    """What the driver knows of one output shard: its finished samples and their staged parts."""
+
+    def __init__(self):
+        self.samples: int | None = None  # rows the shard makes, from its first row
+        self.finished: set[int] = set()
+        self.parts: dict[int, tuple[str, dict[str, str], float]] = {}  # index -> (key, member -> part, MP)
+        self.failed: set[int] = set()
+        self.unreadable = False
+
+
+def upscale_shards_on_ray(jobs: Sequence, make_upscaler: Callable, log, members: Sequence[str], *, address: str,
+                          workers: tuple[int, int] | None, gpus_per_worker: float | None, precision: str,
+                          batch_tiles: int = 1, verbose: bool = False) -> None:
+    """Run shard ``jobs`` (:class:`raysr.upscale.ShardJob`: ``url``, ``out``, ``samples``) on the Ray cluster at
+    ``address``: samples read in CPU tasks, upscaled on the actor pool as :func:`upscale_on_ray` does, each output
+    member staged by a CPU task, and each output shard assembled by one task once its last sample is in
+    (:func:`raysr.data.image_shards.assemble_shard`). Samples are reported to ``log`` when their shard is written;
+    failures as they come (with their key). ``members``: the member name of each output of a sample."""
+    if not jobs:
+        return
+    actors = prepare(address, workers, gpus_per_worker, precision, verbose)
+    import ray
+
+    assemble = ray.remote(num_cpus=1, memory=CODEC_TASK_MEMORY)(assemble_shard)
+    items = [{"url": job.url, "shard_out": job.out, "outs": list(members)} for job in jobs]
+    counted = {job.url: job.samples is not None for job in jobs}
+    states = {job.url: _ShardState() for job in jobs}
+    assembling: dict = {}  # ObjectRef -> shard url
+    log.start()
+    for row in run_pipeline(items, read_shard_stage, UpscaleStage, (make_upscaler,), write_part_stage, actors,
+                            batch_size=batch_tiles, fan_out=True):
+        url, state, index = row["url"], states[row["url"]], row["index"]
+        if state.samples is None:
+            state.samples = row["samples"]
+            if not counted[url]:
+                log.expect(row["samples"])
+        if row["error"]:
+            state.unreadable |= row["unreadable"]
+            if index not in state.failed:
+                state.failed.add(index)
+                state.finished.add(index)
+                log.failed(url, row["stage"], row["error"], row["key"] or None)
+        elif index not in state.failed:
+            key, parts, _ = state.parts.setdefault(index, (row["key"], {}, row["megapixels"]))
+            parts[row["out"]] = row["part"]
+            if len(parts) == row["count"]:
+                state.finished.add(index)
+        if len(state.finished) == state.samples:
+            _finish_shard(row["shard_out"], state, members, assemble, assembling, url)
+        _collect_shards(assembling, states, log, block=False)
+    for job in jobs:
+        if states[job.url].samples is None:  # a tar without a sample makes no row: its output shard is empty too
+            assembling[assemble.remote(job.out, [])] = job.url
+    _collect_shards(assembling, states, log, block=True)
+
+
+def _finish_shard(out: str, state: _ShardState, members: Sequence[str], assemble, assembling: dict, url: str) -> None:
+    if state.unreadable:  # listed in _failed.jsonl already
+        return
+    good = sorted(i for i in state.parts if i not in state.failed)
+    samples = [(state.parts[i][0], [(m, state.parts[i][1][m]) for m in members]) for i in good]
+    leftovers = [p for i in state.parts if i in state.failed for p in state.parts[i][1].values()]
+    assembling[assemble.remote(out, samples, leftovers)] = url
+
+
+def _collect_shards(assembling: dict, states: dict, log, block: bool) -> None:
+    """Report the shards whose assembly finished (all of them with ``block``)."""
+    import ray
+
+    while assembling:
+        ready, _ = ray.wait(list(assembling), num_returns=len(assembling) if block else 1, timeout=None if block else 0)
+        if not ready:
+            return
+        for ref in ready:
+            url = assembling.pop(ref)
+            state = states[url]
+            try:
+                ray.get(ref)
+            except Exception as err:  # a full disk, a denied bucket: a rerun tries this shard again
+                log.failed(url, "write", failure_reason(err))
+                continue
+            for index in sorted(i for i in state.parts if i not in state.failed):
+                log.done(f"{url}#{state.parts[index][0]}", state.parts[index][2])
 
 
 # --------------------------------------------------------------------------- raysr.evaluate --ray

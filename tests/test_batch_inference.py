@@ -2,7 +2,8 @@
 write the single-process path's bytes and scores, list bad inputs, and a rerun skips what is done.
 
 One module fixture on the session's local Ray: an upscale over a folder of good, corrupt, 16-bit
-and alpha images, its rerun, and one evaluate; the tests below assert on those runs. The stages
+and alpha images, its rerun, the same images in shards, and one evaluate; the tests below assert on
+those runs. The stages
 themselves are also run without Ray, row by row, which is fast.
 """
 
@@ -16,16 +17,20 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image, ImageCms
 
-from raysr.batch_inference import UpscaleStage, image_columns, image_from_columns, read_stage, write_stage
+from raysr.batch_inference import (UpscaleStage, image_columns, image_from_columns, read_shard_stage, read_stage,
+                                   write_part_stage, write_stage)
+from raysr.data.image_shards import assemble_shard
 from raysr.cli import InputError, parse_workers
 from raysr.evaluate import main as evaluate_main
 from raysr.generator_file import save_generator
 from raysr.images import DecodedImage
 from raysr.upscale import UpscaleOptions, Upscaler, main
 from test_upscale import assert_close_uint, expected_sr, png16, tiny_generator
+from test_upscale_shards import tar_members, write_tar
 
 
 def run_captured(argv) -> tuple[int, str]:
@@ -55,6 +60,8 @@ def make_inputs(root: Path, make_image) -> dict[str, np.ndarray]:
 
 
 GOOD = ["a.png", "deep16.png", "sub/photo.jpg", "sub/rgba.png"]
+REDONE = ["a.png", "sub/rgba.png"]
+SHARDED = [["a.png", "sub/rgba.png", "bad.png"], ["deep16.png", "sub/photo.jpg", "sub/cut.png"], []]
 BAD = ["bad.png", "sub/cut.png"]
 
 
@@ -74,8 +81,19 @@ def runs(ray_local, tmp_path_factory):
     base = ["--model", root / "g.pth", "--input", root / "in"]
     single = run_captured(base + ["--output", root / "single"])
     first = run_captured(base + ["--output", root / "ray", "--ray", "--workers", "1,1"])
-    mtimes = {name: (root / "ray" / name).stat().st_mtime_ns for name in GOOD}
-    again = run_captured(base + ["--output", root / "ray", "--ray"])
+    ray_bytes = {name: (root / "ray" / name).read_bytes() for name in GOOD}
+    # the rerun redoes two outputs in batched tiles (each image's 9 tiles read all of it: one forward of 9)
+    for name in REDONE:
+        (root / "ray" / name).unlink()
+    mtimes = {name: (root / "ray" / name).stat().st_mtime_ns for name in GOOD if name not in REDONE}
+    again = run_captured(base + ["--output", root / "ray", "--ray", "--tile", 4, "--tile-pad", 8, "--batch-tiles", 16])
+    # the same files (the bad ones too) in two input shards, upscaled to shards in this process and on Ray
+    for i, names in enumerate(SHARDED):
+        write_tar(root / "shards" / f"in-{i:06d}.tar",
+                  [(name, (root / "in" / name).read_bytes()) for name in names])
+    shards = {mode: run_captured(["--model", root / "g.pth", "--input", root / "shards",
+                                  "--output-shards", root / f"shards_{mode}"] + (["--ray"] if mode == "ray" else []))
+              for mode in ("single", "ray")}
     (root / "hr").mkdir()
     for i, (h, w) in enumerate([(24, 20), (17, 30)]):  # x2 GTmod 24x20 and 16x30
         Image.fromarray(synthetic_image(h, w, seed=10 + i)).save(root / "hr" / f"im{i}.png")
@@ -87,14 +105,14 @@ def runs(ray_local, tmp_path_factory):
             assert evaluate_main([str(a) for a in argv]) == 0
         scores[mode] = json.loads((root / f"{mode}.json").read_text())
     return SimpleNamespace(root=root, model=model, pixels=pixels, single=single, first=first, again=again,
-                           mtimes=mtimes, scores=scores)
+                           ray_bytes=ray_bytes, mtimes=mtimes, scores=scores, shards=shards)
 
 
 def test_ray_writes_the_single_process_bytes(runs):
     assert runs.single[0] == 3 and runs.first[0] == 3, (runs.single[1], runs.first[1])
     assert files_under(runs.root / "ray") == files_under(runs.root / "single") == sorted(GOOD + ["_failed.jsonl"])
     for name in GOOD:
-        assert (runs.root / "ray" / name).read_bytes() == (runs.root / "single" / name).read_bytes(), name
+        assert runs.ray_bytes[name] == (runs.root / "single" / name).read_bytes(), name
 
 
 def test_ray_keeps_formats_bit_depth_alpha_and_icc(runs):
@@ -119,12 +137,35 @@ def test_ray_lists_bad_inputs_and_says_so(runs):
     assert "not an image" in failed[0][2] and "truncated" in failed[1][2]
 
 
-def test_ray_rerun_skips_what_is_done(runs):
+def test_ray_rerun_skips_what_is_done_and_batched_tiles_stay_within_one_level(runs):
     code, err = runs.again
     assert code == 3  # the two bad inputs fail again, and are listed again
-    assert "skipping 4 input(s) whose output is already in" in err
-    assert "0 done, 4 skipped (output already there), 2 failed" in err
-    assert {name: (runs.root / "ray" / name).stat().st_mtime_ns for name in GOOD} == runs.mtimes
+    assert "skipping 2 input(s) whose output is already in" in err
+    assert "2 done, 2 skipped (output already there), 2 failed" in err
+    assert {name: (runs.root / "ray" / name).stat().st_mtime_ns for name in runs.mtimes} == runs.mtimes
+    for name in REDONE:  # --tile 4 --tile-pad 8 --batch-tiles 16 against the single-process run, whole images
+        redone, single = (Image.open(runs.root / d / name) for d in ("ray", "single"))
+        assert redone.mode == single.mode and redone.info.get("icc_profile") == single.info.get("icc_profile")
+        diff = np.abs(np.asarray(redone).astype(int) - np.asarray(single).astype(int))
+        assert diff.max() <= 1, name
+
+
+def test_shards_on_ray_are_the_single_process_shards(runs):
+    for mode in ("single", "ray"):
+        code, err = runs.shards[mode]
+        assert code == 3 and "4 done, 0 shards skipped (output shard already there), 2 failed" in err, err
+    single, ray = runs.root / "shards_single", runs.root / "shards_ray"
+    shards = ["in-000000.tar", "in-000001.tar", "in-000002.tar"]  # the last one empty
+    assert files_under(ray) == files_under(single) == ["_failed.jsonl"] + shards  # no .parts left
+    for name in shards:
+        assert (ray / name).read_bytes() == (single / name).read_bytes(), name
+    assert list(tar_members(ray / "in-000000.tar")) == ["a.png", "sub/rgba.png"]
+    # the sample's output is the file run's output (a PNG input: the same bytes)
+    assert tar_members(ray / "in-000000.tar")["a.png"] == runs.ray_bytes["a.png"]
+    failures = [sorted(map(json.dumps, map(json.loads, (d / "_failed.jsonl").read_text().splitlines())))
+                for d in (single, ray)]
+    assert failures[0] == failures[1] and len(failures[0]) == 2
+    assert {json.loads(f)["key"] for f in failures[0]} == {"bad", "sub/cut"}
 
 
 def test_evaluate_on_ray_scores_as_the_single_process_run(runs):
@@ -155,11 +196,33 @@ def test_the_stages_row_by_row_write_the_single_process_bytes(tmp_path, make_ima
     rows = []
     for name in GOOD + BAD:
         row = read_stage({"uri": str(tmp_path / "in" / name), "outs": [str(tmp_path / "rows" / name)]})
-        rows += [write_stage(r) for r in stage(row)]
+        rows += [write_stage(r) for table in stage(pa.Table.from_pylist([row])) for r in table.to_pylist()]
     assert sorted(Path(r["uri"]).name for r in rows if r["error"]) == ["bad.png", "cut.png"]
     assert all(r["count"] == 1 for r in rows)
     for name in GOOD:
         assert (tmp_path / "rows" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
+
+
+def test_the_shard_stages_row_by_row_assemble_the_single_process_shard(tmp_path, make_image):
+    """read_shard_stage -> UpscaleStage -> write_part_stage -> assemble_shard on plain rows, without Ray."""
+    model = tiny_generator("srresnet", 2)
+    save_generator(model, tmp_path / "g.pth", fmt="raysr")
+    make_inputs(tmp_path / "in", make_image)
+    write_tar(tmp_path / "in.tar", [(name, (tmp_path / "in" / name).read_bytes()) for name in GOOD + BAD])
+    assert main([str(a) for a in ["--model", tmp_path / "g.pth", "--input", tmp_path / "in.tar",
+                                  "--output-shards", tmp_path / "single.tar"]]) == 3
+    stage = UpscaleStage(functools.partial(Upscaler, [model], UpscaleOptions(batch_tiles=1)))
+    out = str(tmp_path / "rows.tar")
+    read = list(read_shard_stage({"url": str(tmp_path / "in.tar"), "shard_out": out, "outs": ["png"]}))
+    assert [r["samples"] for r in read] == [6] * 6 and [r["index"] for r in read] == list(range(6))
+    written = [write_part_stage(r) for table in stage(pa.Table.from_pylist(read)) for r in table.to_pylist()]
+    parts = {r["index"]: (r["key"], [("png", r["part"])]) for r in written if not r["error"]}
+    assert sorted(r["key"] for r in written if r["error"]) == ["bad", "sub/cut"]
+    assemble_shard(out, [parts[i] for i in sorted(parts)])
+    assert (tmp_path / "rows.tar").read_bytes() == (tmp_path / "single.tar").read_bytes()
+    assert not (tmp_path / "rows.tar.parts").exists()  # the staged members are gone
+    (missing,) = read_shard_stage({"url": str(tmp_path / "none.tar"), "shard_out": out, "outs": ["png"]})
+    assert missing["unreadable"] and "does not exist" in missing["error"] and "a rerun tries it again" in missing["error"]
 
 
 @pytest.mark.parametrize("dtype,channels,icc", [(np.uint8, 3, None), (np.uint16, 4, b"profile"),

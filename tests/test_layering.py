@@ -21,8 +21,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "raysr", "raysr.util", "raysr.storage", "raysr.hub", "raysr.images", "raysr.ops", "raysr.ops.convert",
         "raysr.ops.resize", "raysr.ops.jpeg", "raysr.metrics", "raysr.inference", "raysr.runlog")),
     ("data: shards, the training stream, validation pairs", (
-        "raysr.data", "raysr.data.augment", "raysr.data.decode", "raysr.data.device_batches", "raysr.data.loader", "raysr.data.make_shards",
-        "raysr.data.manifest", "raysr.data.npy", "raysr.data.pairing", "raysr.data.samples", "raysr.data.sources", "raysr.data.stream",
+        "raysr.data", "raysr.data.augment", "raysr.data.decode", "raysr.data.device_batches", "raysr.data.image_shards",
+        "raysr.data.loader", "raysr.data.make_shards", "raysr.data.manifest", "raysr.data.npy", "raysr.data.pairing",
+        "raysr.data.samples", "raysr.data.sources", "raysr.data.stream",
         "raysr.degradation", "raysr.degradation.kernels", "raysr.degradation.pipeline", "raysr.degradation.pool",
         "raysr.degradation.regions", "raysr.validation", "raysr.validation.pairs")),
     ("networks and their weights", (

@@ -23,7 +23,7 @@ from raysr.images import DecodedImage, ImageError, decode_image, encode_image
 from raysr.models import build_generator
 from raysr.ops.resize import imresize
 from raysr.inference import DEFAULT_TILE_PAD, upscale_tensor
-from raysr.upscale import build_parser, main, upscale_image
+from raysr.upscale import UpscaleOptions, Upscaler, build_parser, main, upscale_image
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"rrdbnet": dict(num_feat=8, num_block=1, num_grow_ch=4), "srresnet": dict(num_feat=8, num_block=1),
@@ -222,6 +222,94 @@ def test_tiled_cli_matches_untiled_cli(tmp_path, make_image):
     whole = np.asarray(Image.open(tmp_path / "whole" / "a.png")).astype(int)
     tiled = np.asarray(Image.open(tmp_path / "tiled" / "a.png")).astype(int)
     assert np.abs(whole - tiled).max() <= 1
+
+
+# --------------------------------------------------------------------------- --batch-tiles
+
+
+def batch_inputs(root: Path, make_image) -> None:
+    """Three RGB images of one size (with an ICC profile), one of another, RGBA, 16-bit RGB and gray."""
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for i in range(3):
+        save_png(root / f"same{i}.png", make_image(12, 10, seed=30 + i), icc_profile=srgb)
+    save_png(root / "other.png", make_image(9, 13, seed=33))
+    save_png(root / "rgba.png", np.dstack([make_image(12, 10, seed=34), make_image(12, 10, seed=35)[..., :1]]))
+    (root / "deep16.png").write_bytes(png16(make_image(12, 10, seed=36).astype(np.uint16) * 257 + 5))
+    save_png(root / "gray.png", make_image(12, 10, seed=37)[..., 0])
+
+
+def decoded_outputs(folder: Path) -> dict[str, DecodedImage]:
+    return {p.name: decode_image(p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+def test_batch_tiles_within_one_level_of_one_image_at_a_time(tmp_path, make_image, x2_model):
+    model, ckpt = x2_model
+    batch_inputs(tmp_path / "in", make_image)
+    base = ["--model", ckpt, "--input", tmp_path / "in"]
+    for name, extra in (("one", []), ("batched", ["--batch-tiles", 4]), ("tiled", ["--tile", 5, "--tile-pad", 8]),
+                        ("tiled_batched", ["--tile", 5, "--tile-pad", 8, "--batch-tiles", 16])):
+        assert run(base + ["--output", tmp_path / name] + extra) == 0, name
+    one = decoded_outputs(tmp_path / "one")
+    # one image at a time is the network on that image alone, byte for byte: the same float32 steps by hand
+    for i in range(3):
+        x = torch.from_numpy(make_image(12, 10, seed=30 + i).astype(np.float32) / 255).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            sr = model(x)[0].clamp(0, 1).permute(1, 2, 0).numpy()
+        assert (one[f"same{i}.png"].pixels == np.rint(np.clip(sr, 0, 1) * 255)).all()
+    for name in ("batched", "tiled", "tiled_batched"):
+        got = decoded_outputs(tmp_path / name)
+        assert got.keys() == one.keys()
+        for key, image in got.items():
+            ref = one[key]
+            assert image.pixels.shape == ref.pixels.shape and image.pixels.dtype == ref.pixels.dtype, (name, key)
+            assert image.icc_profile == ref.icc_profile and image.format == ref.format
+            assert np.abs(image.pixels.astype(int) - ref.pixels.astype(int)).max() <= 1, (name, key)
+    assert one["deep16.png"].bit_depth == 16 and one["rgba.png"].has_alpha and one["gray.png"].grayscale
+
+
+def test_batch_tiles_puts_equal_shapes_of_several_images_in_one_forward(make_image, x2_model):
+    model, _ = x2_model
+    shapes = []
+    model.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(inputs[0].shape)))
+    images = [DecodedImage(make_image(*size, seed=i), "PNG") for i, size in enumerate([(12, 10)] * 5 + [(9, 13)])]
+    upscaler = Upscaler([model], UpscaleOptions(batch_tiles=4), torch.device("cpu"))
+    groups = list(upscaler.groups(enumerate(images)))
+    # a group closes at 4 tiles: images 0-3, then 4-5 (the end); equal shapes share a forward
+    assert [[i for i, _, _ in group] for group in groups] == [[0, 1, 2, 3], [4, 5]]
+    assert sorted(shapes) == sorted([(4, 3, 12, 10), (1, 3, 12, 10), (1, 3, 9, 13)])
+    shapes.clear()
+    # 12x10 in tiles of 6 with 2 px of context: 8x8 and 8x6 pieces, two of each per image; both images in one
+    # group of 8 tiles, so each shape goes through the network once, 4 pieces at a time
+    tiled = Upscaler([model], UpscaleOptions(tile=6, tile_pad=2, batch_tiles=6), torch.device("cpu"))
+    (group,) = list(tiled.groups(enumerate(images[:2])))
+    assert len(group) == 2 and sorted(shapes) == [(4, 3, 8, 6), (4, 3, 8, 8)]
+
+
+class FailsOnHeight7(nn.Module):
+    """x2 nearest-neighbour upscaling that raises on inputs 7 pixels high: a bad image in a batch."""
+
+    scale = 2
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(0))
+
+    def forward(self, x):
+        if x.shape[-2] == 7:
+            raise ValueError("cannot upscale a height of 7")
+        return x.repeat_interleave(2, -2).repeat_interleave(2, -1)
+
+
+def test_a_batch_that_fails_is_retried_image_by_image(make_image):
+    images = [DecodedImage(make_image(h, 6, seed=h), "PNG") for h in (5, 7, 5)]
+    upscaler = Upscaler([FailsOnHeight7()], UpscaleOptions(batch_tiles=8), torch.device("cpu"))
+    (group,) = list(upscaler.groups(enumerate(images)))
+    outcomes = {i: result for i, _, result in group}
+    assert isinstance(outcomes[1], ValueError) and "height of 7" in str(outcomes[1])
+    for i in (0, 2):
+        assert (outcomes[i][0].pixels == images[i].pixels.repeat(2, 0).repeat(2, 1)).all()
 
 
 # --------------------------------------------------------------------------- image formats
@@ -496,6 +584,7 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, make_image, x2_model, cap
         (["--model", ckpt, "--model-b", tmp_path / "x2_rrdb.pth", "--alpha", 0.5, "--input", tmp_path / "in" / "a.png"],
          "--model and --model-b differ in shape at 'conv_first.weight'"),
         (["--model", ckpt, "--input", tmp_path / "in" / "a.png", "--model-scale", 0], "--model-scale"),
+        (["--model", ckpt, "--input", tmp_path / "in" / "a.png", "--batch-tiles", 0], "--batch-tiles must be an integer >= 1"),
     ]
     for argv, needle in cases:
         assert run(argv + ["--output", out]) == 2, argv

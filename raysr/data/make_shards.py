@@ -377,8 +377,9 @@ def _padded(n: int) -> int:
     return -(-n // BLOCK) * BLOCK
 
 
-class _ShardBuilder:
-    """One tar being assembled in memory (spilling to a temporary file)."""
+class ShardBuilder:
+    """One tar being assembled in memory (spilling to a temporary file), with make_shards' fixed
+    headers; :func:`upload_shard` writes it. ``raysr.upscale --output-shards`` writes its shards so too."""
 
     def __init__(self):
         self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
@@ -390,9 +391,9 @@ class _ShardBuilder:
         end = self.file.tell() + sum(BLOCK + _padded(len(p)) for p in payloads) + 2 * BLOCK
         return -(-end // RECORD) * RECORD
 
-    def add(self, key: str, members: tuple[tuple[str, bytes], ...]) -> None:
-        """One sample: a ``KEY.EXT`` member per ``(EXT, bytes)`` of ``members``, in that order."""
-        for ext, payload in members:
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        """One sample: a member ``<key>.<extension>`` per entry of ``members``, in order."""
+        for ext, payload in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(payload), TAR_MTIME, 0o644
             self.tar.addfile(info, io.BytesIO(payload))
@@ -546,7 +547,7 @@ class _ShardSink:
     def reuse(self, entry: ShardEntry) -> None:
         self._done(entry, reused=True)
 
-    def put(self, builder: _ShardBuilder, index: int, start: int, count: int, plan: _Plan) -> None:
+    def put(self, builder: ShardBuilder, index: int, start: int, count: int, plan: _Plan) -> None:
         nbytes, digest = builder.finish()
         name = SHARD_NAME.format(index)
         entry = ShardEntry(shard=index, name=name, url=storage.join(self.output, name), samples=builder.samples,
@@ -555,7 +556,7 @@ class _ShardSink:
         if len(self.in_flight) >= UPLOAD_THREADS:  # bound the shards waiting in memory / temp files
             self.in_flight[0][0].result()
         self._collect(block=False)
-        self.in_flight.append((self.uploads.submit(_upload, entry.url, builder.file, digest), entry))
+        self.in_flight.append((self.uploads.submit(upload_shard, entry.url, builder.file, digest), entry))
 
     def _collect(self, block: bool) -> None:
         done = 0
@@ -577,7 +578,7 @@ class _ShardSink:
         self.uploads.shutdown(wait=True)
 
 
-def _fill(builder: _ShardBuilder, plan: _Plan, cursor: int, stop: int, limit: int, encoder: _Encoder,
+def _fill(builder: ShardBuilder, plan: _Plan, cursor: int, stop: int, limit: int, encoder: _Encoder,
           report: ShardsReport, progress: Progress) -> int:
     """Add planned samples from ``cursor`` until ``stop`` or the size ``limit``; the next cursor."""
     while cursor < stop:
@@ -588,7 +589,7 @@ def _fill(builder: _ShardBuilder, plan: _Plan, cursor: int, stop: int, limit: in
             key, members = encoded[crop_index]
             if builder.samples and builder.size_with(*(payload for _, payload in members)) > limit:
                 break
-            builder.add(key, members)
+            builder.add(key, dict(members))
         elif (image.path, problem) not in report.skipped:
             LOG.warning("skipped %s: %s", image.path, problem)
             report.skipped.append((image.path, problem))
@@ -703,7 +704,7 @@ def make_shards(inputs: Sequence[str], output: str, *, crop_size: int = 480, ste
             following = reusable.get(index + 1)
             stop = following.plan_start if following is not None and following.plan_start > cursor else len(plan)
             encoder.release_before(plan.crops[cursor][0])
-            builder, start = _ShardBuilder(), cursor
+            builder, start = ShardBuilder(), cursor
             cursor = _fill(builder, plan, cursor, stop, limit, encoder, report, shown)
             if builder.samples:  # else every image in the range failed: no shard, same index next
                 sink.put(builder, index, start, cursor - start, plan)
@@ -722,7 +723,9 @@ def make_shards(inputs: Sequence[str], output: str, *, crop_size: int = 480, ste
     return report
 
 
-def _upload(url: str, file, sha256: str) -> None:
+def upload_shard(url: str, file, sha256: str) -> None:
+    """Write a finished shard's ``file`` (closed after) to ``url`` whole (see :func:`raysr.storage.write_stream`),
+    its sha256 stored as S3 object metadata."""
     try:
         storage.write_stream(url, file, metadata={"sha256": sha256})
     finally:
