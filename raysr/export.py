@@ -135,8 +135,8 @@ def _fp16_note(check: Verification) -> str:
     headroom = f"PyTorch's largest float32 activation is {peak:.3g} ({name}), within float16's {FP16_MAX:g}"
     if check.casts_added:
         return (f"; this provider has no float16 kernel for some of the graph's ops and ran them in float32 "
-                f"({check.casts_added} Casts added), so float16 arithmetic itself was not run here (where onnxruntime-gpu "
-                f"sees a GPU the export runs the graph there); {headroom}")
+                f"({check.casts_added} Casts added), so float16 arithmetic itself was not run here (where "
+                f"onnxruntime-gpu sees a GPU the export runs the graph there); {headroom}")
     return f"; float16 arithmetic; {headroom}"
 
 
