@@ -3,7 +3,8 @@
 # one H100/H200): the step matrix {RRDBNet-23, MSRResNet-16} x {psnr, gan} x {eager, compiled},
 # each row with the BasicSR-style fp32 eager baseline measured in the same process, the loader
 # (png/npy/npy.lz4 on one core; npy and png shards at esrgan_psnr_x4's process count, finished on
-# the GPU), then a 300-step raysr.train run with the real loader (its data_wait_frac and crops/s).
+# the GPU), then a 300-step raysr.train run with the real loader (its data_wait_frac and crops/s),
+# and raysr.upscale in one process beside Ray Data (MP/s per GPU; its row is limited to 90 s).
 #
 #   bash bench/gpu_matrix.sh                # on a GPU machine, from the repository root
 #   bash bench/gpu_matrix.sh --smoke        # the same script end to end on CPU with tiny networks
@@ -34,6 +35,7 @@ if (( smoke )); then
                 --set run.checkpoint_every=20 --set data.num_workers=1)
     step_timeout=300
     data_args=(--device cpu --batches 10) rounds=1
+    upscale_args=(--device cpu --images 4 --size 32) upscale_limit=180
 else
     gpu=$($python -c "import torch; print(torch.cuda.get_device_name(0).replace('NVIDIA ', '').replace(' ', '-'))") || {
         echo "gpu_matrix.sh: torch sees no CUDA GPU; use --smoke on a CPU machine" >&2; exit 2; }
@@ -43,6 +45,7 @@ else
                 --set run.checkpoint_every=300 --set run.use_gpu=true)
     step_timeout=150  # one row that compiles for longer is recorded as timed out, the rest still run
     data_args=(--device cuda --batches 100) rounds=3
+    upscale_args=(--device cuda --images 32 --size 256) upscale_limit=90
 fi
 stamp=$(date -u +%Y-%m-%d)
 log="$results_dir/$stamp-$gpu.log"
@@ -99,6 +102,13 @@ else
     printf '{"row": "train-300", "skipped": "ray is not importable here: carry its wheel to measure data_wait_frac"}\n' >>"$rows"
 fi
 
+# raysr.upscale on the same images in one process and on Ray Data (an actor per GPU): MP/s, overhead_frac
+if $python -c "import ray" 2>/dev/null; then
+    row "upscale" "$upscale_limit" $python -m raysr.bench upscale --json "${upscale_args[@]}"
+else
+    printf '{"row": "upscale", "skipped": "ray is not importable here: carry its wheel to measure the Ray Data path"}\n' >>"$rows"
+fi
+
 $python - "$rows" "$results_dir/$stamp-$gpu.json" <<'EOF'
 import json, subprocess, sys
 import torch
@@ -109,7 +119,8 @@ json.dump({"device": device, "torch": torch.__version__, "commit": head, "script
            "rows": rows}, open(sys.argv[2], "w"), indent=1)
 print(f"gpu_matrix.sh: {len(rows)} rows -> {sys.argv[2]}")
 for r in rows:
-    keys = ("crops_per_s", "mfu", "speedup_vs_baseline", "peak_mem_gb", "data_wait_frac")
+    keys = ("crops_per_s", "mfu", "speedup_vs_baseline", "peak_mem_gb", "data_wait_frac", "overhead_frac",
+            "mp_per_s_per_gpu")
     print(" ", r["row"],
           {k: round(r[k], 3) for k in keys if isinstance(r.get(k), (int, float))}, r.get("error") or r.get("skipped") or "")
 EOF

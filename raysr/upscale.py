@@ -504,7 +504,7 @@ def _run(args: argparse.Namespace) -> int:
         elif shards:
             _upscale_shards(Upscaler(models, options, device), jobs, log, member_names(tags))
         else:
-            _upscale_files(Upscaler(models, options, device), jobs, log)
+            upscale_files(Upscaler(models, options, device), jobs, log)
     finally:
         code = log.finish()
     return code
@@ -537,7 +537,7 @@ def _read_inputs(jobs: Iterable[Job], log: JobLog) -> Iterator[tuple[Job, Decode
         yield job, image
 
 
-def _upscale_files(upscaler: Upscaler, jobs: Sequence[Job], log: JobLog) -> None:
+def upscale_files(upscaler: Upscaler, jobs: Sequence[Job], log: JobLog) -> None:
     """read -> upscale -> write every job in this process, ``--batch-tiles`` images at a time."""
     for group in upscaler.groups(_read_inputs(jobs, log)):
         for job, image, results in group:

@@ -45,7 +45,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("on the driver: tuning and benchmarks", (
         "raysr.tune", "raysr.tune.__main__", "raysr.tune.cli", "raysr.tune.report", "raysr.tune.space",
         "raysr.tune.trial", "raysr.bench", "raysr.bench.__main__", "raysr.bench.data", "raysr.bench.imresize",
-        "raysr.bench.overhead", "raysr.bench.step", "raysr.bench.train_run", "raysr.bench.validation")),
+        "raysr.bench.overhead", "raysr.bench.step", "raysr.bench.train_run", "raysr.bench.upscale",
+        "raysr.bench.validation")),
 ]
 RAY_LAYERS = {"ray", "driver", "on the driver"}  # the layers (names up to the colon) allowed to import ray
 

@@ -6,7 +6,8 @@ run (``step``: BasicSR's fp32 eager step; ``data``: its per-crop pipeline;
 ``overhead``: a plain PyTorch loop; ``step --workers``: one worker), so results
 read as ratios on whatever machine runs them. ``train`` times a real
 ``raysr.train`` run by its own metrics (crops/s, ``data_wait_frac``); ``validation``: the
-ranks' time blocked by validation, async beside inline.
+ranks' time blocked by validation, async beside inline. ``upscale``: ``raysr.upscale`` on Ray Data
+at 1 and N actors beside the single-process path.
 """
 
 BENCHMARKS = {
@@ -16,6 +17,7 @@ BENCHMARKS = {
     "overhead": "raysr.bench.overhead",
     "train": "raysr.bench.train_run",
     "validation": "raysr.bench.validation",
+    "upscale": "raysr.bench.upscale",
 }
 
 

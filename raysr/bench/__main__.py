@@ -1,4 +1,4 @@
-"""``python -m raysr.bench {imresize,data,step,overhead,train} …`` — see raysr/bench/__init__.py."""
+"""``python -m raysr.bench {imresize,data,step,overhead,train,validation,upscale} …`` — see raysr/bench/__init__.py."""
 
 import argparse
 import importlib
