@@ -82,6 +82,13 @@ def actor_resources(workers: tuple[int, int] | None, gpus_per_worker: float | No
     gpus = gpus_per_worker if gpus_per_worker is not None else (1.0 if cluster_gpus > 0 else 0.0)
     if workers is None:
         workers = (1, max(1, int(cluster_gpus // gpus)) if gpus > 0 else 1)
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if gpus == 0 and workers[0] >= cpus:
+        # each CPU actor holds a CPU for the whole job: with all of them held, the read and write tasks
+        # never run and the job makes no progress (seen with 2 actors on 2 CPUs), so refuse it up front
+        raise InputError(f"--workers {workers[0]},{workers[1]}: {workers[0]} CPU model actors would hold all "
+                         f"{cpus} CPUs of this cluster, leaving none to read and write images; use a MIN of at "
+                         f"most {max(cpus - 1, 0)}, or GPU actors (--gpus-per-worker)")
     return workers[0], workers[1], gpus
 
 

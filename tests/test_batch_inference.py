@@ -241,6 +241,15 @@ def test_workers_option():
             parse_workers(bad)
 
 
+def test_cpu_actors_that_would_hold_every_cpu_are_refused(ray_local):
+    from raysr.batch_inference import actor_resources
+
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    assert actor_resources((cpus - 1, cpus), None) == (cpus - 1, cpus, 0.0)
+    with pytest.raises(InputError, match=f"--workers {cpus},{cpus}: {cpus} CPU model actors would hold all {cpus} CPUs"):
+        actor_resources((cpus, cpus), None)
+
+
 def test_ray_options_without_ray_are_refused(tmp_path, capsys):
     for argv, needle in ((["--workers", "1,2"], "--workers applies only with --ray"),
                          (["--gpus-per-worker", "1"], "--gpus-per-worker applies only with --ray"),
