@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -161,6 +162,10 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+# ``.<name>.<mkstemp's 8 characters>.tmp``: where _replace_local writes ``name`` before the rename
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
 def _replace_local(uri: str | os.PathLike, fill) -> None:
     """Write a local file through ``fill(file)`` into a temporary file, then rename it."""
     path = Path(uri)
@@ -174,6 +179,14 @@ def _replace_local(uri: str | os.PathLike, fill) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temporary_for(path: str | os.PathLike) -> str | None:
+    """For the temporary file :func:`write_bytes` writes a local file through before renaming it (a
+    process killed mid-write leaves it behind), the path of the file it stands for; else None."""
+    path = Path(path)
+    match = _TEMPORARY.match(path.name)
+    return str(path.with_name(match["name"])) if match else None
 
 
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:

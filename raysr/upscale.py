@@ -178,10 +178,18 @@ def _collect_inputs(source: str, output: str) -> list[tuple[str, str]]:
 
 def _existing_outputs(output: str) -> set[str]:
     """Paths relative to ``output`` of the files already there (one listing, not one request per file).
-    Outputs are written atomically, so a file under its final name is complete."""
+    Outputs are written atomically, so a file under its final name is complete; the temporary files of
+    writes that a killed run cut short are removed here (S3 uploads leave none)."""
     if not storage.is_s3(output) and not Path(output).is_dir():
         return set()
-    return {relative_path(uri, output) for uri in storage.list_files(output)}
+    found = set()
+    for uri in storage.list_files(output):
+        if not storage.is_s3(uri) and storage.temporary_for(uri) is not None:
+            Path(uri).unlink(missing_ok=True)
+            print(f"raysr.upscale: removed {uri}, a write an earlier run did not finish", file=sys.stderr)
+        else:
+            found.add(relative_path(uri, output))
+    return found
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -259,3 +259,66 @@ def test_ray_options_without_ray_are_refused(tmp_path, capsys):
         assert main(["--model", "m.pth", "--input", str(tmp_path), "--output", str(tmp_path / "o")] + argv) == 2
         assert needle in capsys.readouterr().err, argv
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- a killed driver
+
+
+def test_a_driver_killed_mid_job_then_the_same_command_finishes_with_a_clean_runs_bytes(ray_local, tmp_path,
+                                                                                       monkeypatch):
+    """``raysr.upscale --ray`` as a driver of the session's Ray (as ``ray job submit`` runs it), SIGKILLed
+    once its first outputs are written: every file under an output name is complete, and the same
+    command then upscales only the rest and ends with the bytes of an uninterrupted single-process run;
+    no temporary file of either run is left. An input deleted once the job has listed it is listed in
+    _failed.jsonl and counted (exit code 3), and the other outputs are all there."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import synthetic_image
+
+    root = tmp_path
+    save_generator(tiny_generator("srresnet", 2), root / "g.pth", fmt="raysr")
+    (root / "in").mkdir()
+    names = [f"im{i:02d}.png" for i in range(40)]
+    for i, name in enumerate(names):
+        Image.fromarray(synthetic_image(48, 40, seed=i)).save(root / "in" / name)
+    assert main([str(a) for a in ["--model", root / "g.pth", "--input", root / "in", "--output", root / "clean"]]) == 0
+
+    argv = ["--model", str(root / "g.pth"), "--input", str(root / "in"), "--output", str(root / "out"), "--ray"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "raysr.upscale", *argv], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list((root / "out").glob("im*.png")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # polling the output folder: the first written file is the event
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        err = proc.communicate()[1]
+    written = sorted(p.name for p in (root / "out").glob("im*.png"))
+    assert 0 < len(written) < len(names), ("the kill did not land mid-job", written, err[-2000:])
+    for name in written:  # written atomically: a file under its final name is the whole file
+        assert (root / "out" / name).read_bytes() == (root / "clean" / name).read_bytes(), name
+
+    # the same command again; the last input is deleted once the job has listed it, before it is read
+    import raysr.upscale
+
+    def plan_then_delete(args):
+        planned = plan_jobs(args)
+        (root / "in" / names[-1]).unlink()
+        return planned
+
+    plan_jobs = raysr.upscale.plan_jobs
+    monkeypatch.setattr(raysr.upscale, "plan_jobs", plan_then_delete)
+    code, err = run_captured(argv)
+    assert code == 3, err[-3000:]
+    left = len(names) - len(written) - 1
+    assert f"{left} done, {len(written)} skipped (output already there), 1 failed" in err, err[-2000:]
+    (failed,) = [json.loads(line) for line in (root / "out" / "_failed.jsonl").read_text().splitlines()]
+    assert Path(failed["input"]).name == names[-1] and failed["stage"] == "read"
+    assert files_under(root / "out") == sorted(names[:-1] + ["_failed.jsonl"])  # no temporary file left
+    for name in names[:-1]:
+        assert (root / "out" / name).read_bytes() == (root / "clean" / name).read_bytes(), name

@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -626,12 +627,18 @@ def test_bad_inputs_are_listed_the_rest_is_done_and_a_rerun_skips_what_is_there(
     save_png(tmp_path / "in" / "b.png", make_image(5, 5, seed=6))
     save_png(tmp_path / "in" / "c.png", make_image(5, 6, seed=7))
     (tmp_path / "o" / "e.png").rmdir()
+    # what a run killed mid-write leaves: the temporary file a write goes through (mkstemp beside the output)
+    fd, leftover = tempfile.mkstemp(dir=tmp_path / "o", prefix=".b.png.", suffix=".tmp")
+    os.write(fd, b"half a PNG")
+    os.close(fd)
+    (tmp_path / "o" / ".notes.tmp").write_text("a user's file, not a temporary of raysr's")
     assert run(argv) == 0
     err = capsys.readouterr().err
     assert "skipping 2 input(s) whose output is already in" in err
     assert "3 done, 2 skipped (output already there), 0 failed" in err
+    assert f"removed {leftover}, a write an earlier run did not finish" in err
     assert (tmp_path / "o" / "a.png").stat().st_mtime_ns == before
-    assert files_under(tmp_path / "o") == ["a.png", "b.png", "c.png", "e.png", "sub", "sub/d.png"]
+    assert files_under(tmp_path / "o") == [".notes.tmp", "a.png", "b.png", "c.png", "e.png", "sub", "sub/d.png"]
 
 
 def test_module_entry_point(tmp_path, make_image, x2_model):
