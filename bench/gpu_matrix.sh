@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/performance.md, as one script (under 8 minutes on
-# one H100/H200): the step matrix {RRDBNet-23, MSRResNet-16} x {psnr, gan} x {eager, compiled},
+# one H100/H200): the step matrix {RRDBNet-23, MSRResNet-16} x {psnr, gan} x {eager, compiled} and SRCNN,
 # each row with the BasicSR-style fp32 eager baseline measured in the same process, the loader
 # (png/npy/npy.lz4 on one core; npy and png shards at esrgan_psnr_x4's process count, finished on
 # the GPU), then a 300-step raysr.train run with the real loader (its data_wait_frac and crops/s),
@@ -75,6 +75,10 @@ for model in rrdbnet msrresnet; do
             --compile default --baseline --json "${sizes[@]}"
     done
 done
+# SRCNN at its preset's crop and batch: its measured crops/s is what sizes its loader (docs/performance.md's
+# table has only the 40 %-MFU bound, which its memory-bound convolutions never reach)
+row "srcnn-psnr-eager" "$step_timeout" $python -m raysr.bench step --model srcnn --phase psnr --compile off --json \
+    "${sizes[@]}" --batch-size 64 --gt-size 64
 # run.deterministic's cost: the eager GAN step of rrdbnet with deterministic kernels only (docs/fault-tolerance.md)
 row "rrdbnet-gan-deterministic" "$step_timeout" $python -m raysr.bench step --model rrdbnet --phase gan \
     --compile off --json --set run.deterministic=true "${sizes[@]}"
