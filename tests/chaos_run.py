@@ -21,11 +21,12 @@ traceback]}) and its run under ``OUT_DIR/MODE/runs``.
   process as a driver on the cluster) over ``OUT_DIR/upscale/in`` (UPSCALE_INPUTS PNGs it writes, with the
   generator ``g.pth``) into ``OUT_DIR/upscale/sr``. Once the first output file exists, the node of the
   model actor is removed and a new node added; the job goes on and ends. Its outcome also has
-  ``"exit_code"``; its events ``"outputs_at_removal"`` (how many outputs were written before the node went).
+  ``"exit_code"``; its events ``"outputs_at_removal"`` (how many outputs were written before the node
+  went) and ``"actor_restarts"`` (how often Ray restarted that actor).
 
-In the training scenarios, the Ray Train callback (in Ray's controller) holds the run at the report the scenario waits for,
-until this process has removed or added the node: each step then happens at a known point of
-the run, however fast the tiny model steps.
+In the training scenarios, the Ray Train callback (in Ray's controller) holds the run at the report
+the scenario waits for, until this process has removed or added the node: each step then happens at
+a known point of the run, however fast the tiny model steps.
 """
 
 from __future__ import annotations
@@ -295,6 +296,13 @@ def upscale_scenario(cluster, out: Path, events: dict, job: threading.Thread) ->
     events["added"] = time.time()
 
 
+def actor_restarts(cluster, actor_id: str) -> int:
+    """How often Ray restarted the actor ``actor_id`` (the GCS keeps ended actors' records)."""
+    from ray.util.state import list_actors
+
+    return list_actors(address=cluster.address, detail=True, filters=[("actor_id", "=", actor_id)])[0].num_restarts
+
+
 def run_upscale_scenario(cluster, out: Path) -> int:
     """The upscale scenario on ``cluster`` (two 1-CPU worker nodes at its start and at its end): 0 if the job
     ended with exit code 0."""
@@ -307,7 +315,8 @@ def run_upscale_scenario(cluster, out: Path) -> int:
 
     def job():
         try:
-            outcome["exit_code"] = upscale(upscale_argv(out, out / "sr") + ["--ray", cluster.address, "--workers", "1,1"])
+            argv = upscale_argv(out, out / "sr") + ["--ray", cluster.address, "--workers", "1,1"]
+            outcome["exit_code"] = upscale(argv)
         except BaseException:
             outcome["error"] = traceback.format_exc()
         events["end"] = time.time()
@@ -316,17 +325,13 @@ def run_upscale_scenario(cluster, out: Path) -> int:
     thread.start()
     try:
         upscale_scenario(cluster, out, events, thread)
-    except Exception:  # said in this scenario's outcome; main() runs no next scenario
-        outcome.setdefault("error", traceback.format_exc())
-    else:
         thread.join(timeout=UPSCALE_TIMEOUT_S)
         if thread.is_alive():
-            outcome["error"] = (f"the upscale job did not end within {UPSCALE_TIMEOUT_S} s of its node change; "
-                                f"{len(written_outputs(out / 'sr'))} of {UPSCALE_INPUTS} outputs written")
-    if "actor_id" in events:  # how often Ray restarted the actor of the removed node (detail: the GCS keeps it)
-        from ray.util.state import list_actors
-        events["actor_restarts"] = list_actors(address=cluster.address, detail=True,
-                                               filters=[("actor_id", "=", events["actor_id"])])[0].num_restarts
+            raise TimeoutError(f"the upscale job did not end within {UPSCALE_TIMEOUT_S} s of its node change; "
+                               f"{len(written_outputs(out / 'sr'))} of {UPSCALE_INPUTS} outputs written")
+        events["actor_restarts"] = actor_restarts(cluster, events["actor_id"])
+    except Exception:  # said in this scenario's outcome (the job's own error first); main() runs no next scenario
+        outcome.setdefault("error", traceback.format_exc())
     outcome["ok"] = outcome.get("exit_code") == 0 and "error" not in outcome
     (out / "events.json").write_text(json.dumps(events))
     (out / "outcome.json").write_text(json.dumps(outcome))

@@ -88,7 +88,7 @@ def outcome(chaos: dict, mode: str) -> tuple[dict, Path]:
     """One scenario's events and folder, once it is known to have succeeded."""
     out, log = chaos[mode]
     result = json.loads((out / "outcome.json").read_text()) if (out / "outcome.json").exists() else {}
-    assert result.get("ok"), f"the {mode} scenario failed: {result}\n{log}"
+    assert result.get("ok"), f"the {mode} scenario failed: {result.get('error', result)}\n{log}"
     return json.loads((out / "events.json").read_text()), out
 
 
