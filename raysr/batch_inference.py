@@ -205,6 +205,9 @@ def run_pipeline(items: list[dict], read: Callable, stage: type, stage_args: tup
     import ray.data
 
     low, high, gpus = actors
+    # A lost node costs no output: Ray Data's actor pools restart an actor that dies and resend its
+    # batches (its defaults max_restarts=-1, max_task_retries=-1, kept on purpose); tests/test_elastic.py
+    # removes the model actor's node mid-job
     model_stage = dict(fn_constructor_args=stage_args, compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
                        num_gpus=gpus, num_cpus=1)
     dataset = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))

@@ -1,6 +1,7 @@
-"""A training run on a multi-node Ray cluster on this machine that loses a node and gets one back.
+"""A training run, and an upscale job, on a multi-node Ray cluster on this machine that lose a node
+and get one back.
 
-    python tests/chaos_run.py fixed|elastic|fixed,elastic TRAIN_SHARDS VAL_DIR OUT_DIR
+    python tests/chaos_run.py fixed|elastic|upscale|fixed,elastic,upscale TRAIN_SHARDS VAL_DIR OUT_DIR
 
 Run by tests/test_elastic.py in a subprocess of its own, so that its cluster (a head without
 CPUs, two 1-CPU nodes, all on 127.0.0.1, temp files in a private folder) never meets the test
@@ -16,10 +17,16 @@ traceback]}) and its run under ``OUT_DIR/MODE/runs``.
   worker is removed and a new node added; the group waits for 2 workers and resumes.
 - elastic: ``run.num_workers=[1,2]``. The same removal; the run goes on with 1 worker; once that
   worker's first checkpoint is registered a node is added, and the group grows back to 2.
+- upscale: ``python -m raysr.upscale --ray ADDRESS --workers 1,1`` (:func:`raysr.upscale.main`, in this
+  process as a driver on the cluster) over ``OUT_DIR/upscale/in`` (UPSCALE_INPUTS PNGs it writes, with the
+  generator ``g.pth``) into ``OUT_DIR/upscale/sr``. Once the first output file exists, the node of the
+  model actor is removed and a new node added; the job goes on and ends. Its outcome also has
+  ``"exit_code"``; its events ``"outputs_at_removal"`` (how many outputs were written before the node
+  went) and ``"actor_restarts"`` (how often Ray restarted that actor).
 
-The Ray Train callback (in Ray's controller) holds the run at the report the scenario waits for,
-until this process has removed or added the node: each step then happens at a known point of
-the run, however fast the tiny model steps.
+In the training scenarios, the Ray Train callback (in Ray's controller) holds the run at the report
+the scenario waits for, until this process has removed or added the node: each step then happens at
+a known point of the run, however fast the tiny model steps.
 """
 
 from __future__ import annotations
@@ -183,7 +190,9 @@ def main(modes: str, train_dir: str, val: str, out_dir: str) -> int:
     init_ray()
     try:
         for i, mode in enumerate(modes.split(",")):
-            if run_scenario(mode, cluster, train_dir, val, Path(out_dir) / mode) != 0:
+            failed = (run_upscale_scenario(cluster, Path(out_dir) / mode) if mode == "upscale" else
+                      run_scenario(mode, cluster, train_dir, val, Path(out_dir) / mode))
+            if failed:
                 # its run may still hold the cluster: the next scenario cannot run beside it
                 for later in modes.split(",")[i + 1:]:
                     (Path(out_dir) / later).mkdir(parents=True, exist_ok=True)
@@ -234,6 +243,99 @@ def last_report(out: Path) -> str:
     reports = out / "reports.jsonl"
     lines = reports.read_text().splitlines() if reports.exists() else []
     return lines[-1] if lines else "none"
+
+
+UPSCALE_INPUTS, UPSCALE_SIZE = 24, 256  # ~0.3 s of the one-CPU actor each: the job is mid-way when the node goes
+UPSCALE_TIMEOUT_S = 120  # how long the upscale scenario waits for the first output, and then for the job's end
+
+
+def upscale_argv(folder: Path, output: Path) -> list[str]:
+    """The upscale scenario's command (without --ray) on its inputs in ``folder``, writing to ``output``."""
+    return ["--model", str(folder / "g.pth"), "--input", str(folder / "in"), "--output", str(output)]
+
+
+def make_upscale_inputs(folder: Path) -> None:
+    """UPSCALE_INPUTS photo-like PNGs in ``folder/in`` and a small x2 generator ``folder/g.pth``."""
+    from PIL import Image
+
+    from conftest import synthetic_image  # tests/, this file's folder
+    from raysr.generator_file import save_generator
+    from test_upscale import tiny_generator
+
+    (folder / "in").mkdir(parents=True)
+    for i in range(UPSCALE_INPUTS):
+        Image.fromarray(synthetic_image(UPSCALE_SIZE, UPSCALE_SIZE, seed=i)).save(folder / "in" / f"{i:02d}.png")
+    save_generator(tiny_generator("srresnet", 2, num_feat=16, num_block=2), folder / "g.pth", fmt="raysr")
+
+
+def written_outputs(output: Path) -> list[Path]:
+    """The output images under their final names (a file being written has a hidden temporary name)."""
+    return [p for p in output.rglob("*.png") if not p.name.startswith(".")] if output.exists() else []
+
+
+def upscale_scenario(cluster, out: Path, events: dict, job: threading.Thread) -> None:
+    """Remove the node of the model actor once the first output is written, then add a node."""
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + UPSCALE_TIMEOUT_S
+    while not written_outputs(out / "sr"):
+        if not job.is_alive():
+            raise RuntimeError("the upscale job ended before its first output was written")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the upscale job wrote no output within {UPSCALE_TIMEOUT_S} s")
+        time.sleep(0.05)
+    # Ray Data names the actors of the model stage's pool 'MapWorker(MapBatches(UpscaleStage))'
+    actor = next(a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")])
+                 if "UpscaleStage" in a.class_name)
+    victim = next(n for n in cluster.worker_nodes if n.node_id == actor.node_id)
+    events["actor_id"] = actor.actor_id
+    events["outputs_at_removal"] = len(written_outputs(out / "sr"))
+    cluster.remove_node(victim, allow_graceful=False)  # as a reclaimed spot node: all its processes killed
+    events["removed"] = time.time()
+    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    events["added"] = time.time()
+
+
+def actor_restarts(cluster, actor_id: str) -> int:
+    """How often Ray restarted the actor ``actor_id`` (the GCS keeps ended actors' records)."""
+    from ray.util.state import list_actors
+
+    return list_actors(address=cluster.address, detail=True, filters=[("actor_id", "=", actor_id)])[0].num_restarts
+
+
+def run_upscale_scenario(cluster, out: Path) -> int:
+    """The upscale scenario on ``cluster`` (two 1-CPU worker nodes at its start and at its end): 0 if the job
+    ended with exit code 0."""
+    from raysr.upscale import main as upscale
+
+    out.mkdir(parents=True)
+    make_upscale_inputs(out)
+    events: dict = {"start": time.time()}
+    outcome: dict = {}
+
+    def job():
+        try:
+            argv = upscale_argv(out, out / "sr") + ["--ray", cluster.address, "--workers", "1,1"]
+            outcome["exit_code"] = upscale(argv)
+        except BaseException:
+            outcome["error"] = traceback.format_exc()
+        events["end"] = time.time()
+
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    try:
+        upscale_scenario(cluster, out, events, thread)
+        thread.join(timeout=UPSCALE_TIMEOUT_S)
+        if thread.is_alive():
+            raise TimeoutError(f"the upscale job did not end within {UPSCALE_TIMEOUT_S} s of its node change; "
+                               f"{len(written_outputs(out / 'sr'))} of {UPSCALE_INPUTS} outputs written")
+        events["actor_restarts"] = actor_restarts(cluster, events["actor_id"])
+    except Exception:  # said in this scenario's outcome (the job's own error first); main() runs no next scenario
+        outcome.setdefault("error", traceback.format_exc())
+    outcome["ok"] = outcome.get("exit_code") == 0 and "error" not in outcome
+    (out / "events.json").write_text(json.dumps(events))
+    (out / "outcome.json").write_text(json.dumps(outcome))
+    return 0 if outcome["ok"] else 1
 
 
 if __name__ == "__main__":

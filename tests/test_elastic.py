@@ -1,10 +1,14 @@
 """Node loss on a real multi-node Ray cluster on this machine (tests/chaos_run.py, in a subprocess):
 a fixed-size run waits for its node to come back, an elastic run goes on with fewer workers and
 grows back. Both must end at their exact last step, with a global batch that never changed, a
-clean final checkpoint and at most one checkpoint interval of steps computed twice."""
+clean final checkpoint and at most one checkpoint interval of steps computed twice. Then an
+upscale job (``raysr.upscale --ray``) loses the node of its model actor mid-job: it must end with
+exit code 0 and every input's output written once, byte for byte as a single-process run writes it."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -18,13 +22,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from chaos_run import UPSCALE_INPUTS, upscale_argv
 from raysr.demo import build_demo_data
+from raysr.upscale import main as upscale
 
 pytestmark = pytest.mark.slow  # Ray clusters of their own
 
 CHAOS_RUN = Path(__file__).with_name("chaos_run.py")
 TOTAL_STEPS, CHECKPOINT_EVERY, GLOBAL_BATCH = 12, 2, 4  # as chaos_run.py sets them: batch 2 x 2 workers
-SCENARIOS_TIMEOUT_S = 420  # both scenarios take about 3 minutes on 2 cores; under the suite's 600-s limit per test
+MODES = ("fixed", "elastic", "upscale")
+# the training scenarios take about 3 minutes on 2 cores, the upscale one about 1 more; under the
+# suite's 600-s limit per test
+SCENARIOS_TIMEOUT_S = 510
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +44,13 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chaos(demo, tmp_path_factory) -> dict:
-    """Both scenarios of tests/chaos_run.py, one after the other on one cluster: {mode: (its folder, the
-    output's tail)}. Each test then checks its own scenario's outcome (:func:`scenario`)."""
+    """The scenarios of tests/chaos_run.py, one after the other on one cluster: {mode: (its folder, the
+    output's tail)}. Each test then checks its own scenario's outcome (:func:`outcome`)."""
     out = tmp_path_factory.mktemp("chaos")
     ray_tmp = tempfile.mkdtemp(prefix="rsx_", dir="/tmp")  # short: Ray's unix sockets live under it
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=os.pathsep.join([str(CHAOS_RUN.parents[1]), env.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, str(CHAOS_RUN), "fixed,elastic", *demo, str(out)], env=env, text=True,
+    proc = subprocess.Popen([sys.executable, str(CHAOS_RUN), ",".join(MODES), *demo, str(out)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         log = proc.communicate(timeout=SCENARIOS_TIMEOUT_S)[0]
@@ -55,7 +64,7 @@ def chaos(demo, tmp_path_factory) -> dict:
     finally:
         kill_ray_under(proc, ray_tmp)  # whatever of its cluster outlived it
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    return {mode: (out / mode, log[-4000:]) for mode in ("fixed", "elastic")}
+    return {mode: (out / mode, log[-4000:]) for mode in MODES}
 
 
 def kill_ray_under(proc: subprocess.Popen, ray_tmp: str) -> None:
@@ -75,15 +84,20 @@ def kill_ray_under(proc: subprocess.Popen, ray_tmp: str) -> None:
         pass
 
 
-def scenario(chaos: dict, mode: str) -> tuple[list[dict], dict, Path]:
-    """One scenario's reports (rank 0's metrics with the checkpoint and time of each), events and folder,
-    once it is known to have succeeded."""
+def outcome(chaos: dict, mode: str) -> tuple[dict, Path]:
+    """One scenario's events and folder, once it is known to have succeeded."""
     out, log = chaos[mode]
-    outcome = json.loads((out / "outcome.json").read_text()) if (out / "outcome.json").exists() else {}
-    assert outcome.get("ok"), f"the {mode} scenario failed: {outcome.get('error', '')}\n{log}"
+    result = json.loads((out / "outcome.json").read_text()) if (out / "outcome.json").exists() else {}
+    assert result.get("ok"), f"the {mode} scenario failed: {result.get('error', result)}\n{log}"
+    return json.loads((out / "events.json").read_text()), out
+
+
+def scenario(chaos: dict, mode: str) -> tuple[list[dict], dict, Path]:
+    """A training scenario's reports (rank 0's metrics with the checkpoint and time of each), events and
+    folder, once it is known to have succeeded."""
+    events, out = outcome(chaos, mode)
     reports = [json.loads(line) for line in (out / "reports.jsonl").read_text().splitlines()]
-    return ([{**r["metrics"][0], "checkpoint": r["checkpoint"], "time": r["time"]} for r in reports],
-            json.loads((out / "events.json").read_text()), out)
+    return [{**r["metrics"][0], "checkpoint": r["checkpoint"], "time": r["time"]} for r in reports], events, out
 
 
 def recomputed(reports: list[dict]) -> int:
@@ -137,3 +151,25 @@ def test_an_elastic_run_goes_on_with_one_worker_and_grows_back_to_two(chaos):
     grow = reports[last_one + 1]["time"] - events["added"]
     print(f"\nelastic: wall {events['end'] - events['start']:.0f} s, shrink {shrink:.1f} s (node removal -> next step on 1 "
           f"worker), grow {grow:.1f} s (node added -> next step on 2), {recomputed(reports)} step(s) recomputed")
+
+
+def test_an_upscale_job_that_loses_its_model_actor_node_writes_every_output_once(chaos, tmp_path):
+    """tests/chaos_run.py's upscale scenario: the node of the one model actor is removed once the first output
+    is written, a new node added; Ray Data restarts the actor and the job ends with exit code 0."""
+    events, out = outcome(chaos, "upscale")
+    assert 0 < events["outputs_at_removal"] < UPSCALE_INPUTS  # the node went mid-job
+    with contextlib.redirect_stderr(io.StringIO()) as err:  # the reference: one process, one thread (conftest)
+        assert upscale(upscale_argv(out, tmp_path / "single")) == 0, err.getvalue()
+    names = sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert len(names) == UPSCALE_INPUTS
+    # exactly these files: no temporary file left by a killed write, no _failed.jsonl
+    assert sorted(p.name for p in (out / "sr").iterdir()) == names
+    for name in names:
+        assert (out / "sr" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
+    assert events["actor_restarts"] >= 1  # Ray Data restarted the lost actor, on a node with a free CPU
+    after = [p.stat().st_mtime for p in (out / "sr").iterdir() if p.stat().st_mtime > events["removed"]]
+    assert after  # the job went on after the node was gone
+    print(f"\nupscale: wall {events['end'] - events['start']:.0f} s, {events['outputs_at_removal']} of "
+          f"{UPSCALE_INPUTS} outputs written at the node's removal, next output {min(after) - events['removed']:.1f} s "
+          f"after it, job end {events['end'] - events['removed']:.1f} s after it, actor restarted "
+          f"{events['actor_restarts']} time(s)")
