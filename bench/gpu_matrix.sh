@@ -13,6 +13,11 @@
 # torch, commit and every row (each row names its own command), plus <date>-<gpu>.log.
 # Needs raysr's dependencies importable (PYTHONPATH=. is set here, so no install is needed);
 # without Ray the raysr.train row is recorded as skipped (the step rows do not need Ray).
+# The lent GPU machines have CUDA torch but no Ray and no registry: build .whl/ here first with
+# `python bench/carry_wheels.py` (a trimmed Ray of the tested version plus what else the image lacks,
+# 46 MiB), then call the device tool's run with carry [".whl"], timeout_s 600 and the command
+# `RESULTS_DIR=$OUT bash bench/gpu_matrix.sh` (what is under $OUT comes back: commit it to bench/results).
+# When .whl/ holds wheels this script installs them into a fresh folder first on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 RAYSR_OFFLINE=1
@@ -24,7 +29,13 @@ results_dir=${RESULTS_DIR:-bench/results}
 (( smoke )) && results_dir=${RESULTS_DIR:-$(mktemp -d)}  # a smoke run's figures are not results
 mkdir -p "$results_dir"
 rows=$(mktemp)
-trap 'rm -f "$rows"' EXIT
+site=$(mktemp -d)
+trap 'rm -rf "$rows" "$site"' EXIT
+if compgen -G ".whl/*.whl" >/dev/null; then  # carried wheels (bench/carry_wheels.py): they come first
+    $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl ||
+        { echo "gpu_matrix.sh: installing .whl/ failed" >&2; exit 2; }
+    export PYTHONPATH="$site:$PYTHONPATH"
+fi
 
 if (( smoke )); then
     # Tiny networks on the CPU: every command of the matrix runs, in about three minutes.
@@ -51,6 +62,7 @@ stamp=$(date -u +%Y-%m-%d)
 log="$results_dir/$stamp-$gpu.log"
 : >"$log"
 echo "gpu_matrix.sh: $gpu, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), log $log"
+$python -c "import ray; print('gpu_matrix.sh: ray', ray.__version__, 'from', ray.__file__)" 2>/dev/null | tee -a "$log"
 
 row() {  # row NAME TIMEOUT COMMAND...: run a bench, keep its JSON line (or a failure row)
     local name=$1 limit=$2 start=$SECONDS out
@@ -98,12 +110,12 @@ done
 rm -rf "$data_root"
 
 # A real run: loader processes, LR on the GPU, validation and a checkpoint at the end.
-if $python -c "import ray" 2>/dev/null; then
+if $python -c "import ray.train.torch, ray.dashboard.optional_deps" 2>>"$log"; then  # raysr starts the dashboard
     run_root=$(mktemp -d)
     row "train-300" 240 $python -m raysr.bench train --storage "$run_root" --json -- "${train_args[@]}"
     rm -rf "$run_root"
 else
-    printf '{"row": "train-300", "skipped": "ray is not importable here: carry its wheel to measure data_wait_frac"}\n' >>"$rows"
+    printf '{"row": "train-300", "skipped": "ray[train,default] is not importable here (see the log): carry it with bench/carry_wheels.py"}\n' >>"$rows"
 fi
 
 # raysr.upscale on the same images in one process and on Ray Data (an actor per GPU): MP/s, overhead_frac
