@@ -207,11 +207,16 @@ def is_complete(directory: str) -> bool:
     return all(exists(join(directory, name)) for name in (STATE_FILE, GENERATOR_FILE, METRICS_FILE))
 
 
+def folder_name(step: int) -> str:
+    """The name of the checkpoint folder of ``step`` inside its run folder: ``checkpoint_NNNNNNNN``."""
+    return f"checkpoint_{step:08d}"
+
+
 def finished(run: str, total_steps: int) -> SimpleNamespace | None:
     """The run's complete checkpoint at ``total_steps`` (the run reached its last step) as Ray's Result
     shows one (``.metrics``: its metrics.json, ``.checkpoint.path``: the folder), else None.
     ``run``: the run folder, local or s3://."""
-    last = join(run, f"checkpoint_{total_steps:08d}")
+    last = join(run, folder_name(total_steps))
     if not is_complete(last):
         return None
     metrics = json.loads(read_bytes(join(last, METRICS_FILE)))

@@ -153,7 +153,7 @@ def fit_both_phases(psnr_cfg: Config, gan_cfg: Config):
     from its EMA generator; returns the last run's Result (PSNR's if Ctrl-C stopped it), None if one failed."""
     gan_cfg = prepare_demo_data(gan_cfg)  # both phases train on the same shards
     psnr_cfg = config_from_dict({**psnr_cfg.to_dict(), "data": gan_cfg.to_dict()["data"]})
-    generator = join(run_dir(psnr_cfg), f"checkpoint_{psnr_cfg.train.total_steps:08d}", GENERATOR_FILE)
+    generator = join(run_dir(psnr_cfg), run_checkpoint.folder_name(psnr_cfg.train.total_steps), GENERATOR_FILE)
     if run_checkpoint.finished(run_dir(psnr_cfg), psnr_cfg.train.total_steps) is not None:
         print(f"raysr: PSNR phase {psnr_cfg.run.name} is finished; the GAN phase starts from {generator}", flush=True)
     else:
@@ -328,7 +328,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             t_ckpt = time.perf_counter()
             state.ranks = run_checkpoint.gather_rank_states(device, loader.position(), batches.degrade)
             ray.train.report(metrics, checkpoint=lead.checkpoint(state, metrics),
-                             checkpoint_dir_name=f"checkpoint_{step:08d}",
+                             checkpoint_dir_name=run_checkpoint.folder_name(step),
                              checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                              delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload)
             checkpoint_block_s = time.perf_counter() - t_ckpt
