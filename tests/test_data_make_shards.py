@@ -308,3 +308,20 @@ def test_a_write_error_midway_exits_2_naming_the_file(tmp_path, monkeypatch, cap
                     "are complete: fix the problem and re-run the same command to resume from them")
     assert "Traceback" not in captured.err
     assert pq.read_table(tmp_path / "out" / "manifest.parquet").column("name").to_pylist() == ["train-000000.tar"]
+
+
+def test_the_encoding_pool_forks_only_a_process_with_one_thread():
+    """A child forked beside running threads can inherit a lock one of them holds and hang past the
+    pool's terminate() (seen once in the suite: the test process runs Ray's and the S3 proxy's threads)."""
+    import subprocess
+    import sys
+    import threading
+
+    from raysr.data.make_shards import _start_method
+
+    helper = threading.Thread(target=threading.Event().wait, args=(5,), daemon=True)
+    helper.start()
+    assert _start_method() == "forkserver"
+    alone = subprocess.run([sys.executable, "-c", "from raysr.data.make_shards import _start_method as s; print(s())"],
+                           capture_output=True, text=True, check=True)
+    assert alone.stdout.strip() == "fork"

@@ -50,6 +50,7 @@ import re
 import sys
 import tarfile
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,14 +331,20 @@ class _Ready:
         return self.value
 
 
+def _start_method() -> str:
+    """``fork`` while this process has one thread (the command line: the pool is made before any upload
+    thread), else ``forkserver``: a child forked beside running threads (a Ray driver's, a test server's)
+    can inherit a lock one of them held and hang for good, even past the pool's terminate()."""
+    return "fork" if threading.active_count() == 1 else "forkserver"
+
+
 class _Encoder:
     """Encoded sub-images per image, computed ahead in a process pool (or inline),
     held until :meth:`release` (a shard boundary may fall inside an image)."""
 
     def __init__(self, images: list[SourceImage], settings: EncodeSettings, workers: int, ahead: list[int]):
         self.images, self.settings = images, settings
-        # fork before any upload thread exists: forking a process with running threads can deadlock
-        self.pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+        self.pool = multiprocessing.get_context(_start_method()).Pool(workers) if workers > 1 else None
         self.window = 2 * workers
         self.ahead, self.next = ahead, 0
         self.pending: dict[int, object] = {}
