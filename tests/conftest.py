@@ -147,13 +147,29 @@ def make_image():
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
-    """Demo shards and validation photos (``.train``, ``.val``), built once per session."""
+    """Demo shards (``.train``) and a validation folder (``.val``), built once per session.
+
+    ``.val`` holds the centres of the demo's two validation photos, in their formats, at sizes that
+    are not multiples of 4 (so GTmod still crops), the first wider than the 256 px of a comparison
+    PNG: validation is the same code on a tenth of the pixels. Every tiny run validates, and the full
+    photos through the perceptual metric's VGG took about 6 CPU-s a validation, minutes of the suite.
+    ``.photos`` is the demo's own folder, for a test that needs a validation long enough to catch.
+    """
     from types import SimpleNamespace
 
-    from raysr.demo import build_demo_data
+    from PIL import Image
 
-    train, val = build_demo_data(str(tmp_path_factory.mktemp("demo_data")))
-    return SimpleNamespace(train=train, val=val)
+    from raysr.demo import VAL_PHOTOS, build_demo_data
+
+    root = tmp_path_factory.mktemp("demo_data")
+    train, photos = build_demo_data(str(root))
+    val = root / "val_centres"
+    val.mkdir()
+    for name, (h, w) in zip(VAL_PHOTOS, [(90, 301), (102, 97)]):
+        with Image.open(os.path.join(photos, name)) as photo:
+            top, left = (photo.height - h) // 2, (photo.width - w) // 2
+            photo.crop((left, top, left + w, top + h)).save(val / name, quality=95)
+    return SimpleNamespace(train=train, val=str(val), photos=photos)
 
 
 @pytest.fixture(scope="session")

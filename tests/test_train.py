@@ -219,13 +219,16 @@ def psnr_y_reference(sr: torch.Tensor, hr_u8: np.ndarray) -> float:
 
 
 def test_comparison_png_is_bicubic_sr_hr_of_the_first_validation_photo(gan_run, demo_data):
+    """The centre of the photo, at most 256 px a side: this photo is wider than that and less tall,
+    so its full height and the middle 256 columns."""
     hr = gt_mod(sorted(Path(demo_data.val).iterdir())[0])
-    size = 256
-    top, left = (hr.shape[0] - size) // 2, (hr.shape[1] - size) // 2
+    assert hr.shape[0] < 256 < hr.shape[1]
+    h, w = hr.shape[0], 256
+    left = (hr.shape[1] - w) // 2
     png = gan_run.ckpt[4]["comparison"]
-    assert png.shape == (size, 3 * size, 3)
-    np.testing.assert_array_equal(png[:, 2 * size:], hr[top:top + size, left:left + size])
-    assert not np.array_equal(png[:, :size], png[:, size:2 * size]), "bicubic and SR tiles are identical"
+    assert png.shape == (h, 3 * w, 3)
+    np.testing.assert_array_equal(png[:, 2 * w:], hr[:, left:left + w])
+    assert not np.array_equal(png[:, :w], png[:, w:2 * w]), "bicubic and SR tiles are identical"
 
 
 def test_state_pt_holds_the_whole_training_state(gan_run):

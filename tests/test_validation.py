@@ -116,15 +116,17 @@ def test_training_goes_on_while_a_validator_scores_and_survives_being_killed(ray
     killer = threading.Thread(target=kill_validator_during_a_validation, args=(stop, killed), daemon=True)
     killer.start()
     try:
+        # the demo's full photos: a validation of the tests' small crops could end between two polls
         result, reports = fit_recorded(run_args(demo_data, tmp_path, "async", f"train.total_steps={total}",
                                                 f"run.val_every={every}", f"run.checkpoint_every={every}",
-                                                "run.log_every=5"), tmp_path / "reports.jsonl")
+                                                "run.log_every=5", f"data.val={demo_data.photos}"),
+                                       tmp_path / "reports.jsonl")
     finally:
         stop.set()
         killer.join()
     assert killed, "the validator was never seen scoring: nothing was killed"
     assert result.metrics["step"] == total and [m["step"] for m in reports] == list(range(5, total + 1, 5))
-    validated = assert_each_psnr_is_that_of_its_checkpoint(reports, tmp_path / "async", demo_data.val)
+    validated = assert_each_psnr_is_that_of_its_checkpoint(reports, tmp_path / "async", demo_data.photos)
     # every validation step was scored (the killed one again, by the restarted actor) or replaced
     # by a newer one while the validator was busy, and the last one is always scored
     assert validated == sorted(set(validated)) and validated[-1] == total
