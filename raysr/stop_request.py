@@ -5,7 +5,8 @@ signal stops at once (the steps since the last checkpoint are lost).
 
 * :func:`fit_until_stopped` (driver) — ``trainer.fit()`` in a thread, so that the main thread owns
   the signals: Ray Train installs its own SIGINT handler only from the main thread, and that one
-  aborts the run without a checkpoint. The first signal sets the flag of a named actor (:class:`StopFlag`).
+  aborts the run without a checkpoint. The first signal sets the flag of a named actor (:class:`StopFlag`,
+  one per driver process, armed for the length of each fit).
 * :class:`StopCheck` (every worker) — at each step boundary rank 0 looks whether the flag is set
   (a pending reply of the actor, checked locally: no round trip), and one all-reduce of a CPU scalar
   over gloo tells the other ranks, so that every rank stops at the same step and calls
@@ -27,27 +28,50 @@ import threading
 
 from raysr.cli import say
 
-FLAG_ACTOR = "raysr_stop_flag"  # one per driver process (its Ray namespace), reset by every fit
+FLAG_ACTOR = "raysr_stop_flag"  # one per driver process (its Ray namespace), armed by every fit
 STOPPED_KEY = "stopped_by_signal"  # in the last report of a run a signal stopped: 1
 EXIT_STOPPED = 130  # what a shell reports for a command ended by Ctrl-C
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopFlag:
-    """A Ray actor (asyncio): ``request`` sets the flag, ``wait`` returns once it is set, ``reset`` clears it."""
+    """A Ray actor (asyncio): ``arm`` clears the flag for the fit about to start and ``disarm`` ends
+    that; ``request`` sets it; ``armed`` says whether a fit listens; ``wait`` returns once it is set."""
 
     def __init__(self):
-        self.event = asyncio.Event()
+        self.event, self.listening = asyncio.Event(), False
+
+    async def arm(self) -> None:
+        self.event, self.listening = asyncio.Event(), True
+
+    async def disarm(self) -> None:
+        self.listening = False
+
+    async def armed(self) -> bool:
+        return self.listening
 
     async def request(self) -> None:
         self.event.set()
 
-    async def reset(self) -> None:
-        self.event = asyncio.Event()
-
     async def wait(self) -> bool:
         await self.event.wait()
         return True
+
+
+_flag: tuple[str, object] | None = None  # (the Ray it lives in, this driver's StopFlag)
+
+
+def stop_flag():
+    """This driver's StopFlag, started at its first fit. The handle is kept for the process's life:
+    Ray ends an actor once its last handle goes, and starting one again at every fit put an actor
+    start (a process that imports raysr) before each run's first worker."""
+    global _flag
+    import ray
+
+    here = ray.get_runtime_context().gcs_address + "/" + ray.get_runtime_context().get_job_id()
+    if _flag is None or _flag[0] != here:  # never a handle from an earlier ray.init of this process
+        _flag = here, ray.remote(num_cpus=0)(StopFlag).options(name=FLAG_ACTOR, get_if_exists=True).remote()
+    return _flag[1]
 
 
 # --------------------------------------------------------------------------- driver
@@ -62,8 +86,8 @@ def fit_until_stopped(trainer):
 
     if threading.current_thread() is not threading.main_thread():
         return trainer.fit()
-    flag = ray.remote(num_cpus=0)(StopFlag).options(name=FLAG_ACTOR, get_if_exists=True).remote()
-    ray.get(flag.reset.remote())  # a flag set during an earlier fit of this process stops nothing now
+    flag = stop_flag()
+    ray.get(flag.arm.remote())  # a flag set during an earlier fit of this process stops nothing now
     outcome: dict = {}
 
     def fit() -> None:
@@ -95,6 +119,7 @@ def fit_until_stopped(trainer):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        flag.disarm.remote()  # a Tune trial this process runs later finds the actor, but no fit listening
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
@@ -136,9 +161,11 @@ class StopCheck:
         self.pending, self.group, self.world = None, None, world
         if rank == 0:
             try:
-                self.pending = ray.get_actor(FLAG_ACTOR).wait.remote()
+                flag = ray.get_actor(FLAG_ACTOR)
             except ValueError:  # no driver of raysr.train (a Tune trial): nothing asks this run to stop
-                pass
+                flag = None
+            if flag is not None and ray.get(flag.armed.remote()):  # else a Tune trial of a process that also fit()
+                self.pending = flag.wait.remote()
         if world > 1:
             # CPU scalars over gloo: a host read of a GPU flag at every step would stall the GPU
             self.group = None if "gloo" in str(dist.get_backend()) else dist.new_group(backend="gloo")

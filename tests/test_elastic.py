@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from chaos_run import UPSCALE_INPUTS, upscale_argv
-from raysr.demo import build_demo_data
 from raysr.upscale import main as upscale
 
 pytestmark = pytest.mark.slow  # Ray clusters of their own
@@ -37,20 +36,15 @@ SCENARIOS_TIMEOUT_S = 510
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    train, val = build_demo_data(str(tmp_path_factory.mktemp("elastic_demo")))
-    return train, val
-
-
-@pytest.fixture(scope="module")
-def chaos(demo, tmp_path_factory) -> dict:
+def chaos(demo_data, tmp_path_factory) -> dict:
     """The scenarios of tests/chaos_run.py, one after the other on one cluster: {mode: (its folder, the
     output's tail)}. Each test then checks its own scenario's outcome (:func:`outcome`)."""
     out = tmp_path_factory.mktemp("chaos")
     ray_tmp = tempfile.mkdtemp(prefix="rsx_", dir="/tmp")  # short: Ray's unix sockets live under it
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=os.pathsep.join([str(CHAOS_RUN.parents[1]), env.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, str(CHAOS_RUN), ",".join(MODES), *demo, str(out)], env=env, text=True,
+    argv = [sys.executable, str(CHAOS_RUN), ",".join(MODES), demo_data.train, demo_data.val, str(out)]
+    proc = subprocess.Popen(argv, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         log = proc.communicate(timeout=SCENARIOS_TIMEOUT_S)[0]

@@ -298,6 +298,20 @@ def test_rerun_with_the_same_name_resumes_and_keeps_the_last_checkpoints(gan_run
                          "checkpoint 4 after resume")
 
 
+def test_the_stop_flag_outlives_a_fit_disarmed_so_a_later_tune_trial_never_listens(gan_run):
+    """fit() keeps this process's StopFlag actor for its next fit (no actor start before every run) and
+    disarms it when the run ends: rank 0 of a run that fit() did not start (a Tune trial of this
+    process) finds the actor and does not listen to it."""
+    import ray
+
+    from raysr.stop_request import FLAG_ACTOR, StopCheck, stop_flag
+
+    flag = ray.get_actor(FLAG_ACTOR)
+    assert flag._actor_id == stop_flag()._actor_id
+    assert ray.get(flag.armed.remote()) is False
+    assert StopCheck(rank=0, world=1).pending is None
+
+
 def test_an_x2_rrdbnet_run_on_paired_data_validates_odd_sized_images(ray_local, tmp_path, capsys):
     """RRDBNet x2 pixel-unshuffles its input, so an odd LR side needs padding: validation pads as
     raysr.upscale does, and the run reports the PSNR raysr.evaluate gives its generator on the same
