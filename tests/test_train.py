@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -621,15 +622,22 @@ def test_ray_job_submit_to_a_ray_start_head_succeeds(demo_data, tmp_path):
                        f"--temp-dir={ray_temp}"] + [f"{flag}={port}" for flag, port in ports.items()],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        # ready once the job server lists jobs for the token (asked over HTTP: each `ray job list`
+        # would start a Python process that imports Ray, seconds of CPU a poll)
         deadline = time.monotonic() + 120
+        ask = urllib.request.Request(f"{address}/api/jobs/",
+                                     headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+        last = None
         while True:
             assert head.poll() is None, f"ray start exited early:\n{head_log.read_text()}"
-            listed = subprocess.run(ray_cli + ["job", "list", "--address", address], env=env, capture_output=True,
-                                    text=True)
-            if listed.returncode == 0:
-                break
-            assert time.monotonic() < deadline, f"the job server never answered:\n{listed.stderr[-2000:]}"
-            time.sleep(1)
+            try:
+                with urllib.request.urlopen(ask, timeout=5) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError as err:  # refused while it starts; URLError and HTTPError are OSErrors
+                last = err
+            assert time.monotonic() < deadline, f"the job server never answered: {last}\n{head_log.read_text()}"
+            time.sleep(0.2)
 
         storage = tmp_path / "runs"
         sets = ["train.total_steps=4", "run.checkpoint_every=2", "run.val_every=2", "run.log_every=2",
