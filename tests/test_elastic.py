@@ -44,8 +44,8 @@ def chaos(demo_data, tmp_path_factory) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=os.pathsep.join([str(CHAOS_RUN.parents[1]), env.get("PYTHONPATH", "")]))
     argv = [sys.executable, str(CHAOS_RUN), ",".join(MODES), demo_data.train, demo_data.val, str(out)]
-    proc = subprocess.Popen(argv, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(argv, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
         log = proc.communicate(timeout=SCENARIOS_TIMEOUT_S)[0]
     except subprocess.TimeoutExpired:  # each scenario then says where it stopped (outcome.json), never a hang
