@@ -116,6 +116,13 @@ def scenario(mode: str, cluster, out: Path, events: dict) -> None:
         (out / "hold.json").unlink()
     cluster.remove_node(victim, allow_graceful=False)  # as a reclaimed spot node: all its processes killed
     events["removed"] = time.time()
+    if mode == "elastic":
+        # Still held: once the GCS has declared the node dead, Ray's AutoscalingCoordinator reads the
+        # nodes again, so that the controller, released, restarts with the one worker the cluster can
+        # hold. Its own next read of the nodes may be up to 20 s away: the controller would first try
+        # a group of 2 and wait out RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S for a CPU that is gone.
+        wait_for_dead_node(victim.node_id)
+        refresh_reservations()
     (out / "held").unlink()
     if mode == "elastic":
         events["added_after_step"] = held_step(out)
@@ -135,14 +142,26 @@ def scenario(mode: str, cluster, out: Path, events: dict) -> None:
 
 def refresh_reservations() -> None:
     """Make the cluster's AutoscalingCoordinator (Ray's actor that tells an elastic Train controller how
-    many workers the cluster can hold) read the nodes now, with the added one. On its own it reads them
-    every 20 s, and a group of 1 slowed to 2 s a report would sometimes end its run before that: the
-    test would then see no growth for a reason that has nothing to do with raysr. Private API of Ray
+    many workers the cluster can hold) read the nodes now, without the removed one or with the added one.
+    On its own it reads them every 20 s: a group of 1 slowed to 2 s a report would sometimes end its run
+    before that, and the test would then see no growth for a reason that has nothing to do with raysr.
+    Private API of Ray
     2.60 (ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator)."""
     import ray
 
     coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
     ray.get(coordinator.get_reserved_resources.remote("tests/chaos_run.py", recompute=True), timeout=60)
+
+
+def wait_for_dead_node(node_id: str, timeout: float = 60) -> None:
+    """Wait until the GCS (whose node list the AutoscalingCoordinator reads) has declared ``node_id`` dead."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Ray still lists the removed node {node_id} as alive after {timeout} s")
+        time.sleep(0.05)
 
 
 def wait_for_free_cpus(cpus: float, timeout: float = 60) -> None:
@@ -166,8 +185,11 @@ def main(modes: str, train_dir: str, val: str, out_dir: str) -> int:
     # Shorter than Ray's defaults, to keep the test short: Ray Train's controller polls the workers
     # every 0.5 s (2 s), gives a worker group 20 s to start (60 s), and the GCS declares a node dead
     # after 3 missed 1 s health checks (5 missed 3 s ones). docs/fault-tolerance.md's figures are measured with these.
+    # Ray Train's PreemptionWatcher, which tests/conftest.py turns off for the other tests, runs as it
+    # does on a user's cluster: these runs lose nodes.
     os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_TRAIN_V2_ENABLED="1",
-                      RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20")
+                      RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20",
+                      RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="1")
     from ray.cluster_utils import Cluster
 
     from raysr.ray_setup import init_ray
