@@ -196,7 +196,19 @@ def ray_local():
 SLOW_FIXTURES = {"ray_local"}
 
 
+# Under pytest-xdist (``-n 2 --dist loadgroup``, pyproject.toml's addopts) the tests on the session's
+# local Ray run in one worker, one after the other as without xdist: they share that Ray and its two
+# CPUs. Those marked ``own_ray`` start a Ray cluster of their own, so they form a group of their own
+# (one such cluster at a time), which the other worker, free while the first works through its long
+# group, picks up beside them. Everything else runs wherever a worker is free.
+RAY_GROUP, OWN_RAY_GROUP = "ray", "own_ray"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
+        elif item.get_closest_marker("own_ray") is not None:
+            item.add_marker(pytest.mark.xdist_group(OWN_RAY_GROUP))

@@ -25,7 +25,7 @@ import torch
 from chaos_run import UPSCALE_INPUTS, upscale_argv
 from raysr.upscale import main as upscale
 
-pytestmark = pytest.mark.slow  # Ray clusters of their own
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]  # Ray clusters of their own
 
 CHAOS_RUN = Path(__file__).with_name("chaos_run.py")
 TOTAL_STEPS, CHECKPOINT_EVERY, GLOBAL_BATCH = 12, 2, 4  # as chaos_run.py sets them: batch 2 x 2 workers

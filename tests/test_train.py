@@ -593,6 +593,7 @@ def test_exit_status_names_the_step_and_a_resume_command_the_shell_reads_back(ca
 
 
 @pytest.mark.slow  # a Ray head of its own and a job
+@pytest.mark.own_ray
 def test_ray_job_submit_to_a_ray_start_head_succeeds(demo_data, tmp_path):
     """`ray start --head` on 127.0.0.1, then `ray job submit -- python -m raysr.train --preset quickstart …`.
 
