@@ -145,8 +145,7 @@ def refresh_reservations() -> None:
     many workers the cluster can hold) read the nodes now, without the removed one or with the added one.
     On its own it reads them every 20 s: a group of 1 slowed to 2 s a report would sometimes end its run
     before that, and the test would then see no growth for a reason that has nothing to do with raysr.
-    Private API of Ray
-    2.60 (ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator)."""
+    Private API of Ray 2.60 (ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator)."""
     import ray
 
     coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
