@@ -4,7 +4,8 @@ upload to S3, and a console that shows what a raysr user can act on.
 * :func:`init_ray` — join the cluster in RAY_ADDRESS, else start a local Ray on 127.0.0.1
   (:data:`STARTED_LOCAL_RAY` says which).
 * :func:`make_trainer` — the TorchTrainer for a config: :func:`scaling_config` (N workers, or
-  elastic), :func:`uses_gpu`, :func:`validation_for_local_ray` (an actor that cannot fit goes inline).
+  elastic), :func:`uses_gpu`, :func:`validation_for_local_ray` (an actor that cannot fit goes inline),
+  :func:`trainer_without_ray_data` (no Ray Data actor for a run that gives Ray Train no datasets).
 * :func:`upload_checkpoint` — Ray's ``checkpoint_upload_fn`` for s3:// runs, failing loudly.
 * :func:`quiet_output`, :func:`drop_ray_log_lines` — the known noise of torch, boto and Ray left out.
 
@@ -97,7 +98,6 @@ def make_trainer(cfg: Config, train_loop_per_worker, callbacks=()):
 
     ``raysr.tune`` builds one per trial (its config names the trial's run) with Tune's report callback.
     """
-    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -107,7 +107,7 @@ def make_trainer(cfg: Config, train_loop_per_worker, callbacks=()):
               "CPUs; on an autoscaling cluster whose GPU nodes start at zero, set run.use_gpu=true so Ray "
               "asks for GPU nodes", file=sys.stderr)
     cfg = validation_for_local_ray(cfg)
-    return TorchTrainer(
+    return trainer_without_ray_data(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict()},
         scaling_config=scaling_config(cfg, use_gpu),
@@ -119,6 +119,35 @@ def make_trainer(cfg: Config, train_loop_per_worker, callbacks=()):
             callbacks=list(callbacks),
             **storage_args(cfg.run.storage)),
     )
+
+
+def trainer_without_ray_data(trainer_cls):
+    """``trainer_cls`` (Ray's TorchTrainer) less the Ray Data set-up it does for runs given no datasets.
+
+    raysr streams its own shards (:mod:`raysr.data`) and hands Ray Train no Ray Data datasets, yet Ray
+    Train 2.60 starts a DatasetManager actor at every worker-group start (each restart and resize too)
+    and sends every worker Ray Data's context: one more process and about 3 CPU-s a start, for nothing
+    (docs/testing.md says how that was measured). Private API: Ray has no switch for it; the trainer's
+    ``_create_default_callbacks`` adds it as its ``DatasetsCallback``. Given datasets, the trainer keeps it.
+    """
+    try:
+        from ray.train.v2._internal.callbacks import DatasetsCallback
+    except ImportError:
+        DatasetsCallback = None
+    if DatasetsCallback is None or not hasattr(trainer_cls, "_create_default_callbacks"):
+        private_api_moved("ray.train.v2._internal.callbacks.DatasetsCallback",
+                          "Ray Train starts its dataset actor for every worker group, which raysr does not use")
+        return trainer_cls
+
+    class Trainer(trainer_cls):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__
+    return Trainer
 
 
 def uses_gpu(cfg: Config) -> bool:

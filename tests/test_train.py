@@ -313,6 +313,17 @@ def test_the_stop_flag_outlives_a_fit_disarmed_so_a_later_tune_trial_never_liste
     assert StopCheck(rank=0, world=1).pending is None
 
 
+def test_a_run_starts_ray_trains_actors_but_no_ray_data_dataset_actor(gan_run):
+    """raysr hands Ray Train no Ray Data datasets (it streams its own shards), so no worker-group start
+    runs Ray Train's DatasetManager actor (raysr.ray_setup.trainer_without_ray_data); the actors of its
+    other set-up callbacks still run."""
+    from ray.util.state import list_actors
+
+    started = {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
+    assert {"TrainController", "RayTrainWorker", "SynchronizationActor", "PlacementGroupCleaner"} <= started, started
+    assert "DatasetManager" not in started
+
+
 def test_an_x2_rrdbnet_run_on_paired_data_validates_odd_sized_images(ray_local, tmp_path, capsys):
     """RRDBNet x2 pixel-unshuffles its input, so an odd LR side needs padding: validation pads as
     raysr.upscale does, and the run reports the PSNR raysr.evaluate gives its generator on the same
@@ -684,7 +695,7 @@ def test_ctrl_c_checkpoints_the_next_step_and_the_same_command_resumes_there(ray
     driver names that step and the command that resumes and exits 130; that command resumes at exactly
     that step and ends at step 40. Both drivers join the session's Ray (as ``ray job submit`` drivers
     join a cluster). A report every step paces the run (Ray Train's controller takes one per health
-    check, 0.5 s in the tests)."""
+    check, 0.1 s in the tests)."""
     total = 40
     argv = ["--preset", "quickstart"]
     for value in ["model.generator.num_feat=8", "model.generator.num_block=1", "data.gt_size=32",
