@@ -85,9 +85,11 @@ def measure_ray(args: dict) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from raysr.ray_setup import trainer_without_ray_data
+
     start_ray()
     with tempfile.TemporaryDirectory(prefix="raysr_bench_") as storage:
-        trainer = TorchTrainer(
+        trainer = trainer_without_ray_data(TorchTrainer)(
             ray_worker, train_loop_config=args,
             scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False),
             run_config=ray.train.RunConfig(name="bench_overhead", storage_path=storage,
