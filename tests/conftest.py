@@ -196,19 +196,34 @@ def ray_local():
 SLOW_FIXTURES = {"ray_local"}
 
 
-# Under pytest-xdist (``-n 2 --dist loadgroup``, pyproject.toml's addopts) the tests on the session's
-# local Ray run in one worker, one after the other as without xdist: they share that Ray and its two
-# CPUs. Those marked ``own_ray`` start a Ray cluster of their own, so they form a group of their own
-# (one such cluster at a time), which the other worker, free while the first works through its long
-# group, picks up beside them. Everything else runs wherever a worker is free.
-RAY_GROUP, OWN_RAY_GROUP = "ray", "own_ray"
+# Under pytest-xdist (``-n 2 --dist loadgroup --no-loadscope-reorder``, pyproject.toml's addopts) the
+# tests on a session's local Ray run in two groups, one per worker process, each group one test after
+# the other on that process's own Ray (of two CPUs, as without xdist). The second group also holds the
+# tests marked ``own_ray``, which start a Ray cluster of their own (one such cluster at a time), first:
+# the longest of them then runs beside the first group rather than after it. SECOND_RAY_FILES are picked
+# so that both groups take about as long (docs/testing.md). A file's Ray tests stay in one group, where
+# they share its module fixtures (one run, many tests). Every other file is a group of its own (its
+# module fixtures built once, not once in each process), which a worker takes once its group is done:
+# xdist hands out groups in the order of the collection (no reordering), so the two Ray groups go first.
+RAY_GROUP, SECOND_RAY_GROUP = "ray", "ray_b"
+SECOND_RAY_FILES = {"test_bench_upscale.py", "test_chaos_storage.py", "test_tune.py"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
+    order = {}
     for item in items:
-        if SLOW_FIXTURES & set(item.fixturenames):
+        on_session_ray = bool(SLOW_FIXTURES & set(item.fixturenames))
+        own_ray = item.get_closest_marker("own_ray") is not None
+        if on_session_ray:
             item.add_marker(pytest.mark.slow)
+        if own_ray or (on_session_ray and item.path.name in SECOND_RAY_FILES):
+            item.add_marker(pytest.mark.xdist_group(SECOND_RAY_GROUP))
+            order[item.nodeid] = 0 if own_ray else 1
+        elif on_session_ray:
             item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
-        elif item.get_closest_marker("own_ray") is not None:
-            item.add_marker(pytest.mark.xdist_group(OWN_RAY_GROUP))
+            order[item.nodeid] = 2
+        else:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+            order[item.nodeid] = 3
+    items.sort(key=lambda item: order[item.nodeid])  # stable: files keep their order within each part

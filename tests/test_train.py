@@ -317,9 +317,12 @@ def test_a_run_starts_ray_trains_actors_but_no_ray_data_dataset_actor(gan_run):
     """raysr hands Ray Train no Ray Data datasets (it streams its own shards), so no worker-group start
     runs Ray Train's DatasetManager actor (raysr.ray_setup.trainer_without_ray_data); the actors of its
     other set-up callbacks still run."""
+    import ray
     from ray.util.state import list_actors
 
-    started = {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
+    # this process's Ray by its address: another test process may run a Ray of its own beside it
+    started = {a.class_name for a in list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000,
+                                                 raise_on_missing_output=False)}
     assert {"TrainController", "RayTrainWorker", "SynchronizationActor", "PlacementGroupCleaner"} <= started, started
     assert "DatasetManager" not in started
 
