@@ -116,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists("/proc/stat"):
         parser.error("this reads /proc, which only Linux has")
     status, wall, busy, seen = sample(command, args.interval)
-    rows = table(seen, args.top)
-    counted = sum(cpu for _, _, cpu in table(seen, len(seen)))
+    rows = table(seen, len(seen))
+    counted = sum(cpu for _, _, cpu in rows)
     print(f"{'CPU-s':>8} {'procs':>5}  kind", file=sys.stderr)
-    for name, procs, cpu in rows:
+    for name, procs, cpu in rows[:args.top]:
         print(f"{cpu:8.1f} {procs:5d}  {name}", file=sys.stderr)
     print(f"{counted:8.1f}        every process read; the machine was busy {busy:.1f} CPU-s in {wall:.1f} s "
           f"(exit status {status})", file=sys.stderr)
