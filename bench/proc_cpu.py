@@ -23,6 +23,7 @@ import sys
 import time
 
 TICK = os.sysconf("SC_CLK_TCK")
+CODE_CHARS = 40  # of a ``python -c`` command's code, in its kind
 
 
 def machine_busy_s() -> float:
@@ -51,7 +52,8 @@ def read_processes() -> dict[int, tuple[str, float]]:
 
 def kind(cmdline: str) -> str:
     """What a process is, for the table: its Ray title without the method (``ray::TrainController``), a
-    Python process by its module or script, anything else by its program's name."""
+    Python process by its module or script (``python -c`` by the start of its code), anything else by its
+    program's name."""
     if not cmdline:
         return "(no command line: a kernel thread or an exited process)"
     first, *rest = cmdline.split()
@@ -59,8 +61,12 @@ def kind(cmdline: str) -> str:
         return first.split(".")[0]
     if os.path.basename(first).startswith("python"):
         for i, arg in enumerate(rest):
-            if arg in ("-m", "-c"):
-                return f"python -m {rest[i + 1]}" if arg == "-m" and i + 1 < len(rest) else "python -c"
+            if arg == "-m":
+                return f"python -m {rest[i + 1]}" if i + 1 < len(rest) else "python -m"
+            if arg == "-c":  # by its code's first line, at most CODE_CHARS of it: pytest-xdist's workers
+                # (execnet: "import sys;exec(eval(sys.stdin.readline()))"), multiprocessing's forkserver...
+                code = cmdline.split(" -c ", 1)[1].splitlines()[0][:CODE_CHARS].strip() if " -c " in cmdline else ""
+                return f"python -c {code}".strip()
             if not arg.startswith("-"):
                 return f"python {os.path.basename(arg)}"
         return "python"
@@ -75,8 +81,8 @@ def sample(command: list[str], interval: float) -> tuple[int, float, float, dict
     def read() -> None:
         for pid, (cmdline, cpu) in read_processes().items():
             entry = seen.setdefault(pid, [kind(cmdline), cpu, cpu])
-            if cmdline.startswith("ray::"):  # a pooled Ray worker takes an actor's title when it becomes one
-                entry[0] = kind(cmdline)
+            if cmdline:  # its latest title: a pooled Ray worker takes an actor's when it becomes one, and a
+                entry[0] = kind(cmdline)  # process forked from a forkserver (Ray's dashboard modules) its own
             entry[2] = cpu
 
     read()
