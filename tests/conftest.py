@@ -53,6 +53,12 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 # CPU-seconds to start) that only logs when a node drains, which raysr does not act on. Only the
 # node-loss scenarios (tests/chaos_run.py) keep it; test_ray_setup.py checks the line raysr hides from it.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray's log monitor (one per Ray instance; it forwards worker processes' lines to their drivers) lists its
+# log folder for new files on every 0.1-s poll while it tracks fewer than this many files, and every
+# LOG_NAME_UPDATE_INTERVAL_S (0.5 s) once it tracks more. A session's Ray sees hundreds of short-lived
+# workers (two files each): listing them ten times a second was about 50 CPU-s of a full run (bench/proc_cpu.py,
+# docs/testing.md). With this, a new worker's first lines reach its driver up to 0.5 s later; none is lost.
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "1")
 # No test may download weights from outside: raysr.hub fetches nothing unless a test (serving
 # files on loopback) lifts this itself. Ray's workers inherit it too.
 os.environ["RAYSR_OFFLINE"] = "1"
@@ -176,17 +182,47 @@ def demo_data(tmp_path_factory):
     return SimpleNamespace(train=train, val=str(val), photos=photos)
 
 
+def without_placement_group_cleaner(create_default_callbacks):
+    """Ray Train's ``_create_default_callbacks`` less its PlacementGroupCleanerCallback: the callback starts
+    a detached PlacementGroupCleaner actor with every run, which asks Ray's state API every second whether
+    the run's controller is still alive, to remove the run's placement group should the controller die
+    without doing so itself. No test kills a controller (a driver's exit takes its job's placement
+    groups with it), and the actor is a process of its own: about 4 CPU-s of every run
+    (``python bench/proc_cpu.py -- python -m pytest -q -n 0 tests/test_validation.py``, with and without
+    it, docs/testing.md). Ray has no switch for it; the node-loss scenarios keep it."""
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    def create(trainer):
+        return [c for c in create_default_callbacks(trainer) if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return create
+
+
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance on 127.0.0.1 for the whole test session (started on first use)."""
+def ray_default_callbacks():
+    """Ray Train's own ``DataParallelTrainer._create_default_callbacks``, which the session's runs (``ray_local``)
+    use less the placement-group cleaner (:func:`without_placement_group_cleaner`)."""
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    return DataParallelTrainer.__dict__["_create_default_callbacks"]
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_default_callbacks):
+    """One local Ray instance on 127.0.0.1 for the whole test session (started on first use). The Ray
+    Train runs this process starts on it run without Ray's placement-group cleaner actor
+    (:func:`without_placement_group_cleaner`)."""
     import ray
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from raysr.ray_setup import init_ray
 
     os.environ.pop("RAY_ADDRESS", None)
+    DataParallelTrainer._create_default_callbacks = without_placement_group_cleaner(ray_default_callbacks)
     init_ray()
     yield ray
     ray.shutdown()
+    DataParallelTrainer._create_default_callbacks = ray_default_callbacks
 
 
 # --------------------------------------------------------------------------- the fast lane

@@ -313,18 +313,33 @@ def test_the_stop_flag_outlives_a_fit_disarmed_so_a_later_tune_trial_never_liste
     assert StopCheck(rank=0, world=1).pending is None
 
 
-def test_a_run_starts_ray_trains_actors_but_no_ray_data_dataset_actor(gan_run):
+def test_a_run_starts_ray_trains_actors_but_no_ray_data_dataset_actor(gan_run, ray_default_callbacks, monkeypatch):
     """raysr hands Ray Train no Ray Data datasets (it streams its own shards), so no worker-group start
     runs Ray Train's DatasetManager actor (raysr.ray_setup.trainer_without_ray_data); the actors of its
-    other set-up callbacks still run."""
+    other set-up callbacks still run: of Ray's own default callbacks, raysr's trainer leaves out the
+    DatasetsCallback alone. (The tests' runs also leave out Ray's placement-group cleaner: conftest.py.)"""
     import ray
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
     from ray.util.state import list_actors
+
+    from raysr.ray_setup import trainer_without_ray_data
 
     # this process's Ray by its address: another test process may run a Ray of its own beside it
     started = {a.class_name for a in list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000,
                                                  raise_on_missing_output=False)}
-    assert {"TrainController", "RayTrainWorker", "SynchronizationActor", "PlacementGroupCleaner"} <= started, started
-    assert "DatasetManager" not in started
+    assert {"TrainController", "RayTrainWorker", "SynchronizationActor"} <= started, started
+    assert "DatasetManager" not in started and "PlacementGroupCleaner" not in started, started
+
+    monkeypatch.setattr(DataParallelTrainer, "_create_default_callbacks", ray_default_callbacks)  # Ray's own
+    names = {}
+    for trainer_cls in (TorchTrainer, trainer_without_ray_data(TorchTrainer)):
+        trainer = trainer_cls(train_loop_per_worker=lambda: None, scaling_config=ScalingConfig(num_workers=1))
+        names[trainer_cls] = [type(c).__name__ for c in trainer._create_default_callbacks()]
+    ray_own, raysr_own = names.values()
+    assert {"DatasetsCallback", "PlacementGroupCleanerCallback"} <= set(ray_own), ray_own
+    assert raysr_own == [name for name in ray_own if name != "DatasetsCallback"]
 
 
 def test_an_x2_rrdbnet_run_on_paired_data_validates_odd_sized_images(ray_local, tmp_path, capsys):
