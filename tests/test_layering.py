@@ -3,6 +3,7 @@ imports nothing from a layer above its own; only the Ray layers import ray; the 
 no cycle; and the inference tools load neither the training stack (engine, losses) nor Ray."""
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -162,18 +163,40 @@ INFERENCE_SIDE = ["raysr.models", "raysr.generator_file", "raysr.upscale", "rays
                   "raysr.scoring", "raysr.run_checkpoint"]
 
 
+# One fresh interpreter imports torch (which every inference module loads, and which loads neither the
+# training stack nor Ray), then forks a child per module: each child imports its module into that clean
+# state and prints which training-stack or Ray modules are loaded. A fresh interpreter per module took
+# about 2 CPU-s each, torch's import, all but the first of them for nothing.
+PROBE = """
+import json, os, sys, traceback
+import torch
+for module in sys.argv[1:]:
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            __import__(module)
+            bad = sorted(m for m in sys.modules if m in ('raysr.engine', 'raysr.losses', 'ray') or m.startswith('ray.'))
+            print(json.dumps([module, str(bad), "", 0]))
+        except BaseException:
+            print(json.dumps([module, "", traceback.format_exc(), 1]))
+        sys.stdout.flush()
+        os._exit(0)
+    os.waitpid(pid, 0)
+"""
+
+
 @pytest.fixture(scope="module")
 def inference_side_imports() -> dict[str, tuple[str, str, int]]:
-    """{module: (stdout, stderr, exit status)} of a fresh interpreter that imports the module and prints which
-    training-stack or Ray modules that loaded; the interpreters run side by side (each is seconds of imports)."""
-    def code(module):
-        return (f"import sys, {module}; "
-                "bad = sorted(m for m in sys.modules if m in ('raysr.engine', 'raysr.losses', 'ray') "
-                "or m.startswith('ray.')); print(bad)")
-
-    procs = {m: subprocess.Popen([sys.executable, "-c", code(m)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True) for m in INFERENCE_SIDE}
-    return {m: (*p.communicate(timeout=300), p.returncode) for m, p in procs.items()}
+    """{module: (the loaded training-stack or Ray modules, as printed, the import's traceback, 1 if it failed)}."""
+    # raysr.engine last, a control: the probe sees what a module loads (the engine is training stack)
+    probe = subprocess.run([sys.executable, "-c", PROBE, *INFERENCE_SIDE, "raysr.engine"], capture_output=True,
+                           text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr
+    found = {module: tuple(rest) for module, *rest in map(json.loads, probe.stdout.splitlines())}
+    assert list(found) == [*INFERENCE_SIDE, "raysr.engine"], probe.stdout + probe.stderr
+    assert found.pop("raysr.engine") == ("['raysr.engine', 'raysr.losses']", "", 0)
+    return found
 
 
 @pytest.mark.parametrize("module", INFERENCE_SIDE)
