@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -341,14 +342,11 @@ def test_a_diverged_trial_is_shown_as_diverged_and_never_ranked(tmp_path, capsys
 # --------------------------------------------------------------------------- real searches
 
 
-def run_cli(argv: list[str], interrupt_at: str | None = None) -> tuple[int, str]:
-    """``python -m raysr.tune argv`` in a subprocess with its own new Ray; Ctrl-C once a line
-    contains ``interrupt_at``. Returns (exit status, output).
-
-    A Ray that ends with its process leaves nothing behind for the session's ``ray_local``,
-    not even the reservations of a trial that Ctrl-C stopped.
+def run_cli(argv: list[str], address: str, interrupt_at: str | None = None) -> tuple[int, str]:
+    """``python -m raysr.tune argv`` in a subprocess, a driver of the Ray at ``address`` (as a search run
+    with ``ray job submit`` is); Ctrl-C once a line contains ``interrupt_at``. Returns (exit status, output).
     """
-    env = {**os.environ, "RAY_ADDRESS": "local"}  # a new local Ray, never one another process started
+    env = {**os.environ, "RAY_ADDRESS": address}
     proc = subprocess.Popen([sys.executable, "-m", "raysr.tune", *argv], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     lines = []
@@ -360,7 +358,7 @@ def run_cli(argv: list[str], interrupt_at: str | None = None) -> tuple[int, str]
                 break
         lines.append(proc.communicate(timeout=300)[0])
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the search and its Ray
+        os.killpg(proc.pid, signal.SIGKILL)
         lines.append(proc.communicate()[0])
     return proc.returncode, "".join(lines)
 
@@ -368,24 +366,35 @@ def run_cli(argv: list[str], interrupt_at: str | None = None) -> tuple[int, str]
 def test_interrupted_search_resumes_its_trial_from_the_checkpoint(ray_local, data, tmp_path, capsys):
     total, val_every = 1000, 100
     argv = [*tiny_args(data, tmp_path, total_steps=total, val_every=val_every), "--num-samples", "1",
-            "--scheduler", "none", "--name", "cut"]
-    # Ctrl-C once the trial has validated (and checkpointed) at step 100
-    code, log = run_cli(argv, interrupt_at=f"step {val_every}:")
+            "--scheduler", "none", "--name", "cut", "--set", "run.validation=inline"]
+    # Ctrl-C once the trial has validated (and checkpointed) at step 100. The search runs on the session's
+    # Ray, which the driver it was interrupted in leaves as it was (its trial's actors and reservations go
+    # with that driver), and the resume below runs there too. Inline validation: the trial's driver and
+    # its worker take both CPUs of that Ray, and a driver that joins a Ray it did not start keeps async
+    # validation, whose actor would wait there for a CPU.
+    code, log = run_cli(argv, ray_local.get_runtime_context().gcs_address, interrupt_at=f"step {val_every}:")
     assert code == 130, log
     assert "search interrupted with 1 trial(s) unfinished" in log
     (trial,) = read_csv(tmp_path / "cut" / "trials.csv")
     assert trial["status"] == "unfinished" and int(trial["step"]) < total
 
     assert main([*argv, "--resume"]) == 0
-    assert f"resuming cut from {tmp_path / 'cut'}" in capsys.readouterr().out
+    out = capsys.readouterr().out  # the driver's lines, and its trial worker's (Ray forwards them)
+    assert f"resuming cut from {tmp_path / 'cut'}" in out
     (resumed,) = read_csv(tmp_path / "cut" / "trials.csv")
     assert resumed["trial"] == trial["trial"] and resumed["status"] == "complete" and resumed["step"] == str(total)
-    # Tune's record of the resumed trial: its training went on from a checkpoint, so the first
-    # validation it reported comes after the step the search was interrupted at (a restart
-    # from scratch would report step 100 first), and the steps then only go up to the end.
+    # the trial's training went on from its last checkpoint (at or after the step Tune last heard of),
+    # not from scratch
+    found = re.search(rf"raysr: resumed {trial['trial']} at step (\d+) ", out)
+    assert found, out[-3000:]
+    resumed_at = int(found.group(1))
+    assert int(trial["step"]) <= resumed_at < total and resumed_at % val_every == 0
+    # Tune's record of the trial: whatever it wrote of the interrupted run (Ctrl-C may come before or
+    # after its row of step 100 is written), then each validation of the resumed run once, to the end
     with open(tmp_path / "cut" / trial["trial"] / "progress.csv", newline="") as f:
         steps = [int(r["step"]) for r in csv.DictReader(f)]
-    assert steps[0] > int(trial["step"]) and steps == sorted(set(steps)) and steps[-1] == total, steps
+    assert steps == sorted(set(steps)) and steps[-1] == total, steps
+    assert [s for s in steps if s > resumed_at] == list(range(resumed_at + val_every, total + 1, val_every)), steps
     checkpoints = sorted(p.name for p in (tmp_path / "cut" / "runs" / trial["trial"]).glob("checkpoint_0*"))
     assert checkpoints[-1] == f"checkpoint_{total:08d}"
 
