@@ -106,7 +106,9 @@ def test_full_depth_rrdbnet_tiles_within_one_level_at_the_default_pad(make_image
     """ESRGAN's 23-block RRDBNet sees ~700 LR px, far more than any pad: tiling changes
     its output, and the default pad must keep that change under one 8-bit level."""
     model = tiny_generator("rrdbnet", 4, num_feat=64, num_block=23, num_grow_ch=32)
-    lr = torch.from_numpy(make_image(48, 40, seed=3)).permute(2, 0, 1)[None].float() / 255
+    # 40 LR rows: the first 16-px tile with its 16-px pad reaches row 32 only (on a 32-px side every
+    # padded tile would be the whole image, and tiling could not change anything)
+    lr = torch.from_numpy(make_image(40, 32, seed=3)).permute(2, 0, 1)[None].float() / 255
     whole = upscale_tensor(model, lr)
     assert whole.std() > 0.1
     assert build_parser().parse_args(["--model", "m", "--input", "i", "--output", "o"]).tile_pad == DEFAULT_TILE_PAD
