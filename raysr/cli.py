@@ -19,19 +19,13 @@ from raysr import storage
 from raysr.generator_file import interpolate, load_generator
 from raysr.images import ImageError
 from raysr.onnx_file import OnnxError, load_onnx_generator
+from raysr.util import say
 from raysr.weights import check_compatible
 
 EXIT_BAD_INPUT = 2
 DEVICES = ("auto", "cpu", "cuda")
 # what a directory listing suggests when --model names a folder (a training run's generator.pth first)
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".onnx")
-
-
-def say(line: str) -> None:
-    """One line to stdout, flushed. Ray Train patches ``print`` on workers into its logger
-    (which would print it twice); writing to stdout goes straight to the driver's console."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def add_config_args(parser: argparse.ArgumentParser, what: str = "config") -> None:

@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from raysr.cli import InputError, add_config_args, cli, resolve_device, say
+from raysr.cli import InputError, add_config_args, cli, resolve_device
 from raysr.config import Config, ConfigError, load_config
 from raysr.data.stream import DEFAULT_SHUFFLE_BUFFER, iter_batches
 from raysr.ops.convert import to_uint8
 from raysr.storage import StorageError, is_s3, join
+from raysr.util import say
 
 
 def build_parser() -> argparse.ArgumentParser:

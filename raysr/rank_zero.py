@@ -13,10 +13,10 @@ import time
 import ray.train
 
 from raysr import run_checkpoint
-from raysr.cli import say
 from raysr.config import Config
 from raysr.runlog import progress_line, validation_line
 from raysr.trackers import Trackers
+from raysr.util import say
 from raysr.validation.queue import ValidationQueue
 
 

@@ -20,9 +20,9 @@ import os
 import shutil
 import sys
 
-from raysr.cli import say
 from raysr.config import Config, config_from_dict
 from raysr.storage import storage_args
+from raysr.util import say
 
 # Whether init_ray started a Ray instance of its own (this machine only: its resources never grow).
 STARTED_LOCAL_RAY = False

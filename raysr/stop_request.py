@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 
-from raysr.cli import say
+from raysr.util import say
 
 FLAG_ACTOR = "raysr_stop_flag"  # one per driver process (its Ray namespace), armed by every fit
 STOPPED_KEY = "stopped_by_signal"  # in the last report of a run a signal stopped: 1

@@ -32,10 +32,10 @@ import threading
 import time
 from importlib.util import find_spec
 
-from raysr.cli import say
 from raysr.config import Config, ConfigError, config_from_dict
 from raysr.runlog import TensorBoard
 from raysr.storage import exists, is_s3, join, read_bytes, write_bytes
+from raysr.util import say
 
 IDS_FILE = "trackers.json"  # {"mlflow": {"tracking_uri", "run_id"}, "wandb": {"project", "entity", "run_id"}}
 DEFAULT_EXPERIMENT = "raysr"  # MLflow experiment and W&B project when neither the config nor the env names one

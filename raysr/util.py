@@ -1,4 +1,4 @@
-"""Small helpers shared across raysr: integer argument checks and a stderr progress line.
+"""Small helpers shared across raysr: integer argument checks, console lines and a stderr progress line.
 
 Nothing here imports torch or ray, so every module (models, data, CLIs) can use it.
 """
@@ -9,7 +9,14 @@ import numbers
 import sys
 import time
 
-__all__ = ["check_int", "Progress"]
+__all__ = ["check_int", "say", "Progress"]
+
+
+def say(line: str) -> None:
+    """One line to stdout, flushed. Ray Train patches ``print`` on workers into its logger
+    (which would print it twice); writing to stdout goes straight to the driver's console."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:

@@ -15,7 +15,7 @@ import yaml
 from ray import tune
 
 import raysr.tune
-from raysr.cli import EXIT_BAD_INPUT, add_config_args, say
+from raysr.cli import EXIT_BAD_INPUT, add_config_args
 from raysr.config import ConfigError, PSNR_PHASE, config_from_dict, load_yaml
 from raysr.storage import is_s3, join, read_bytes, storage_args, write_bytes
 from raysr.ray_setup import init_ray, validation_for_local_ray
@@ -24,6 +24,7 @@ from raysr.tune.report import RUNS_DIR, check_metric, metric_mode, write_report
 from raysr.tune.space import SPACE_EXAMPLE, SearchSpace, check_space, load_space, trial_config
 from raysr.tune.trial import (TRIAL_DRIVER_CPUS, TrialProgress, asha_schedule, run_trial, trial_dirname,
                               trial_resources)
+from raysr.util import say
 
 SPACE_FILE = "search.yaml"  # the base config, space and settings a search was started with
 DEFAULT_NUM_SAMPLES = 8

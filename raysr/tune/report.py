@@ -10,10 +10,10 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from raysr.cli import say
 from raysr.config import Config, ConfigError
 from raysr.storage import is_s3, join, write_bytes
 from raysr.tune.space import SearchSpace, label, trial_config
+from raysr.util import say
 
 TRIALS_FILE = "trials.csv"
 BEST_CONFIG_FILE = "best_config.yaml"

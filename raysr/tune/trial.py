@@ -10,12 +10,12 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from raysr import run_checkpoint
-from raysr.cli import say
 from raysr.config import Config, ConfigError
 from raysr.ray_setup import make_trainer
 from raysr.train import run_dir, train_loop_per_worker
 from raysr.tune.report import DIVERGED_KEY, METRIC_MODES
 from raysr.tune.space import SearchSpace, label, trial_config
+from raysr.util import say
 
 # The trial function itself only waits on its TorchTrainer; a whole CPU per trial
 # would starve the training workers (and deadlocks a 2-core machine).

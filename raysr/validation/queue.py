@@ -10,8 +10,8 @@ import time
 
 import ray
 
-from raysr.cli import say
 from raysr.config import Config
+from raysr.util import say
 from raysr.validation.validator import Validator
 from raysr.weights import cpu_state_dict
 
