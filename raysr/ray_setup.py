@@ -5,7 +5,8 @@ upload to S3, and a console that shows what a raysr user can act on.
   (:data:`STARTED_LOCAL_RAY` says which).
 * :func:`make_trainer` — the TorchTrainer for a config: :func:`scaling_config` (N workers, or
   elastic), :func:`uses_gpu`, :func:`validation_for_local_ray` (an actor that cannot fit goes inline),
-  :func:`trainer_without_ray_data` (no Ray Data actor for a run that gives Ray Train no datasets).
+  :func:`torch_trainer` (Ray's TorchTrainer less :func:`trainer_without_ray_data`: no Ray Data actor for
+  a run that gives Ray Train no datasets; the benchmarks' Ray runs use it too).
 * :func:`upload_checkpoint` — Ray's ``checkpoint_upload_fn`` for s3:// runs, failing loudly.
 * :func:`quiet_output`, :func:`drop_ray_log_lines` — the known noise of torch, boto and Ray left out.
 
@@ -99,7 +100,6 @@ def make_trainer(cfg: Config, train_loop_per_worker, callbacks=()):
     ``raysr.tune`` builds one per trial (its config names the trial's run) with Tune's report callback.
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     use_gpu = uses_gpu(cfg)
     if cfg.run.use_gpu == "auto" and not use_gpu and os.environ.get("RAY_ADDRESS"):
@@ -107,7 +107,7 @@ def make_trainer(cfg: Config, train_loop_per_worker, callbacks=()):
               "CPUs; on an autoscaling cluster whose GPU nodes start at zero, set run.use_gpu=true so Ray "
               "asks for GPU nodes", file=sys.stderr)
     cfg = validation_for_local_ray(cfg)
-    return trainer_without_ray_data(TorchTrainer)(
+    return torch_trainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict()},
         scaling_config=scaling_config(cfg, use_gpu),
@@ -119,6 +119,14 @@ def make_trainer(cfg: Config, train_loop_per_worker, callbacks=()):
             callbacks=list(callbacks),
             **storage_args(cfg.run.storage)),
     )
+
+
+def torch_trainer(*args, **kwargs):
+    """Ray's ``TorchTrainer(*args, **kwargs)`` without Ray Data's set-up when given no datasets
+    (:func:`trainer_without_ray_data`): the trainer of raysr's runs and of its benchmarks' Ray runs."""
+    from ray.train.torch import TorchTrainer
+
+    return trainer_without_ray_data(TorchTrainer)(*args, **kwargs)
 
 
 def trainer_without_ray_data(trainer_cls):

@@ -654,14 +654,16 @@ def test_ray_job_submit_to_a_ray_start_head_succeeds(demo_data, tmp_path):
     try:
         # ready once the job server lists jobs for the token (asked over HTTP: each `ray job list`
         # would start a Python process that imports Ray, seconds of CPU a poll)
+        def job_server(path: str) -> urllib.request.Request:
+            return urllib.request.Request(f"{address}/api/jobs/{path}",
+                                          headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+
         deadline = time.monotonic() + 120
-        ask = urllib.request.Request(f"{address}/api/jobs/",
-                                     headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
         last = None
         while True:
             assert head.poll() is None, f"ray start exited early:\n{head_log.read_text()}"
             try:
-                with urllib.request.urlopen(ask, timeout=5) as reply:
+                with urllib.request.urlopen(job_server(""), timeout=5) as reply:
                     if reply.status == 200:
                         break
             except OSError as err:  # refused while it starts; URLError and HTTPError are OSErrors
@@ -684,9 +686,7 @@ def test_ray_job_submit_to_a_ray_start_head_succeeds(demo_data, tmp_path):
         assert submitted.returncode == 0, output[-4000:]
         # the job server's record of the job (`ray job status` asks the same; over HTTP, no Python process
         # importing Ray)
-        ask = urllib.request.Request(f"{address}/api/jobs/raysr-job",
-                                     headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
-        with urllib.request.urlopen(ask, timeout=30) as reply:
+        with urllib.request.urlopen(job_server("raysr-job"), timeout=30) as reply:
             job = json.loads(reply.read())
         assert job["status"] == "SUCCEEDED", job
     finally:

@@ -83,13 +83,12 @@ def ray_worker(args: dict) -> None:
 
 def measure_ray(args: dict) -> dict:
     import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from raysr.ray_setup import trainer_without_ray_data
+    from raysr.ray_setup import torch_trainer
 
     start_ray()
     with tempfile.TemporaryDirectory(prefix="raysr_bench_") as storage:
-        trainer = trainer_without_ray_data(TorchTrainer)(
+        trainer = torch_trainer(
             ray_worker, train_loop_config=args,
             scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False),
             run_config=ray.train.RunConfig(name="bench_overhead", storage_path=storage,

@@ -393,12 +393,11 @@ def measure_ddp(cfg, args, workers: int, use_gpu: bool) -> dict:
     import tempfile
 
     import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from raysr.ray_setup import trainer_without_ray_data
+    from raysr.ray_setup import torch_trainer
 
     with tempfile.TemporaryDirectory(prefix="raysr_bench_") as storage:
-        trainer = trainer_without_ray_data(TorchTrainer)(
+        trainer = torch_trainer(
             ddp_worker,
             train_loop_config={"cfg": cfg.to_dict(), "steps": args.steps, "warmup": args.warmup,
                                "interval": args.interval, "seed": args.seed},
