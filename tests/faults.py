@@ -12,6 +12,10 @@ they match:
     cut_reply   the reply is cut off after ``after_bytes`` bytes (counted only when a reply is that long)
     cut_upload  the request body is cut off after ``after_bytes`` bytes, then both sides are reset
 
+A fault given ``when`` hits only the requests whose sending process (its pid, looked up in /proc
+for such faults alone) it accepts: the requests of one Ray worker group and not of its restarted
+successor, say.
+
 Every request is logged (method, path, whether it asked for a byte range, the fault that hit it),
 so a test can count the retries a client made and see that each fault really happened.
 """
@@ -24,6 +28,7 @@ import struct
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 KINDS = ("reset", "slowdown", "delay", "cut_reply", "cut_upload")
@@ -35,8 +40,9 @@ SLOWDOWN_BODY = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown<
 
 @dataclass
 class Fault:
-    """One kind of fault for the next ``times`` requests whose method is ``method`` (any when None)
-    and whose path (``/bucket/key?query``) contains ``path``."""
+    """One kind of fault for the next ``times`` requests whose method is ``method`` (any when None),
+    whose path (``/bucket/key?query``) contains ``path`` and, if ``when`` is given, whose sending
+    process ``when(pid)`` accepts (pid None: the process was not found)."""
 
     kind: str
     times: int = 1
@@ -44,14 +50,16 @@ class Fault:
     path: str = ""
     after_bytes: int = 0  # cut_reply, cut_upload: bytes let through before the cut
     seconds: float = 0.0  # delay
+    when: Callable[[int | None], bool] | None = None
     fired: int = 0
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r}; choose one of {KINDS}")
 
-    def matches(self, method: str, path: str) -> bool:
-        return self.fired < self.times and (self.method is None or self.method == method) and self.path in path
+    def matches(self, method: str, path: str, peer: tuple[str, int]) -> bool:
+        return (self.fired < self.times and (self.method is None or self.method == method) and self.path in path
+                and (self.when is None or self.when(pid_of_client(peer))))
 
 
 @dataclass
@@ -168,8 +176,8 @@ class FaultProxy:
         """(the fault for this request, a cut_reply armed for its reply), logged. A request fault is
         used up here; a cut_reply when it cuts a reply, as only a reply that long can be cut."""
         with self.lock:
-            fault = next((f for f in self.faults if f.kind != "cut_reply" and f.matches(method, path)), None)
-            cut = next((f for f in self.faults if f.kind == "cut_reply" and f.matches(method, path)), None)
+            fault = next((f for f in self.faults if f.kind != "cut_reply" and f.matches(method, path, peer)), None)
+            cut = next((f for f in self.faults if f.kind == "cut_reply" and f.matches(method, path, peer)), None)
             if fault is not None:
                 fault.fired += 1
             self.requests.append(Request(method, path, b"\r\nrange: bytes=" in head.lower(),
