@@ -19,8 +19,9 @@ traceback]}) and its run under ``OUT_DIR/MODE/runs``.
   worker's first checkpoint is registered a node is added, and the group grows back to 2.
 - upscale: ``python -m raysr.upscale --ray ADDRESS --workers 1,1`` (:func:`raysr.upscale.main`, in this
   process as a driver on the cluster) over ``OUT_DIR/upscale/in`` (UPSCALE_INPUTS PNGs it writes, with the
-  generator ``g.pth``) into ``OUT_DIR/upscale/sr``. Once the first output file exists, the node of the
-  model actor is removed and a new node added; the job goes on and ends. Its outcome also has
+  generator ``g.pth``) into ``OUT_DIR/upscale/sr``. Once the first output file exists (the model actor
+  held back till then, so that it is mid-way through its inputs), the node of the model actor is removed
+  and a new node added; the job goes on and ends. Its outcome also has
   ``"exit_code"``; its events ``"outputs_at_removal"`` (how many outputs were written before the node
   went) and ``"actor_restarts"`` (how often Ray restarted that actor).
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -266,8 +268,9 @@ def last_report(out: Path) -> str:
     return lines[-1] if lines else "none"
 
 
-UPSCALE_INPUTS, UPSCALE_SIZE = 24, 256  # ~0.3 s of the one-CPU actor each: the job is mid-way when the node goes
+UPSCALE_INPUTS, UPSCALE_SIZE = 24, 256  # 0.1-0.3 s of the one-CPU actor each (upscale_scenario throttles it)
 UPSCALE_TIMEOUT_S = 120  # how long the upscale scenario waits for the first output, and then for the job's end
+THROTTLE_RUN_S, THROTTLE_PERIOD_S = 0.1, 1.0  # the model actor's pace until then (upscale_scenario)
 
 
 def upscale_argv(folder: Path, output: Path) -> list[str]:
@@ -295,19 +298,37 @@ def written_outputs(output: Path) -> list[Path]:
 
 
 def upscale_scenario(cluster, out: Path, events: dict, job: threading.Thread) -> None:
-    """Remove the node of the model actor once the first output is written, then add a node."""
+    """Remove the node of the model actor once the first output is written, the actor not through its
+    inputs, then add a node.
+
+    The model actor is throttled from its start until then (stopped, but for ``THROTTLE_RUN_S`` in every
+    ``THROTTLE_PERIOD_S``): the first output needs a write task, and so a worker process, on the other
+    node, in which time an unthrottled actor may upscale every input (one did, on a fast machine), and
+    its node's loss would cost the job nothing. The actor is still stopped when its node goes."""
     from ray.util.state import list_actors
 
-    deadline = time.monotonic() + UPSCALE_TIMEOUT_S
-    while not written_outputs(out / "sr"):
+    def check(what: str) -> None:
         if not job.is_alive():
-            raise RuntimeError("the upscale job ended before its first output was written")
+            raise RuntimeError(f"the upscale job ended before {what}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the upscale job wrote no output within {UPSCALE_TIMEOUT_S} s")
-        time.sleep(0.05)
+            raise TimeoutError(f"no {what} within {UPSCALE_TIMEOUT_S} s")
+
+    deadline = time.monotonic() + UPSCALE_TIMEOUT_S
     # Ray Data names the actors of the model stage's pool 'MapWorker(MapBatches(UpscaleStage))'
-    actor = next(a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")])
-                 if "UpscaleStage" in a.class_name)
+    while not (actor := next((a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")])
+                              if "UpscaleStage" in a.class_name), None)):
+        check("its model actor started")
+        time.sleep(0.1)
+    os.kill(actor.pid, signal.SIGSTOP)
+    while not written_outputs(out / "sr"):
+        check("its first output was written")
+        os.kill(actor.pid, signal.SIGCONT)
+        time.sleep(THROTTLE_RUN_S)
+        os.kill(actor.pid, signal.SIGSTOP)
+        for _ in range(int(THROTTLE_PERIOD_S / 0.05)):  # or until an output lands
+            if written_outputs(out / "sr"):
+                break
+            time.sleep(0.05)
     victim = next(n for n in cluster.worker_nodes if n.node_id == actor.node_id)
     events["actor_id"] = actor.actor_id
     events["outputs_at_removal"] = len(written_outputs(out / "sr"))
