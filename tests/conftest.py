@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import uuid
 
@@ -157,7 +158,9 @@ def make_image():
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
-    """Demo shards (``.train``) and a validation folder (``.val``), built once per session.
+    """Demo shards (``.train``) and a validation folder (``.val``), built once per test run: under
+    pytest-xdist the first worker to ask builds them in the run's shared temporary folder while the
+    other waits on a file lock, then both use them (nothing writes to them).
 
     ``.val`` holds the centres of the demo's two validation photos, in their formats, at sizes that
     are not multiples of 4 (so GTmod still crops), the first wider than the 256 px of a comparison
@@ -167,18 +170,26 @@ def demo_data(tmp_path_factory):
     """
     from types import SimpleNamespace
 
+    from filelock import FileLock
     from PIL import Image
 
     from raysr.demo import VAL_PHOTOS, build_demo_data
 
-    root = tmp_path_factory.mktemp("demo_data")
-    train, photos = build_demo_data(str(root))
-    val = root / "val_centres"
-    val.mkdir()
-    for name, (h, w) in zip(VAL_PHOTOS, [(90, 301), (102, 97)]):
-        with Image.open(os.path.join(photos, name)) as photo:
-            top, left = (photo.height - h) // 2, (photo.width - w) // 2
-            photo.crop((left, top, left + w, top + h)).save(val / name, quality=95)
+    # the xdist workers' base folders (popen-gw0, ...) share a parent; without xdist, this run's own folder
+    shared = tmp_path_factory.getbasetemp()
+    root = (shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared) / "demo_data"
+    with FileLock(f"{root}.lock"):
+        train, photos = build_demo_data(str(root))  # reuses what is there
+        val = root / "val_centres"
+        if not val.is_dir():
+            building = root / "val_centres.partial"
+            shutil.rmtree(building, ignore_errors=True)
+            building.mkdir()
+            for name, (h, w) in zip(VAL_PHOTOS, [(90, 301), (102, 97)]):
+                with Image.open(os.path.join(photos, name)) as photo:
+                    top, left = (photo.height - h) // 2, (photo.width - w) // 2
+                    photo.crop((left, top, left + w, top + h)).save(building / name, quality=95)
+            building.rename(val)
     return SimpleNamespace(train=train, val=str(val), photos=photos)
 
 

@@ -198,7 +198,7 @@ def test_the_check_accepts_any_webdataset_images_and_rejects_other_data(wds_shar
 def _train_argv(train: str, val: str, storage: Path, name: str, steps: int) -> list[str]:
     sets = [f"data.train={train}", f"data.val={val}", f"run.storage={storage}", f"run.name={name}",
             f"train.total_steps={steps}", "model.generator.num_feat=8", "model.generator.num_block=1",
-            "data.gt_size=32", "data.batch_size=2", "data.num_workers=0", "run.num_workers=2",
+            "data.gt_size=32", "data.batch_size=2", "data.num_workers=0",
             f"run.checkpoint_every={steps}", f"run.val_every={steps}", "run.log_every=1"]
     return ["--preset", "quickstart"] + [arg for item in sets for arg in ("--set", item)]
 

@@ -270,10 +270,16 @@ def test_compiled_gan_step_gives_the_eager_losses():
              "loss.perceptual.allow_random_weights=true", "loss.perceptual.layers={conv1_1: 1.0}",
              "loss.adversarial.type=vanilla", "train.ema_decay=0"]  # fewest graphs: compiling takes ~1 min here
     runs = {}
-    for mode in ("off", "default"):
-        torch.manual_seed(0)
-        state = build_state(load_config("esrgan_x4", overrides=small + [f"run.compile={mode}"]), torch.device("cpu"))
-        runs[mode] = [floats(train_step(state, *batch(40 + i, gt=96))) for i in range(3)]
+    # inductor's C++ kernels compiled in this process, one after the other: its default pool of compile
+    # processes (one per core) starts by importing torch in each, for nothing on a machine as busy as the
+    # test run keeps it; the kernels are the same
+    import torch._inductor.config
+
+    with torch._inductor.config.patch(compile_threads=1):
+        for mode in ("off", "default"):
+            torch.manual_seed(0)
+            state = build_state(load_config("esrgan_x4", overrides=small + [f"run.compile={mode}"]), torch.device("cpu"))
+            runs[mode] = [floats(train_step(state, *batch(40 + i, gt=96))) for i in range(3)]
     assert isinstance(state.g, torch._dynamo.eval_frame.OptimizedModule)
     assert isinstance(state.d, torch._dynamo.eval_frame.OptimizedModule)
     assert isinstance(state.perceptual_for_g, torch._dynamo.eval_frame.OptimizedModule)
