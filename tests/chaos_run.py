@@ -304,7 +304,8 @@ def upscale_scenario(cluster, out: Path, events: dict, job: threading.Thread) ->
     The model actor is throttled from its start until then (stopped, but for ``THROTTLE_RUN_S`` in every
     ``THROTTLE_PERIOD_S``): the first output needs a write task, and so a worker process, on the other
     node, in which time an unthrottled actor may upscale every input (one did, on a fast machine), and
-    its node's loss would cost the job nothing. The actor is still stopped when its node goes."""
+    its node's loss would cost the job nothing. The actor is still stopped when its node goes (and
+    is killed with it)."""
     from ray.util.state import list_actors
 
     def check(what: str) -> None:
@@ -333,6 +334,10 @@ def upscale_scenario(cluster, out: Path, events: dict, job: threading.Thread) ->
     events["actor_id"] = actor.actor_id
     events["outputs_at_removal"] = len(written_outputs(out / "sr"))
     cluster.remove_node(victim, allow_graceful=False)  # as a reclaimed spot node: all its processes killed
+    try:
+        os.kill(actor.pid, signal.SIGKILL)  # stopped, it cannot see its raylet go and end itself
+    except ProcessLookupError:
+        pass
     events["removed"] = time.time()
     cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     events["added"] = time.time()

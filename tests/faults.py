@@ -13,8 +13,8 @@ they match:
     cut_upload  the request body is cut off after ``after_bytes`` bytes, then both sides are reset
 
 A fault given ``when`` hits only the requests whose sending process (its pid, looked up in /proc
-for such faults alone) it accepts: the requests of one Ray worker group and not of its restarted
-successor, say.
+for such faults alone, once per request) it accepts: the requests of one Ray worker group and not of
+its restarted successor, say. ``when`` runs under the proxy's lock: it must not call the proxy.
 
 Every request is logged (method, path, whether it asked for a byte range, the fault that hit it),
 so a test can count the retries a client made and see that each fault really happened.
@@ -28,6 +28,7 @@ import struct
 import threading
 import time
 import uuid
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,9 +58,10 @@ class Fault:
         if self.kind not in KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r}; choose one of {KINDS}")
 
-    def matches(self, method: str, path: str, peer: tuple[str, int]) -> bool:
+    def matches(self, method: str, path: str, sender: Callable[[], int | None]) -> bool:
+        """Whether this fault hits the request; ``sender()``: the pid of the process that sent it."""
         return (self.fired < self.times and (self.method is None or self.method == method) and self.path in path
-                and (self.when is None or self.when(pid_of_client(peer))))
+                and (self.when is None or self.when(sender())))
 
 
 @dataclass
@@ -175,9 +177,10 @@ class FaultProxy:
     def _pick(self, method: str, path: str, head: bytes, peer) -> tuple[Fault | None, Fault | None]:
         """(the fault for this request, a cut_reply armed for its reply), logged. A request fault is
         used up here; a cut_reply when it cuts a reply, as only a reply that long can be cut."""
+        sender = functools.cache(lambda: pid_of_client(peer, self.server.getsockname()[1]))
         with self.lock:
-            fault = next((f for f in self.faults if f.kind != "cut_reply" and f.matches(method, path, peer)), None)
-            cut = next((f for f in self.faults if f.kind == "cut_reply" and f.matches(method, path, peer)), None)
+            fault = next((f for f in self.faults if f.kind != "cut_reply" and f.matches(method, path, sender)), None)
+            cut = next((f for f in self.faults if f.kind == "cut_reply" and f.matches(method, path, sender)), None)
             if fault is not None:
                 fault.fired += 1
             self.requests.append(Request(method, path, b"\r\nrange: bytes=" in head.lower(),
@@ -302,15 +305,19 @@ class FaultProxy:
         return False
 
 
-def pid_of_client(peer: tuple[str, int]) -> int | None:
-    """The process that owns the loopback TCP socket bound to ``peer`` (a client of the proxy), from
-    /proc (Linux); None if it is gone. This is how a test finds the process behind a request."""
+def pid_of_client(peer: tuple[str, int], server_port: int | None = None) -> int | None:
+    """The process that owns the open loopback TCP connection bound to ``peer`` (a client of the proxy,
+    whose port ``server_port`` narrows it down to, when given), from /proc (Linux); None if it is
+    gone. This is how a test finds the process behind a request."""
     port = f"{peer[1]:04X}"
     inode = None
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
             fields = line.split()
-            if fields[1] == f"0100007F:{port}":  # local address 127.0.0.1:port
+            # local address 127.0.0.1:port, connected (state 01; a closed one lingers with inode 0), and,
+            # the same port being reusable towards other addresses, to the proxy
+            if (fields[1] == f"0100007F:{port}" and fields[3] == "01" and fields[9] != "0"
+                    and (server_port is None or fields[2] == f"0100007F:{server_port:04X}")):
                 inode = fields[9]
                 break
     if inode is None:
