@@ -22,13 +22,13 @@ so a test can count the retries a client made and see that each fault really hap
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import struct
 import threading
 import time
 import uuid
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -138,7 +138,8 @@ class FaultProxy:
         self.requests: list[Request] = []
         self.lock = threading.Lock()
         self.server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.port = self.server.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self._accept, daemon=True).start()
 
     # ---- what tests use
@@ -177,7 +178,7 @@ class FaultProxy:
     def _pick(self, method: str, path: str, head: bytes, peer) -> tuple[Fault | None, Fault | None]:
         """(the fault for this request, a cut_reply armed for its reply), logged. A request fault is
         used up here; a cut_reply when it cuts a reply, as only a reply that long can be cut."""
-        sender = functools.cache(lambda: pid_of_client(peer, self.server.getsockname()[1]))
+        sender = functools.cache(lambda: pid_of_client(peer, self.port))
         with self.lock:
             fault = next((f for f in self.faults if f.kind != "cut_reply" and f.matches(method, path, sender)), None)
             cut = next((f for f in self.faults if f.kind == "cut_reply" and f.matches(method, path, sender)), None)

@@ -197,7 +197,7 @@ def test_a_failed_upload_and_a_worker_killed_while_uploading_each_restart_from_t
         seen["files"] = files
         seen["complete"] = run_checkpoint.is_complete(f"s3://{BUCKET}/runs/{name}/checkpoint_00000003")
         for _ in range(20):  # the stalled request's socket: the uploading worker process holds it
-            owner = pid_of_client(peer)
+            owner = pid_of_client(peer, s3_faults.port)
             if owner is not None:
                 seen["pid"], seen["killed_at"] = owner, time.monotonic()
                 os.kill(owner, signal.SIGKILL)
