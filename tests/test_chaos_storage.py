@@ -169,7 +169,7 @@ def test_a_failed_upload_and_a_worker_killed_while_uploading_each_restart_from_t
     The run ends at step 4, each step reported once, with every registered checkpoint complete."""
     monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 2)
     name = "upload_failures"
-    state_2, state_3 = (f"{name}/checkpoint_0000000{step}/state.pt" for step in (2, 3))
+    state_2, state_3 = (f"{name}/checkpoint_{step:08d}/state.pt" for step in (2, 3))
     first_group = set()  # the process whose uploads of checkpoint 2 failed: the first worker group's rank 0
 
     def first_group_uploads(pid):

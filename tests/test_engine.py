@@ -500,7 +500,6 @@ def _ddp_rank(rank: int, port: int, result_path: str) -> None:
     """One of two gloo ranks of a run with max 3 workers: rank 0 plays ranks 0 and 2 (2 micro-batches),
     rank 1 plays rank 1; three steps; rank 0 saves G's weights."""
     import os
-
     import sys
 
     from raysr.engine import ddp
