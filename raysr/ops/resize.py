@@ -364,7 +364,9 @@ def imresize(x: torch.Tensor, scale: float, antialias: bool = True) -> torch.Ten
 
 def _resize(x: torch.Tensor, scale: float, antialias: bool, strided: bool | None = None) -> torch.Tensor:
     scale = _check(x, scale)
-    height, width = x.shape[-2:]
+    # Python ints even while torch.jit.trace/ONNX export hands 0-d tensors as sizes: the weight
+    # matrices are NumPy constants of the traced graph either way, and lru_cache keys on them
+    height, width = (int(n) for n in x.shape[-2:])
     compute_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     y = x.to(compute_dtype).reshape(-1, height, width)
     for dim, plan in _passes(y.shape[0], height, width, scale, antialias, x.device, compute_dtype, strided):
