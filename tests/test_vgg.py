@@ -200,8 +200,12 @@ def test_random_weights_need_opt_in_and_are_deterministic(make_image):
     # Same seed, layers drawn in order: the shallow net is a prefix of the deep one.
     for key, value in shallow.state_dict().items():
         assert torch.equal(value, deep.state_dict()[key])
+    with pytest.warns(UserWarning):
+        again = VGGFeatureExtractor("conv3_1", allow_random_weights=True)
+    for key, value in deep.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
     x = images(make_image)
-    assert torch.equal(deep(x)["conv3_1"], deep(x)["conv3_1"])
+    assert torch.equal(deep(x)["conv3_1"], again(x)["conv3_1"])
     assert deep(x)["conv3_1"].std() > 0
 
 
