@@ -143,7 +143,7 @@ def test_rerun_reuses_intact_shards_and_rebuilds_identical_ones(tmp_path):
     args = dict(crop_size=48, step=48, min_size=16, shard_size_mb=0.05, progress=False)
     first = make_shards([str(tmp_path / "in")], str(out), workers=1, **args)
     shards = sorted(out.glob("train-*.tar"))
-    assert first.written == len(shards) >= 3 and first.reused == 0  # shards[1] and [2] are damaged below
+    assert first.written == len(shards) >= 3 and first.reused == 0  # shards[1] is deleted and [2] damaged below
     digests = {p.name: _sha256(p) for p in shards}
     mtimes = {p.name: p.stat().st_mtime_ns for p in shards}
 
